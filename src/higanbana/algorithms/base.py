@@ -1,0 +1,504 @@
+"""The Adapter base: wraps one existing layer (without copying its weight) with one algorithm.
+
+Every algorithm is a subclass that owns its parameters and implements a small interface:
+
+- ``delta_weight(mask)``: ΔW before the scale ``s`` (additive algorithms), in the parameter dtype;
+- ``branch(x, mask)``: ``op(x, ΔW)`` computed without materialising ΔW, where the algorithm allows;
+- ``merged_weight(m)`` / ``merged_bias(m)``: the weight and bias the layer has at multiplier ``m``;
+- ``unmerged_weight(W, m)``: the inverse of ``merged_weight`` (exact un-merge without a backup);
+- ``state_tensors()`` / ``load_state_tensors()``: the tensors under DESIGN.md §4 key suffixes.
+
+The forward has two modes that agree to rounding: *merged* (one ``op(x, W', b')``) and *bypass*
+(``op(x, W0, b0)`` plus a cheap branch). ``auto`` picks the one with fewer estimated FLOPs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import ConfigError, UnsupportedLayerError
+
+FORWARD_MODES = ("auto", "merged", "bypass")
+_CONV_OPS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """The shape and op of a wrapped Linear or ConvNd layer."""
+
+    kind: str  # "linear" or "conv"
+    out_features: int
+    in_features: int
+    kernel_size: tuple[int, ...] = ()
+    stride: tuple[int, ...] = ()
+    padding: Any = ()
+    dilation: tuple[int, ...] = ()
+
+    @property
+    def is_conv(self) -> bool:
+        return self.kind == "conv"
+
+    @property
+    def kernel_numel(self) -> int:
+        return math.prod(self.kernel_size)
+
+    @property
+    def fan_in(self) -> int:
+        """``in·∏k``: the width of ``flat(W)``."""
+        return self.in_features * self.kernel_numel
+
+    @property
+    def channel_dim(self) -> int:
+        """The axis of channels in activations: last for Linear, 1 for ConvNd."""
+        return 1 if self.is_conv else -1
+
+    @property
+    def ones_kernel(self) -> tuple[int, ...]:
+        """Trailing singleton kernel dims: ``(1, 1)`` for Conv2d, ``()`` for Linear."""
+        return (1,) * len(self.kernel_size)
+
+    def op(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+        """The layer's own operation with another weight (same stride/padding/dilation)."""
+        if not self.is_conv:
+            return F.linear(x, weight, bias)
+        conv = _CONV_OPS[len(self.kernel_size)]
+        return conv(x, weight, bias, self.stride, self.padding, self.dilation)
+
+    def pointwise(self, x: Tensor, weight: Tensor) -> Tensor:
+        """A 1×1 (pointwise) projection; ``weight`` is ``(c_out, c_in)``."""
+        if not self.is_conv:
+            return F.linear(x, weight)
+        conv = _CONV_OPS[len(self.kernel_size)]
+        return conv(x, weight.reshape(*weight.shape, *self.ones_kernel))
+
+    def channel_shape(self, channels: int) -> tuple[int, ...]:
+        """Shape that broadcasts a per-channel vector over activations."""
+        return (channels, *self.ones_kernel) if self.is_conv else (channels,)
+
+
+def layer_spec(layer: nn.Module, algo: str = "") -> LayerSpec:
+    """Describe a Linear/ConvNd layer, or raise a clear error for anything else."""
+    if isinstance(layer, nn.Linear):
+        return LayerSpec("linear", layer.out_features, layer.in_features)
+    if isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        if layer.groups != 1:
+            raise UnsupportedLayerError(
+                f"{algo or 'adapter'}: grouped/depthwise convolutions are not supported "
+                f"({type(layer).__name__} with groups={layer.groups})"
+            )
+        if layer.padding_mode != "zeros":
+            raise UnsupportedLayerError(
+                f"{algo or 'adapter'}: padding_mode={layer.padding_mode!r} is not supported "
+                f"(only 'zeros')"
+            )
+        if getattr(layer, "transposed", False):
+            raise UnsupportedLayerError(f"{algo or 'adapter'}: transposed convolutions are not supported")
+        return LayerSpec(
+            "conv",
+            layer.out_channels,
+            layer.in_channels,
+            tuple(layer.kernel_size),
+            tuple(layer.stride),
+            layer.padding,
+            tuple(layer.dilation),
+        )
+    raise UnsupportedLayerError(
+        f"{algo or 'adapter'}: cannot wrap {type(layer).__name__}; "
+        "supported layers are Linear, Conv1d, Conv2d and Conv3d"
+    )
+
+
+def _check_fraction(name: str, value: float) -> float:
+    value = float(value)
+    if not 0.0 <= value <= 1.0:
+        raise ConfigError(f"option {name}={value} must be between 0 and 1")
+    return value
+
+
+class Adapter(nn.Module):
+    """One algorithm wrapped around one layer. Subclasses set ``algo`` and the hooks below.
+
+    The wrapped layer is referenced, not registered: the adapter's ``state_dict`` holds only
+    adapter parameters and the model keeps its own keys. ``forward(x)`` computes the adapted
+    layer; :meth:`attach` makes the layer itself call it.
+    """
+
+    algo: ClassVar[str] = ""
+    #: whether bypass avoids materialising ΔW (drives the ``auto`` choice)
+    cheap_bypass: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        layer: nn.Module,
+        *,
+        multiplier: float = 1.0,
+        dropout: float = 0.0,
+        module_dropout: float = 0.0,
+        forward_mode: str = "auto",
+        dtype: torch.dtype | None = torch.float32,
+    ) -> None:
+        super().__init__()
+        self.spec = self._make_spec(layer)
+        self._layer = [layer]  # a list, so nn.Module does not register (or save) the base layer
+        self._original_forward = None
+        self.multiplier = float(multiplier)
+        self.dropout = _check_fraction("dropout", dropout)
+        self.module_dropout = _check_fraction("module_dropout", module_dropout)
+        if forward_mode not in FORWARD_MODES:
+            raise ConfigError(f"option forward_mode={forward_mode!r} must be one of {FORWARD_MODES}")
+        self.forward_mode = forward_mode
+        self.param_dtype = dtype or torch.float32
+        self._merged_multiplier: float | None = None
+        self._backup: tuple[Tensor, Tensor | None] | None = None
+
+    # ----------------------------------------------------------------- the wrapped layer
+    def _make_spec(self, layer: nn.Module) -> LayerSpec:
+        return layer_spec(layer, self.algo)
+
+    @property
+    def layer(self) -> nn.Module:
+        return self._layer[0]
+
+    @property
+    def base_weight(self) -> Tensor:
+        return self.layer.weight
+
+    @property
+    def base_bias(self) -> Tensor | None:
+        return self.layer.bias
+
+    @property
+    def device(self) -> torch.device:
+        return self.base_weight.device
+
+    def base_forward(self, x: Tensor) -> Tensor:
+        """The wrapped layer's output with its current weight."""
+        return self.spec.op(x, self.base_weight, self.base_bias)
+
+    def new_param(self, *shape: int) -> nn.Parameter:
+        """An uninitialised trainable tensor in the adapter dtype on the layer's device."""
+        return nn.Parameter(torch.empty(shape, dtype=self.param_dtype, device=self.device))
+
+    # ----------------------------------------------------------------- algorithm hooks
+    @property
+    def scale(self) -> float:
+        """``s``: the factor applied to ΔW (1 unless the algorithm has α/r)."""
+        return 1.0
+
+    def delta_weight(self, mask: Tensor | None = None) -> Tensor:
+        """ΔW before the scale ``s``, shape of the base weight, in the parameter dtype."""
+        raise NotImplementedError(f"{self.algo} has no additive ΔW")
+
+    def delta_bias(self) -> Tensor | None:
+        """Δb before the scale (Full, Norm); ``None`` when the bias is unchanged."""
+        return None
+
+    def branch(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        """``op(x, ΔW)`` without bias; the default materialises ΔW."""
+        return self.spec.op(x, self.delta_weight(mask).to(x.dtype))
+
+    def merged_weight(self, multiplier: float | None = None, mask: Tensor | None = None) -> Tensor:
+        """``W0 + m·s·ΔW`` in the base dtype (overridden by multiplicative algorithms)."""
+        m = self.multiplier if multiplier is None else multiplier
+        w0 = self.base_weight
+        delta = self.delta_weight(mask)
+        return torch.add(w0, delta.to(w0.dtype), alpha=m * self.scale)
+
+    def merged_bias(self, multiplier: float | None = None) -> Tensor | None:
+        """The bias at multiplier ``m``; unchanged unless the algorithm trains it."""
+        m = self.multiplier if multiplier is None else multiplier
+        b0, db = self.base_bias, self.delta_bias()
+        if db is None or b0 is None:
+            return b0
+        return torch.add(b0, db.to(b0.dtype), alpha=m * self.scale)
+
+    def unmerged_weight(self, merged: Tensor, multiplier: float) -> Tensor:
+        """Recover ``W0`` from ``merged_weight(m)`` (the inverse used by :meth:`unmerge`)."""
+        delta = self.delta_weight()
+        return torch.add(merged, delta.to(merged.dtype), alpha=-multiplier * self.scale)
+
+    def unmerged_bias(self, merged: Tensor | None, multiplier: float) -> Tensor | None:
+        db = self.delta_bias()
+        if merged is None or db is None:
+            return merged
+        return torch.add(merged, db.to(merged.dtype), alpha=-multiplier * self.scale)
+
+    def bypass_forward(self, x: Tensor, multiplier: float, mask: Tensor | None = None) -> Tensor:
+        """``op(x, W0, b0) + m·s·branch(x)``; multiplicative algorithms override it."""
+        y = self.base_forward(x)
+        delta = self.branch(x, mask)
+        return y + self._drop(delta.to(y.dtype) * (multiplier * self.scale))
+
+    def bypass_flops(self, tokens: int) -> int | None:
+        """Forward FLOPs of the bypass branch for ``tokens`` positions (``None``: not cheap)."""
+        return None
+
+    def delta_flops(self) -> int:
+        """FLOPs to build the merged weight from the adapter parameters."""
+        return self.base_weight.numel()
+
+    def rank_mask(self) -> Tensor | None:
+        """A random rank mask in training (factored algorithms); ``None`` otherwise."""
+        return None
+
+    def state_tensors(self) -> dict[str, Tensor]:
+        """The adapter's tensors under their DESIGN.md file-key suffixes (detached copies)."""
+        raise NotImplementedError
+
+    def load_state_tensors(self, tensors: dict[str, Tensor]) -> None:
+        """Load tensors written by :meth:`state_tensors` (same options)."""
+        raise NotImplementedError
+
+    def extra_state_options(self) -> dict[str, Any]:
+        """The options that reproduce this adapter (recorded in file metadata)."""
+        return {}
+
+    # ----------------------------------------------------------------- forward
+    def _drop(self, t: Tensor) -> Tensor:
+        if self.training and self.dropout > 0:
+            return F.dropout(t, self.dropout, training=True)
+        return t
+
+    def _adapter_requires_grad(self) -> bool:
+        return torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
+
+    def use_bypass(self, x: Tensor) -> bool:
+        """Whether this call runs in bypass mode (``auto``: the cheaper by estimated FLOPs)."""
+        if self.forward_mode == "bypass" or (self.training and self.dropout > 0):
+            return True
+        if self.forward_mode == "merged":
+            return False
+        branch = self.bypass_flops(x.numel() // max(x.shape[self.spec.channel_dim], 1))
+        if branch is None:
+            return False
+        tokens = x.numel() // max(x.shape[self.spec.channel_dim], 1)
+        base = tokens * self.base_weight.numel()
+        if self._adapter_requires_grad():
+            # merged: forward, input grad and a full-size weight grad, plus building ΔW (fwd+bwd);
+            # bypass: the frozen op's forward and input grad, plus the branch (fwd+bwd).
+            return 2 * base + 3 * branch < 3 * base + 3 * self.delta_flops()
+        return base + branch < base + self.delta_flops()
+
+    def forward(self, x: Tensor) -> Tensor:
+        m = self.multiplier
+        if self._merged_multiplier is not None or m == 0.0:
+            return self.base_forward(x)
+        if self.training and self.module_dropout > 0:
+            if torch.rand((), device="cpu").item() < self.module_dropout:
+                return self.base_forward(x)
+        mask = self.rank_mask()
+        if self.use_bypass(x):
+            return self.bypass_forward(x, m, mask)
+        return self.spec.op(x, self.merged_weight(m, mask), self.merged_bias(m))
+
+    # ----------------------------------------------------------------- merge / attach
+    @property
+    def merged(self) -> bool:
+        return self._merged_multiplier is not None
+
+    def _needs_backup(self) -> bool:
+        """Whether un-merge needs a copy of W0 (non-invertible merge, or low-precision base)."""
+        return self.base_weight.dtype not in (torch.float32, torch.float64)
+
+    @torch.no_grad()
+    def merge_into(self) -> None:
+        """Write the adapted weight (at the current multiplier) into the wrapped layer."""
+        if self.merged:
+            raise RuntimeError(f"{self.algo} adapter is already merged")
+        m = self.multiplier
+        weight, bias = self.merged_weight(m), self.merged_bias(m)
+        if self._needs_backup():
+            b0 = self.base_bias
+            self._backup = (
+                self.base_weight.detach().to("cpu", copy=True),
+                None if b0 is None else b0.detach().to("cpu", copy=True),
+            )
+        self.base_weight.copy_(weight)
+        if bias is not None and self.base_bias is not None:
+            self.base_bias.copy_(bias)
+        self._merged_multiplier = m
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Restore the layer's original weight and bias after :meth:`merge_into`."""
+        if not self.merged:
+            raise RuntimeError(f"{self.algo} adapter is not merged")
+        m = self._merged_multiplier
+        if self._backup is not None:
+            weight, bias = self._backup
+            self.base_weight.copy_(weight)
+            if bias is not None:
+                self.base_bias.copy_(bias)
+            self._backup = None
+        else:
+            bias = self.unmerged_bias(self.base_bias, m)
+            weight = self.unmerged_weight(self.base_weight, m)
+            self.base_weight.copy_(weight)
+            if bias is not None:
+                self.base_bias.copy_(bias)
+        self._merged_multiplier = None
+
+    def attach(self) -> None:
+        """Make the wrapped layer's own ``forward`` run this adapter."""
+        if self._original_forward is None:
+            self._original_forward = self.layer.forward
+            self.layer.forward = self.forward
+
+    def detach(self) -> None:
+        """Undo :meth:`attach`; the layer runs its original forward again."""
+        if self._original_forward is not None:
+            del self.layer.forward
+            self._original_forward = None
+
+    def extra_repr(self) -> str:
+        s = self.spec
+        shape = f"{s.out_features}x{s.in_features}" + ("x" + "x".join(map(str, s.kernel_size)) if s.is_conv else "")
+        return f"algo={self.algo}, layer={type(self.layer).__name__}({shape}), multiplier={self.multiplier}"
+
+
+class FactoredAdapter(Adapter):
+    """Base of algorithms whose ΔW is a product of trainable factors (LoRA, LoHa, LoKr, GLoRA).
+
+    It owns the rank, α and scale (``s = α/r``, rs-LoRA ``α/√r``), ``use_scalar``,
+    ``rank_dropout`` and DoRA (``weight_decompose``) for the subclasses that allow it.
+    """
+
+    supports_dora: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        layer: nn.Module,
+        *,
+        rank: int = 4,
+        alpha: float | None = None,
+        rs_lora: bool = False,
+        use_scalar: bool = False,
+        rank_dropout: float = 0.0,
+        rank_dropout_scale: bool = False,
+        weight_decompose: bool = False,
+        wd_on_output: bool = True,
+        **common: Any,
+    ) -> None:
+        super().__init__(layer, **common)
+        rank = int(rank)
+        if rank < 1:
+            raise ConfigError(f"{self.algo}: option rank={rank} must be ≥ 1")
+        self.rank = rank
+        self.alpha = float(rank if alpha in (None, 0) else alpha)
+        self.rs_lora = bool(rs_lora)
+        self.rank_dropout = _check_fraction("rank_dropout", rank_dropout)
+        self.rank_dropout_scale = bool(rank_dropout_scale)
+        if weight_decompose and not self.supports_dora:
+            raise ConfigError(f"{self.algo}: weight_decompose (DoRA) is only for lora, loha and lokr")
+        self.weight_decompose = bool(weight_decompose)
+        self.wd_on_output = bool(wd_on_output)
+        self.scalar = nn.Parameter(torch.zeros((), dtype=self.param_dtype, device=self.device)) if use_scalar else None
+
+    @property
+    def use_scalar(self) -> bool:
+        return self.scalar is not None
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / (math.sqrt(self.rank) if self.rs_lora else self.rank)
+
+    @property
+    def file_alpha(self) -> float:
+        """α as written to files: ``α·√r`` for rs-LoRA so that ``alpha/r`` is the scale."""
+        return self.alpha * math.sqrt(self.rank) if self.rs_lora else self.alpha
+
+    def set_file_alpha(self, value: float) -> None:
+        self.alpha = float(value) / math.sqrt(self.rank) if self.rs_lora else float(value)
+
+    def scaled_up(self, up: Tensor) -> Tensor:
+        """Apply the learned scalar to the "up" factor (a tiny tensor, so it is cheap)."""
+        return up if self.scalar is None else up * self.scalar
+
+    def rank_mask(self) -> Tensor | None:
+        if not (self.training and self.rank_dropout > 0):
+            return None
+        keep = 1.0 - self.rank_dropout
+        mask = (torch.rand(self.rank, device=self.device) < keep).to(self.param_dtype)
+        if self.rank_dropout_scale and keep > 0:
+            mask = mask / keep
+        return mask
+
+    def alpha_tensor(self) -> Tensor:
+        return torch.tensor(self.file_alpha, dtype=torch.float32)
+
+    # ---------------------------------------------------------------- DoRA
+    def _init_dora(self) -> None:
+        if not self.weight_decompose:
+            return
+        from .dora import weight_norm
+
+        with torch.no_grad():
+            norm = weight_norm(self.base_weight.to(self.param_dtype), self.wd_on_output)
+        self.dora_scale = nn.Parameter(norm.clone())
+
+    def merged_weight(self, multiplier: float | None = None, mask: Tensor | None = None) -> Tensor:
+        if not self.weight_decompose:
+            return super().merged_weight(multiplier, mask)
+        from .dora import dora_weight
+
+        m = self.multiplier if multiplier is None else multiplier
+        w0 = self.base_weight
+        w0p = w0.to(self.param_dtype)
+        wd = dora_weight(w0p, self.scale * self.delta_weight(mask), self.dora_scale, self.wd_on_output)
+        return torch.add(w0p, wd - w0p, alpha=m).to(w0.dtype)
+
+    def bypass_forward(self, x: Tensor, multiplier: float, mask: Tensor | None = None) -> Tensor:
+        if not self.weight_decompose:
+            return super().bypass_forward(x, multiplier, mask)
+        from .dora import dora_bypass
+
+        return dora_bypass(self, x, multiplier, mask)
+
+    def _needs_backup(self) -> bool:
+        return self.weight_decompose or super()._needs_backup()
+
+    def bypass_flops(self, tokens: int) -> int | None:
+        return None if self.weight_decompose else self.branch_flops(tokens)
+
+    def branch_flops(self, tokens: int) -> int | None:
+        """Forward FLOPs of ``branch`` without ΔW, or ``None`` when it must materialise ΔW."""
+        return None
+
+    def common_state(self) -> dict[str, Tensor]:
+        """``alpha`` and (with DoRA) ``dora_scale``."""
+        out = {"alpha": self.alpha_tensor()}
+        if self.weight_decompose:
+            out["dora_scale"] = self.dora_scale.detach().clone()
+        return out
+
+    def load_common_state(self, tensors: dict[str, Tensor]) -> None:
+        if "alpha" in tensors:
+            self.set_file_alpha(float(tensors["alpha"]))
+        if self.weight_decompose:
+            if "dora_scale" not in tensors:
+                raise KeyError("dora_scale")
+            copy_checked(self.dora_scale, tensors["dora_scale"], "dora_scale")
+        if self.scalar is not None:
+            with torch.no_grad():
+                self.scalar.fill_(1.0)
+
+
+@torch.no_grad()
+def copy_checked(param: Tensor, value: Tensor, key: str) -> None:
+    """Copy ``value`` into ``param``, with an error naming ``key`` on a shape mismatch."""
+    if tuple(value.shape) != tuple(param.shape):
+        raise ValueError(f"tensor {key!r} has shape {tuple(value.shape)}, expected {tuple(param.shape)}")
+    param.copy_(value.to(param.dtype))
+
+
+def require(tensors: dict[str, Tensor], key: str) -> Tensor:
+    """``tensors[key]``, or a KeyError that names the missing key."""
+    if key not in tensors:
+        raise KeyError(f"missing key {key!r}")
+    return tensors[key]
