@@ -1,0 +1,55 @@
+"""Atomic safetensors writes and checked reads.
+
+Every write goes to a temporary file in the target folder and is renamed into place, so a crash
+never leaves a half-written output. Reads accept safetensors only (pickles need the files
+issue's explicit unsafe flag) and name the file in every error.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ..errors import HiganbanaError
+
+FORMAT_VERSION = "1"
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
+    """Write ``tensors`` (contiguous CPU copies) and string ``metadata`` to ``path`` atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    bad = [k for k, v in (metadata or {}).items() if not isinstance(v, str)]
+    if bad:
+        raise HiganbanaError(f"{path}: metadata values must be strings (keys {bad})")
+    payload = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(payload, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_tensors(path: str | os.PathLike, device: str = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read every tensor and the metadata of a safetensors file, with errors that name it."""
+    path = Path(path)
+    if not path.is_file():
+        raise HiganbanaError(f"{path}: no such file")
+    if path.suffix.lower() in {".pt", ".pth", ".ckpt", ".bin"}:
+        raise HiganbanaError(f"{path}: pickle files are not loaded (convert it to .safetensors)")
+    try:
+        with safe_open(str(path), framework="pt", device=device) as f:
+            metadata = dict(f.metadata() or {})
+            tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+    except Exception as exc:  # safetensors raises several types for truncated/corrupt headers
+        raise HiganbanaError(f"{path}: not a readable safetensors file ({exc})") from exc
+    return tensors, metadata
