@@ -86,7 +86,7 @@ def run_setup(label: str, algo: str, options: dict[str, Any], lr: float, steps: 
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     net.eval()
     with torch.no_grad():
-        before = sum(float(_loss(unet, b, t)) for b, t in zip(batches, targets)) / len(batches)
+        before = sum(float(_loss(unet, b, t)) for b, t in zip(batches, targets, strict=True)) / len(batches)
     net.train()
     for step in range(steps):
         b, t = batches[step % len(batches)], targets[step % len(targets)]
@@ -95,7 +95,7 @@ def run_setup(label: str, algo: str, options: dict[str, Any], lr: float, steps: 
         opt.step()
     net.eval()
     with torch.no_grad():
-        after = sum(float(_loss(unet, b, t)) for b, t in zip(batches, targets)) / len(batches)
+        after = sum(float(_loss(unet, b, t)) for b, t in zip(batches, targets, strict=True)) / len(batches)
         probe = batches[0]
         net.set_forward_mode("merged")
         merged = unet(**probe).sample

@@ -41,10 +41,23 @@ CASES = [
     Case("lora", "linear", STANDARD_LAYERS["linear"], reference, {"rank": 4, "alpha": 8, "rs_lora": True}, KEYS),
     Case("lora", "linear", STANDARD_LAYERS["linear"], reference, {"rank": 2, "use_scalar": True}, KEYS),
     *(
-        Case("lora", name, make, reference, {"rank": 3, "weight_decompose": True, "wd_on_output": axis}, KEYS | {"dora_scale"})
+        Case(
+            "lora",
+            name,
+            make,
+            reference,
+            {"rank": 3, "weight_decompose": True, "wd_on_output": axis},
+            KEYS | {"dora_scale"},
+        )
         for name, make in (("linear", STANDARD_LAYERS["linear"]), ("conv2d", conv2d))
         for axis in (True, False)
     ),
-    Case("lora", "conv2d", conv2d, reference, {"rank": 2, "use_tucker": True, "weight_decompose": True},
-         KEYS | {"lora_mid.weight", "dora_scale"}),
+    Case(
+        "lora",
+        "conv2d",
+        conv2d,
+        reference,
+        {"rank": 2, "use_tucker": True, "weight_decompose": True},
+        KEYS | {"lora_mid.weight", "dora_scale"},
+    ),
 ]

@@ -94,8 +94,7 @@ def layer_spec(layer: nn.Module, algo: str = "") -> LayerSpec:
             )
         if layer.padding_mode != "zeros":
             raise UnsupportedLayerError(
-                f"{algo or 'adapter'}: padding_mode={layer.padding_mode!r} is not supported "
-                f"(only 'zeros')"
+                f"{algo or 'adapter'}: padding_mode={layer.padding_mode!r} is not supported (only 'zeros')"
             )
         if getattr(layer, "transposed", False):
             raise UnsupportedLayerError(f"{algo or 'adapter'}: transposed convolutions are not supported")
@@ -289,9 +288,8 @@ class Adapter(nn.Module):
         m = self.multiplier
         if self._merged_multiplier is not None or m == 0.0:
             return self.base_forward(x)
-        if self.training and self.module_dropout > 0:
-            if torch.rand((), device="cpu").item() < self.module_dropout:
-                return self.base_forward(x)
+        if self.training and self.module_dropout > 0 and torch.rand(()).item() < self.module_dropout:
+            return self.base_forward(x)
         mask = self.rank_mask()
         if self.use_bypass(x):
             return self.bypass_forward(x, m, mask)

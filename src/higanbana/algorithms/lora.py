@@ -111,4 +111,3 @@ class LoRA(FactoredAdapter):
 
     def extra_state_options(self) -> dict[str, Any]:
         return {"use_tucker": self.use_tucker}
-

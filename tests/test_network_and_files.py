@@ -1,0 +1,128 @@
+"""AdapterNetwork on a tiny SD UNet, the safetensors round trip, atomic writes and bad files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from higanbana.errors import ConfigError, HiganbanaError
+from higanbana.formats import load_tensors, save_tensors
+from higanbana.models.tiny import tiny_sd_unet, tiny_unet_inputs
+from higanbana.network import AdapterNetwork, module_key
+
+from .algorithms.cases import randomize
+
+
+def attention_linears(path, module):
+    return isinstance(module, nn.Linear) and ".attn" in path
+
+
+@pytest.fixture(scope="module")
+def unet():
+    return tiny_sd_unet(seed=0).requires_grad_(False).eval()
+
+
+def test_module_key_follows_kohya():
+    assert module_key("lora_unet", "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q") == (
+        "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    )
+
+
+def test_save_and_reload_reproduces_outputs(unet, tmp_path):
+    net = AdapterNetwork(unet, "lokr", attention_linears, prefix="lora_unet", rank=2, factor=4).attach()
+    randomize(net, std=0.1)
+    batch = tiny_unet_inputs(seed=3)
+    with torch.no_grad():
+        expected = unet(**batch).sample
+    path = net.save(tmp_path / "net.safetensors", metadata={"ss_output_name": "net"})
+    net.detach()
+    tensors, metadata = load_tensors(path)
+    assert metadata["higanbana.format_version"] == "1"
+    records = json.loads(metadata["higanbana.modules"])
+    assert set(records) == set(net.adapters)
+    assert all(k.startswith("lora_unet_") for k in tensors)
+    assert tensors[next(k for k in tensors if k.endswith(".alpha"))].dtype == torch.float32
+    fresh = tiny_sd_unet(seed=0).requires_grad_(False).eval()
+    AdapterNetwork.from_file(path, fresh).attach()
+    with torch.no_grad():
+        assert torch.equal(fresh(**batch).sample, expected)
+
+
+def test_half_precision_file_keeps_alpha_float32(unet, tmp_path):
+    net = AdapterNetwork(unet, "lora", attention_linears, rank=2)
+    path = net.save(tmp_path / "half.safetensors", dtype=torch.float16)
+    tensors, _ = load_tensors(path)
+    assert {t.dtype for k, t in tensors.items() if not k.endswith(".alpha")} == {torch.float16}
+    assert {t.dtype for k, t in tensors.items() if k.endswith(".alpha")} == {torch.float32}
+
+
+def test_network_merge_equals_attached_forward(unet):
+    model = tiny_sd_unet(seed=0).requires_grad_(False).eval()
+    net = AdapterNetwork(model, "loha", attention_linears, rank=2).attach()
+    randomize(net, std=0.1)
+    batch = tiny_unet_inputs(seed=4)
+    with torch.no_grad():
+        attached = model(**batch).sample
+        net.merge()
+        merged = model(**batch).sample
+        net.unmerge()
+        net.detach()
+        plain = model(**batch).sample
+        base = unet(**batch).sample
+    assert (merged - attached).abs().max() <= 1e-5 * attached.abs().max()
+    assert (plain - base).abs().max() <= 1e-5 * base.abs().max()
+
+
+def test_selection_matching_nothing_is_an_error(unet):
+    with pytest.raises(ConfigError, match="matched no module"):
+        AdapterNetwork(unet, "lora", lambda p, m: False)
+
+
+def test_unknown_option_names_the_nearest(unet):
+    with pytest.raises(ConfigError, match="did you mean 'rank'"):
+        AdapterNetwork(unet, "lora", attention_linears, rnak=4)
+
+
+def test_write_is_atomic(tmp_path, monkeypatch):
+    target = tmp_path / "out.safetensors"
+    save_tensors({"a": torch.ones(2)}, target)
+    original = target.read_bytes()
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("higanbana.formats.safetensors_io.save_file", boom)
+    with pytest.raises(OSError, match="disk full"):
+        save_tensors({"a": torch.zeros(2)}, target)
+    assert target.read_bytes() == original
+    assert [p.name for p in tmp_path.iterdir()] == ["out.safetensors"]
+
+
+def test_bad_files_name_the_file(tmp_path):
+    truncated = tmp_path / "cut.safetensors"
+    save_tensors({"a": torch.ones(64)}, truncated)
+    truncated.write_bytes(truncated.read_bytes()[:-40])
+    with pytest.raises(HiganbanaError, match="cut.safetensors"):
+        load_tensors(truncated)
+    empty = tmp_path / "empty.safetensors"
+    empty.write_bytes(b"")
+    with pytest.raises(HiganbanaError, match="empty.safetensors"):
+        load_tensors(empty)
+    pickle = tmp_path / "model.ckpt"
+    torch.save({"a": torch.ones(1)}, pickle)
+    with pytest.raises(HiganbanaError, match="pickle"):
+        load_tensors(pickle)
+    with pytest.raises(HiganbanaError, match="no such file"):
+        load_tensors(tmp_path / "missing.safetensors")
+
+
+def test_loading_a_wrong_shape_names_module_and_key(unet, tmp_path):
+    net = AdapterNetwork(unet, "lora", attention_linears, rank=2)
+    tensors = net.state_tensors()
+    key = next(k for k in tensors if k.endswith("lora_down.weight"))
+    tensors[key] = torch.zeros(3, 5)
+    with pytest.raises(HiganbanaError, match="lora_down.weight"):
+        net.load_state_tensors(tensors)
