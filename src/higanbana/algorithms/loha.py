@@ -1,0 +1,148 @@
+"""LoHa: ``ΔW = (w1_a·w1_b) ⊙ (w2_a·w2_b)``, a Hadamard product of two low-rank matrices.
+
+Keys: ``hada_w1_a`` (out, r), ``hada_w1_b`` (r, in·∏k), ``hada_w2_a``, ``hada_w2_b``, ``alpha``,
+optional ``dora_scale``. Tucker (``use_tucker``, convs with k > 1): ``hada_t1``/``hada_t2``
+(r, r, *k), ``hada_w?_a`` (r, out), ``hada_w?_b`` (r, in), and
+``W_j[p,q,κ] = Σ_{a,c} t_j[a,c,κ]·w_j_a[a,p]·w_j_b[c,q]``, ``ΔW = W_1 ⊙ W_2``.
+
+The Hadamard product has no cheap factored form, so the bypass branch builds ΔW (the base
+default). Building ΔW keeps only the four small factors for backward (:class:`HadamardProduct`):
+the two full-size products are rebuilt there instead of being held between forward and backward.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .base import FactoredAdapter, copy_checked, layer_spec, require
+from .dora import dora_options
+
+
+class HadamardProduct(torch.autograd.Function):
+    """``(a1·b1) ⊙ (a2·b2)`` saving only the factors; backward recomputes the two products."""
+
+    @staticmethod
+    def forward(a1: Tensor, b1: Tensor, a2: Tensor, b2: Tensor) -> Tensor:
+        return (a1 @ b1) * (a2 @ b2)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        a1, b1, a2, b2 = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        g1 = grad * (a2 @ b2) if need[0] or need[1] else None
+        g2 = grad * (a1 @ b1) if need[2] or need[3] else None
+        return (
+            g1 @ b1.mT if need[0] else None,
+            a1.mT @ g1 if need[1] else None,
+            g2 @ b2.mT if need[2] else None,
+            a2.mT @ g2 if need[3] else None,
+        )
+
+
+def tucker_rebuild(t: Tensor, w_a: Tensor, w_b: Tensor) -> Tensor:
+    """``W[p,q,κ] = Σ_{a,c} t[a,c,κ]·w_a[a,p]·w_b[c,q]`` with ``t`` (r,r,K), ``w_a`` (r,P), ``w_b`` (r,Q)."""
+    return torch.einsum("ack,ap,cq->pqk", t, w_a, w_b)
+
+
+class LoHa(FactoredAdapter):
+    """Low-rank Hadamard-product adaptation of Linear and ConvNd layers."""
+
+    algo = "loha"
+    supports_dora = True
+
+    def __init__(self, layer: nn.Module, *, rank: int = 4, use_tucker: bool = False, **options: Any) -> None:
+        super().__init__(layer, rank=rank, **options)
+        spec, r = self.spec, self.rank
+        self.use_tucker = bool(use_tucker) and spec.is_conv and spec.kernel_numel > 1
+        if self.use_tucker:
+            self.hada_t1 = self.new_param(r, r, *spec.kernel_size)
+            self.hada_t2 = self.new_param(r, r, *spec.kernel_size)
+            self.hada_w1_a = self.new_param(r, spec.out_features)
+            self.hada_w1_b = self.new_param(r, spec.in_features)
+            self.hada_w2_a = self.new_param(r, spec.out_features)
+            self.hada_w2_b = self.new_param(r, spec.in_features)
+        else:
+            self.hada_t1 = self.hada_t2 = None
+            self.hada_w1_a = self.new_param(spec.out_features, r)
+            self.hada_w1_b = self.new_param(r, spec.fan_in)
+            self.hada_w2_a = self.new_param(spec.out_features, r)
+            self.hada_w2_b = self.new_param(r, spec.fan_in)
+        self.reset_parameters()
+        self._init_dora()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """w1_a, t ~ N(0, 0.1²); w1_b, w2_b ~ N(0, 1); w2_a = 0 (N(0, 0.1²) with ``use_scalar``)."""
+        nn.init.normal_(self.hada_w1_a, std=0.1)
+        nn.init.normal_(self.hada_w1_b, std=1.0)
+        nn.init.normal_(self.hada_w2_b, std=1.0)
+        if self.use_scalar:
+            nn.init.normal_(self.hada_w2_a, std=0.1)
+        else:
+            nn.init.zeros_(self.hada_w2_a)
+        if self.use_tucker:
+            nn.init.normal_(self.hada_t1, std=0.1)
+            nn.init.normal_(self.hada_t2, std=0.1)
+
+    def _a_factors(self, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+        """``w1_a`` and ``w2_a`` (with the learned scalar) masked on their rank axis."""
+        a1, a2 = self.hada_w1_a, self.scaled_up(self.hada_w2_a)
+        if mask is not None:
+            m = mask.to(a1.dtype)
+            m = m[:, None] if self.use_tucker else m  # rank axis: 0 for Tucker (r,out), 1 for (out,r)
+            a1, a2 = a1 * m, a2 * m
+        return a1, a2
+
+    def delta_weight(self, mask: Tensor | None = None) -> Tensor:
+        shape = self.base_weight.shape
+        a1, a2 = self._a_factors(mask)
+        if not self.use_tucker:
+            return HadamardProduct.apply(a1, self.hada_w1_b, a2, self.hada_w2_b).reshape(shape)
+        w1 = tucker_rebuild(self.hada_t1.flatten(2), a1, self.hada_w1_b)
+        w2 = tucker_rebuild(self.hada_t2.flatten(2), a2, self.hada_w2_b)
+        return (w1 * w2).reshape(shape)
+
+    def delta_flops(self) -> int:
+        s, r = self.spec, self.rank
+        if self.use_tucker:
+            per_side = r * r * s.kernel_numel * s.in_features + s.out_features * r * s.fan_in
+        else:
+            per_side = s.out_features * r * s.fan_in
+        return 2 * per_side + s.out_features * s.fan_in
+
+    # ------------------------------------------------------------------ state
+    def _factor_names(self) -> tuple[str, ...]:
+        names = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
+        return (*names, "hada_t1", "hada_t2") if self.use_tucker else names
+
+    def state_tensors(self) -> dict[str, Tensor]:
+        out = {name: getattr(self, name).detach().clone() for name in self._factor_names()}
+        out["hada_w2_a"] = self.scaled_up(self.hada_w2_a).detach().clone()
+        out.update(self.common_state())
+        return out
+
+    def load_state_tensors(self, tensors: dict[str, Tensor]) -> None:
+        for name in self._factor_names():
+            copy_checked(getattr(self, name), require(tensors, name), name)
+        self.load_common_state(tensors)
+
+    @classmethod
+    def options_from_state(cls, tensors: dict[str, Tensor], layer: nn.Module) -> dict[str, Any]:
+        """Rank, Tucker and the DoRA axis from a module's tensors."""
+        spec = layer_spec(layer, cls.algo)
+        tucker = "hada_t1" in tensors
+        # the rank is the leading axis of w1_b in both layouts: (r, in·∏k) and Tucker (r, in)
+        rank = require(tensors, "hada_w1_b").shape[0]
+        options: dict[str, Any] = {"rank": rank, "use_tucker": tucker}
+        options.update(dora_options(tensors, spec.out_features))
+        return options
+
+    def extra_state_options(self) -> dict[str, Any]:
+        return {"use_tucker": self.use_tucker}

@@ -1,0 +1,340 @@
+"""LoKr: ``ΔW = kron(w1, w2)``, a Kronecker product of a small and a (possibly low-rank) block.
+
+``(u1, u2) = factorize(out, f)``, ``(v1, v2) = factorize(in, f)`` (``unbalanced_factorization``
+swaps ``u1``/``u2``, so the output side of ``w1`` gets the larger factor). Keys:
+
+- ``lokr_w1`` (u1, v1), or ``lokr_w1_a`` (u1, r) + ``lokr_w1_b`` (r, v1) with ``decompose_both``
+  and ``r < max(u1, v1)/2``;
+- ``lokr_w2`` (u2, v2, *k), or ``lokr_w2_a`` (u2, r) + ``lokr_w2_b`` (r, v2·∏k) when
+  ``r < max(u2, v2)/2`` and not ``full_matrix``; Tucker (conv, k > 1): ``lokr_t2`` (r, r, *k),
+  ``lokr_w2_a`` (r, u2), ``lokr_w2_b`` (r, v2);
+- ``alpha`` and optional ``dora_scale``.
+
+For convs ``w1`` acts as (u1, v1, 1..): ``ΔW[i·u2+p, j·v2+q, κ] = w1[i,j]·w2[p,q,κ]``.
+Scale: ``α/r`` when either side is factored, else 1 (α ignored).
+
+Bypass never builds ΔW: ``(A ⊗ B)·vec(X) = vec(B·X·Aᵀ)``. The input channels are grouped as
+(v1, v2); ``w2`` acts on each group of v2 channels (for convs: the layer's own convolution, the v1
+groups folded into the batch), then ``w1`` mixes the v1 groups into u1 groups of u2 outputs.
+
+Rank dropout masks the rank axis of ``w2`` when ``w2`` is factored, else of ``w1`` when ``w1`` is
+factored; with neither side factored there is no rank axis and rank dropout does nothing.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import ConfigError
+from .base import FactoredAdapter, copy_checked, layer_spec, require
+from .dora import dora_options
+from .factorize import factorize
+from .loha import tucker_rebuild
+
+
+def lokr_split(out: int, inp: int, factor: int, unbalanced: bool) -> tuple[tuple[int, int], tuple[int, int]]:
+    """``((u1, u2), (v1, v2))`` for a layer with ``out`` outputs and ``inp`` inputs."""
+    u1, u2 = factorize(out, factor)
+    v1, v2 = factorize(inp, factor)
+    if unbalanced:
+        u1, u2 = u2, u1
+    if u1 * u2 != out or v1 * v2 != inp:
+        raise ConfigError(
+            f"lokr: factor={factor} splits out={out} into {u1}·{u2} and in={inp} into {v1}·{v2}; "
+            "the products must equal the layer's dimensions"
+        )
+    return (u1, u2), (v1, v2)
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def find_factor(out: int, inp: int, u: tuple[int, int], v: tuple[int, int]) -> tuple[int, bool]:
+    """A ``(factor, unbalanced_factorization)`` pair that reproduces the split ``u``, ``v``.
+
+    ``factorize(d, f)`` only changes behaviour at divisors of ``d`` (exact split) and between them
+    (a bound on the walk), so trying -1, every divisor ``d`` of either dimension and ``d + 1``
+    covers every distinct outcome.
+    """
+    marks = sorted(set(_divisors(out)) | set(_divisors(inp)))
+    candidates = [-1, *sorted(set(marks) | {d + 1 for d in marks})]
+    for f in candidates:
+        for unbalanced in (False, True):
+            if lokr_split(out, inp, f, unbalanced) == (u, v):
+                return f, unbalanced
+    raise ConfigError(
+        f"lokr: no factor splits out={out} into {u[0]}·{u[1]} and in={inp} into {v[0]}·{v[1]} "
+        "(w1 and w2 shapes do not come from one factorisation)"
+    )
+
+
+class LoKr(FactoredAdapter):
+    """Low-rank Kronecker-product adaptation of Linear and ConvNd layers."""
+
+    algo = "lokr"
+    supports_dora = True
+    cheap_bypass = True
+
+    def __init__(
+        self,
+        layer: nn.Module,
+        *,
+        rank: int = 4,
+        factor: int = -1,
+        decompose_both: bool = False,
+        full_matrix: bool = False,
+        unbalanced_factorization: bool = False,
+        use_tucker: bool = False,
+        **options: Any,
+    ) -> None:
+        super().__init__(layer, rank=rank, **options)
+        spec, r = self.spec, self.rank
+        factor = int(factor)
+        if factor == 0 or factor < -1:
+            raise ConfigError(f"lokr: option factor={factor} must be -1 (most balanced split) or a positive integer")
+        self.factor = factor
+        self.decompose_both = bool(decompose_both)
+        self.full_matrix = bool(full_matrix)
+        self.unbalanced_factorization = bool(unbalanced_factorization)
+        (u1, u2), (v1, v2) = lokr_split(spec.out_features, spec.in_features, factor, self.unbalanced_factorization)
+        self.u1, self.u2, self.v1, self.v2 = u1, u2, v1, v2
+        self.w1_factored = self.decompose_both and r < max(u1, v1) / 2
+        self.w2_factored = not self.full_matrix and r < max(u2, v2) / 2
+        self.use_tucker = bool(use_tucker) and self.w2_factored and spec.is_conv and spec.kernel_numel > 1
+
+        self.lokr_w1 = self.lokr_w1_a = self.lokr_w1_b = None
+        self.lokr_w2 = self.lokr_w2_a = self.lokr_w2_b = self.lokr_t2 = None
+        if self.w1_factored:
+            self.lokr_w1_a = self.new_param(u1, r)
+            self.lokr_w1_b = self.new_param(r, v1)
+        else:
+            self.lokr_w1 = self.new_param(u1, v1)
+        if self.use_tucker:
+            self.lokr_t2 = self.new_param(r, r, *spec.kernel_size)
+            self.lokr_w2_a = self.new_param(r, u2)
+            self.lokr_w2_b = self.new_param(r, v2)
+        elif self.w2_factored:
+            self.lokr_w2_a = self.new_param(u2, r)
+            self.lokr_w2_b = self.new_param(r, v2 * spec.kernel_numel)
+        else:
+            self.lokr_w2 = self.new_param(u2, v2, *spec.kernel_size)
+        self.reset_parameters()
+        self._init_dora()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """w1 (or its factors), w2_a, t2: kaiming-uniform(a=√5); w2 / w2_b: 0 (kaiming with ``use_scalar``)."""
+        for name in ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2_a", "lokr_t2"):
+            p = getattr(self, name)
+            if p is not None:
+                nn.init.kaiming_uniform_(p, a=math.sqrt(5))
+        up = self.lokr_w2 if self.lokr_w2 is not None else self.lokr_w2_b
+        if self.use_scalar:
+            nn.init.kaiming_uniform_(up, a=math.sqrt(5))
+        else:
+            nn.init.zeros_(up)
+
+    # ------------------------------------------------------------------ scale and rank
+    @property
+    def factored(self) -> bool:
+        return self.w1_factored or self.w2_factored
+
+    @property
+    def scale(self) -> float:
+        """``α/r`` (rs-LoRA ``α/√r``) when either side is factored, else 1."""
+        return super().scale if self.factored else 1.0
+
+    def rank_mask(self) -> Tensor | None:
+        return super().rank_mask() if self.factored else None
+
+    # ------------------------------------------------------------------ the two blocks
+    def _w1_mask(self, mask: Tensor | None) -> Tensor | None:
+        return mask if self.w1_factored and not self.w2_factored else None
+
+    def _w2_mask(self, mask: Tensor | None) -> Tensor | None:
+        return mask if self.w2_factored else None
+
+    def _w1(self, mask: Tensor | None, dtype: torch.dtype) -> Tensor:
+        """``w1`` (u1, v1)."""
+        if not self.w1_factored:
+            return self.lokr_w1.to(dtype)
+        a = self.lokr_w1_a
+        m = self._w1_mask(mask)
+        if m is not None:
+            a = a * m.to(a.dtype)
+        return a.to(dtype) @ self.lokr_w1_b.to(dtype)
+
+    def _w2_factors(self, mask: Tensor | None, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """``w2_a`` masked on its rank axis and ``w2_b`` with the learned scalar."""
+        a, b = self.lokr_w2_a, self.scaled_up(self.lokr_w2_b)
+        m = self._w2_mask(mask)
+        if m is not None:
+            a = a * m.to(a.dtype)[:, None] if self.use_tucker else a * m.to(a.dtype)
+        return a.to(dtype), b.to(dtype)
+
+    def _w2(self, mask: Tensor | None, dtype: torch.dtype) -> Tensor:
+        """``w2`` (u2, v2, *k)."""
+        s = self.spec
+        if not self.w2_factored:
+            return self.scaled_up(self.lokr_w2).to(dtype)
+        a, b = self._w2_factors(mask, dtype)
+        w2 = tucker_rebuild(self.lokr_t2.flatten(2).to(dtype), a, b) if self.use_tucker else a @ b
+        return w2.reshape(self.u2, self.v2, *s.kernel_size)
+
+    def delta_weight(self, mask: Tensor | None = None) -> Tensor:
+        s, dt = self.spec, self.param_dtype
+        w1, w2 = self._w1(mask, dt), self._w2(mask, dt)
+        k = (1,) * len(s.kernel_size)
+        # ΔW[i·u2+p, j·v2+q, κ] = w1[i,j]·w2[p,q,κ]: broadcast to (u1, u2, v1, v2, *k), then flatten
+        blocks = w1.reshape(self.u1, 1, self.v1, 1, *k) * w2.reshape(1, self.u2, 1, self.v2, *s.kernel_size)
+        return blocks.reshape(s.out_features, s.in_features, *s.kernel_size)
+
+    # ------------------------------------------------------------------ bypass
+    def _apply_w1(self, h: Tensor, mask: Tensor | None) -> Tensor:
+        """``w1`` on the group axis of ``h`` (..., v1, n) → (..., u1, n), factors kept apart."""
+        dt = h.dtype
+        if not self.w1_factored:
+            return self.lokr_w1.to(dt) @ h
+        a = self.lokr_w1_a
+        m = self._w1_mask(mask)
+        if m is not None:
+            a = a * m.to(a.dtype)
+        return a.to(dt) @ (self.lokr_w1_b.to(dt) @ h)
+
+    def branch(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        s, dt = self.spec, x.dtype
+        u1, u2, v1, v2 = self.u1, self.u2, self.v1, self.v2
+        if not s.is_conv:
+            xs = x.reshape(*x.shape[:-1], v1, v2)
+            if self.w2_factored:
+                a, b = self._w2_factors(mask, dt)
+                h = (xs @ b.mT) @ a.mT  # (..., v1, u2)
+            else:
+                h = xs @ self._w2(None, dt).mT
+            return self._apply_w1(h, mask).reshape(*x.shape[:-1], u1 * u2)
+        unbatched = x.dim() == len(s.kernel_size) + 1
+        if unbatched:
+            x = x.unsqueeze(0)
+        n = x.shape[0]
+        xg = x.reshape(n * v1, v2, *x.shape[2:])  # the v1 input groups folded into the batch
+        if not self.w2_factored:
+            h = s.op(xg, self._w2(None, dt))
+        elif self.use_tucker:
+            a, b = self._w2_factors(mask, dt)
+            h = s.pointwise(s.op(s.pointwise(xg, b), self.lokr_t2.to(dt)), a.mT)
+        else:
+            a, b = self._w2_factors(mask, dt)
+            h = s.pointwise(s.op(xg, b.reshape(-1, v2, *s.kernel_size)), a)
+        spatial = h.shape[2:]
+        y = self._apply_w1(h.reshape(n, v1, -1), mask).reshape(n, u1 * u2, *spatial)
+        return y.squeeze(0) if unbatched else y
+
+    def _w2_cost(self) -> int:
+        """Multiply-adds per position for ``w2`` on one group of v2 channels."""
+        s, r, k = self.spec, self.rank, self.spec.kernel_numel
+        if not self.w2_factored:
+            return self.u2 * self.v2 * k
+        if self.use_tucker:
+            return r * (self.v2 + r * k + self.u2)
+        return r * (self.v2 * k + self.u2) if s.is_conv else r * (self.v2 + self.u2)
+
+    def _w1_cost(self) -> int:
+        """Multiply-adds per position (per output group column) for ``w1``."""
+        if self.w1_factored:
+            return self.rank * (self.u1 + self.v1)
+        return self.u1 * self.v1
+
+    def branch_flops(self, tokens: int) -> int | None:
+        return tokens * (self.v1 * self._w2_cost() + self.u2 * self._w1_cost())
+
+    def delta_flops(self) -> int:
+        s, r = self.spec, self.rank
+        flops = s.out_features * s.fan_in  # the Kronecker product itself
+        if self.w1_factored:
+            flops += self.u1 * r * self.v1
+        if self.use_tucker:
+            flops += r * r * s.kernel_numel * self.v2 + self.u2 * r * self.v2 * s.kernel_numel
+        elif self.w2_factored:
+            flops += self.u2 * r * self.v2 * s.kernel_numel
+        return flops
+
+    # ------------------------------------------------------------------ state
+    def _param_names(self) -> list[str]:
+        names = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
+        return [n for n in names if getattr(self, n) is not None]
+
+    def state_tensors(self) -> dict[str, Tensor]:
+        out = {name: getattr(self, name).detach().clone() for name in self._param_names()}
+        up = "lokr_w2" if self.lokr_w2 is not None else "lokr_w2_b"
+        out[up] = self.scaled_up(getattr(self, up)).detach().clone()
+        out.update(self.common_state())
+        return out
+
+    def load_state_tensors(self, tensors: dict[str, Tensor]) -> None:
+        for name in self._param_names():
+            copy_checked(getattr(self, name), require(tensors, name), name)
+        self.load_common_state(tensors)
+
+    @classmethod
+    def options_from_state(cls, tensors: dict[str, Tensor], layer: nn.Module) -> dict[str, Any]:
+        """Rank, factor, unbalanced split, decompose_both, full_matrix, Tucker and DoRA from shapes."""
+        spec = layer_spec(layer, cls.algo)
+        out, inp, k = spec.out_features, spec.in_features, spec.kernel_numel
+
+        def shape(key: str) -> tuple[int, ...]:
+            return tuple(require(tensors, key).shape)
+
+        rank1 = rank2 = None
+        if "lokr_w1" in tensors:
+            u1, v1 = shape("lokr_w1")[:2]
+        else:
+            (u1, rank1), v1 = shape("lokr_w1_a")[:2], shape("lokr_w1_b")[1]
+        tucker = "lokr_t2" in tensors
+        if "lokr_w2" in tensors:
+            u2, v2 = shape("lokr_w2")[:2]
+        elif tucker:
+            (rank2, u2), v2 = shape("lokr_w2_a")[:2], shape("lokr_w2_b")[1]
+        else:
+            (u2, rank2), v2 = shape("lokr_w2_a")[:2], shape("lokr_w2_b")[1] // k
+        if u1 * u2 != out or v1 * v2 != inp:
+            raise ConfigError(
+                f"lokr: w1 ({u1}, {v1}) ⊗ w2 ({u2}, {v2}) gives ({u1 * u2}, {v1 * v2}), "
+                f"but the layer is ({out}, {inp})"
+            )
+        ranks = {r for r in (rank1, rank2) if r is not None}
+        if len(ranks) > 1:
+            raise ConfigError(f"lokr: w1 has rank {rank1} but w2 has rank {rank2}; one rank is expected")
+        if ranks:
+            rank = ranks.pop()
+        else:  # both blocks full: the rank has no effect (LyCORIS then writes alpha = rank)
+            alpha = float(tensors["alpha"]) if "alpha" in tensors else 1.0
+            rank = int(alpha) if alpha >= 1 and alpha == int(alpha) else 1
+        if rank1 is not None and not rank < max(u1, v1) / 2:
+            raise ConfigError(f"lokr: w1 is factored with rank {rank}, but rank ≥ max({u1}, {v1})/2")
+        if rank2 is not None and not rank < max(u2, v2) / 2:
+            raise ConfigError(f"lokr: w2 is factored with rank {rank}, but rank ≥ max({u2}, {v2})/2")
+        factor, unbalanced = find_factor(out, inp, (u1, u2), (v1, v2))
+        options: dict[str, Any] = {
+            "rank": rank,
+            "factor": factor,
+            "unbalanced_factorization": unbalanced,
+            "decompose_both": rank1 is not None,
+            "full_matrix": rank2 is None,
+            "use_tucker": tucker,
+        }
+        options.update(dora_options(tensors, out))
+        return options
+
+    def extra_state_options(self) -> dict[str, Any]:
+        return {
+            "factor": self.factor,
+            "decompose_both": self.decompose_both,
+            "full_matrix": self.full_matrix,
+            "unbalanced_factorization": self.unbalanced_factorization,
+            "use_tucker": self.use_tucker,
+        }
