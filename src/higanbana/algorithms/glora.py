@@ -1,0 +1,215 @@
+"""GLoRA: ``ΔW = flat(W0)·(a1·a2) + b1·b2`` — a low-rank map of the input channels plus a LoRA term.
+
+Keys: ``a1.weight`` (in, r), ``a2.weight`` (r, in), ``b1.weight`` (out, r), ``b2.weight``
+(r, in) for Linear and (r, in, *k) for ConvNd, ``alpha``; ``s = α/r``. For a conv the ``a`` term
+acts on the input-channel axis of ``W0``: ``ΔW[o,j,κ] = Σ_i W0[o,i,κ]·A[i,j]`` with ``A = a1·a2``.
+
+Bypass. Because ``op(x, W0·A) = op(P_A(x), W0)`` where ``P_A`` is the pointwise projection of the
+input channels by ``A`` (``P_A(x)[i] = Σ_j A[i,j]·x[j]``, i.e. ``a1(a2(x))``), the adapted layer is
+
+    y' = op(x + c·a1(a2(x)), W0, b0) + c·b1(b2(x)),   c = m·s
+
+— one full-size op on a slightly changed input plus a LoRA-like branch, never ΔW. (With dropout
+in training the branch ``y' − y`` must be dropped on its own, which costs a second op with W0.)
+
+Merged: ``W' = W0·(I + c·A) + c·B``. Un-merge inverts ``I + c·A`` with the Woodbury identity
+``(I + c·a1·a2)⁻¹ = I − c·a1·(I_r + c·a2·a1)⁻¹·a2`` (r×r, in float64), so no backup is needed
+unless ``I + c·A`` is ill-conditioned (see :meth:`GLoRA._needs_backup`).
+
+``use_scalar``: ``a2`` and ``b2`` start non-zero and a learned scalar (init 0) multiplies both;
+ΔW is linear in ``a2`` and in ``b2``, so saving ``scalar·a2`` and ``scalar·b2`` is exact.
+``rank_dropout`` masks the rank axis of both terms (rows of ``a2`` and ``b2``).
+
+Files in the old GLoRA layout (``a1`` (r, in), ``a2`` (in, r), ``b1`` (r, in·∏k), ``b2`` (out, r),
+``ΔW = W0·a2·a1 + b2·b1``) are the same factors under swapped names; they are recognised by shape
+and loaded.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .base import FactoredAdapter, LayerSpec, copy_checked, layer_spec, require
+
+KEYS = ("a1.weight", "a2.weight", "b1.weight", "b2.weight")
+
+
+def _new_layout(tensors: dict[str, Tensor], spec: LayerSpec) -> dict[str, Tensor]:
+    """The four factors in the new layout (old-layout files are renamed), or a clear error."""
+    a1, a2, b1, b2 = (require(tensors, k) for k in KEYS)
+    inp, out = spec.in_features, spec.out_features
+
+    def fits(a1: Tensor, a2: Tensor, b1: Tensor, b2: Tensor) -> bool:
+        if a1.dim() != 2 or a2.dim() != 2 or b1.dim() < 2 or b2.dim() < 2:
+            return False
+        r = a1.shape[1]
+        return (
+            a1.shape[0] == inp
+            and tuple(a2.shape) == (r, inp)
+            and b1.shape[0] == out
+            and b1.shape[1] == r
+            and math.prod(b1.shape[2:]) == 1
+            and b2.shape[0] == r
+            and b2[0].numel() == spec.fan_in
+        )
+
+    if fits(a1, a2, b1, b2):
+        return dict(zip(KEYS, (a1, a2, b1, b2), strict=True))
+    if fits(a2, a1, b2, b1):  # old layout: the same factors under swapped names
+        return dict(zip(KEYS, (a2, a1, b2, b1), strict=True))
+    shapes = ", ".join(f"{k} {tuple(t.shape)}" for k, t in zip(KEYS, (a1, a2, b1, b2), strict=True))
+    raise ValueError(
+        f"glora tensors ({shapes}) fit neither layout for a layer with in={inp}, out={out}, "
+        f"in·∏k={spec.fan_in}: expected a1 (in, r), a2 (r, in), b1 (out, r), b2 (r, in·∏k)"
+    )
+
+
+class GLoRA(FactoredAdapter):
+    """Generalised LoRA of Linear and ConvNd layers (no DoRA)."""
+
+    algo = "glora"
+    cheap_bypass = True
+
+    def __init__(self, layer: nn.Module, *, rank: int = 4, use_tucker: bool = False, **options: Any) -> None:
+        # use_tucker is accepted with every factored algorithm; GLoRA has no Tucker form (ignored)
+        super().__init__(layer, rank=rank, **options)
+        spec, r = self.spec, self.rank
+        self.use_tucker = False
+        self.a1 = self.new_param(spec.in_features, r)
+        self.a2 = self.new_param(r, spec.in_features)
+        self.b1 = self.new_param(spec.out_features, r)
+        self.b2 = self.new_param(r, spec.in_features, *spec.kernel_size)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """a1, b1: kaiming-uniform(a=√5); a2 = b2 = 0 (kaiming as well with ``use_scalar``)."""
+        nn.init.kaiming_uniform_(self.a1, a=math.sqrt(5))
+        nn.init.kaiming_uniform_(self.b1, a=math.sqrt(5))
+        if self.use_scalar:
+            nn.init.kaiming_uniform_(self.a2, a=math.sqrt(5))
+            nn.init.kaiming_uniform_(self.b2, a=math.sqrt(5))
+        else:
+            nn.init.zeros_(self.a2)
+            nn.init.zeros_(self.b2)
+
+    # ------------------------------------------------------------------ factors
+    def _ups(self, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+        """``a2`` (r, in) and ``flat(b2)`` (r, in·∏k) with the learned scalar and the rank mask."""
+        a2, b2 = self.scaled_up(self.a2), self.scaled_up(self.b2.flatten(1))
+        if mask is not None:
+            m = mask.to(a2.dtype)[:, None]
+            a2, b2 = a2 * m, b2 * m
+        return a2, b2
+
+    def delta_weight(self, mask: Tensor | None = None) -> Tensor:
+        spec, w0 = self.spec, self.base_weight
+        a2, b2 = self._ups(mask)
+        w = w0.to(a2.dtype).reshape(spec.out_features, spec.in_features, spec.kernel_numel)
+        # (W0·a1)·a2 through the rank: 2·out·in·∏k·r instead of forming the in×in matrix A
+        wa = torch.einsum("oik,ir->ork", w, self.a1)
+        delta = torch.einsum("ork,rj->ojk", wa, a2).reshape(w0.shape)
+        return delta + (self.b1 @ b2).reshape(w0.shape)
+
+    def _b_path(self, x: Tensor, a2b2: tuple[Tensor, Tensor]) -> Tensor:
+        spec, dt = self.spec, x.dtype
+        b2 = a2b2[1].reshape(self.b2.shape).to(dt)
+        return spec.pointwise(spec.op(x, b2), self.b1.to(dt))
+
+    def _a_path(self, x: Tensor, a2b2: tuple[Tensor, Tensor]) -> Tensor:
+        """``P_A(x)``: the input channels mapped by ``A = a1·a2`` (a rank-r pointwise projection)."""
+        spec, dt = self.spec, x.dtype
+        return spec.pointwise(spec.pointwise(x, a2b2[0].to(dt)), self.a1.to(dt))
+
+    def branch(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        """``op(x, ΔW) = op(P_A(x), W0) + b1(b2(x))`` (costs one op with ``W0``)."""
+        ups = self._ups(mask)
+        return self.spec.op(self._a_path(x, ups), self.base_weight) + self._b_path(x, ups)
+
+    def bypass_forward(self, x: Tensor, multiplier: float, mask: Tensor | None = None) -> Tensor:
+        if self.training and self.dropout > 0:
+            return super().bypass_forward(x, multiplier, mask)  # y + drop(c·op(x, ΔW))
+        c = multiplier * self.scale
+        ups = self._ups(mask)
+        y = self.spec.op(x + c * self._a_path(x, ups), self.base_weight, self.base_bias)
+        return y + c * self._b_path(x, ups)
+
+    def branch_flops(self, tokens: int) -> int | None:
+        s, r = self.spec, self.rank
+        return tokens * r * (2 * s.in_features + s.fan_in + s.out_features)
+
+    def delta_flops(self) -> int:
+        s, r = self.spec, self.rank
+        return 2 * s.out_features * r * s.fan_in + s.out_features * r * s.fan_in
+
+    # ------------------------------------------------------------------ un-merge
+    def _woodbury(self, multiplier: float) -> tuple[Tensor, Tensor, Tensor]:
+        """``a1``, ``a2`` and ``K = I_r + c·a2·a1`` in float64 (c = m·s)."""
+        a2 = self._ups(None)[0].detach().double()
+        a1 = self.a1.detach().double()
+        k = torch.eye(self.rank, dtype=torch.float64, device=a1.device) + multiplier * self.scale * (a2 @ a1)
+        return a1, a2, k
+
+    def _needs_backup(self) -> bool:
+        """Keep a copy of W0 when inverting ``M = I + c·A`` would lose more than ~1e-5 (relative).
+
+        The un-merge error is about ``κ(M)·eps``; with Woodbury ``‖M‖ ≤ 1 + |c|‖a1‖‖a2‖`` and
+        ``‖M⁻¹‖ ≤ 1 + |c|‖a1‖‖a2‖/σ_min(K)``, a bound from r-sized quantities only.
+        """
+        if super()._needs_backup():
+            return True
+        with torch.no_grad():
+            a1, a2, k = self._woodbury(self.multiplier)
+            if not bool(torch.isfinite(k).all()):
+                return True
+            sigma = float(torch.linalg.svdvals(k).min())
+            if sigma <= 0.0:
+                return True
+            t = abs(self.multiplier * self.scale) * float(
+                torch.linalg.matrix_norm(a1, 2) * torch.linalg.matrix_norm(a2, 2)
+            )
+            kappa = (1.0 + t) * (1.0 + t / sigma)
+        return kappa * torch.finfo(self.base_weight.dtype).eps > 1e-5
+
+    @torch.no_grad()
+    def unmerged_weight(self, merged: Tensor, multiplier: float) -> Tensor:
+        """``W0 = (W' − c·B)·(I + c·A)⁻¹`` on the input-channel axis (Woodbury, float64)."""
+        spec, c = self.spec, multiplier * self.scale
+        a1, a2, k = self._woodbury(multiplier)
+        b = (self.b1.double() @ self._ups(None)[1].double()).reshape(merged.shape)
+        v = (merged.double() - c * b).reshape(spec.out_features, spec.in_features, spec.kernel_numel)
+        # v·(I − c·a1·K⁻¹·a2) on the input axis
+        low = torch.einsum("oik,ir->ork", v, a1)
+        low = torch.einsum("ork,rs,sj->ojk", low, torch.linalg.inv(k), a2)
+        return (v - c * low).reshape(merged.shape).to(merged.dtype)
+
+    # ------------------------------------------------------------------ state
+    def state_tensors(self) -> dict[str, Tensor]:
+        a2, _ = self._ups(None)
+        out = {
+            "a1.weight": self.a1.detach().clone(),
+            "a2.weight": a2.detach().clone(),
+            "b1.weight": self.b1.detach().clone(),
+            "b2.weight": self.scaled_up(self.b2).detach().clone(),
+        }
+        out.update(self.common_state())
+        return out
+
+    def load_state_tensors(self, tensors: dict[str, Tensor]) -> None:
+        factors = _new_layout(tensors, self.spec)
+        for key, param in zip(KEYS, (self.a1, self.a2, self.b1, self.b2), strict=True):
+            value = factors[key]
+            if value.shape != param.shape and value.numel() == param.numel():
+                value = value.reshape(param.shape)  # b2 as (r, in·∏k), b1 as (out, r, 1..)
+            copy_checked(param, value, key)
+        self.load_common_state(tensors)
+
+    @classmethod
+    def options_from_state(cls, tensors: dict[str, Tensor], layer: nn.Module) -> dict[str, Any]:
+        """The rank, from the (new or old layout) factors."""
+        spec = layer_spec(layer, cls.algo)
+        return {"rank": _new_layout(tensors, spec)["a1.weight"].shape[1]}

@@ -1,0 +1,130 @@
+"""IA3: learned per-channel scaling of the weight, ``W' = W0 ⊙ (1 + m·w)``; the bias is unchanged.
+
+Keys: ``weight`` — ``(C,)`` for Linear, ``(1, C, 1..)`` for ConvNd — and ``on_input`` (0-d int64).
+``on_input = 0`` scales the output channels (rows of ``W0``), ``1`` the input channels (columns).
+
+Bypass needs no weight rebuild:
+
+- output side: ``y' = y + (y − b0)·(m·w)``, i.e. ``(y − b0)·(1 + m·w) + b0`` on the channel axis;
+- input side: ``y' = op(x ⊙ (1 + m·w), W0, b0)`` — the same single op on scaled input.
+
+With dropout in training the adapter branch ``y' − y`` is dropped: output side
+``y + drop((y − b0)·m·w)``, input side ``y + drop(op(x ⊙ m·w, W0))``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .base import Adapter, copy_checked, layer_spec, require
+
+
+class IA3(Adapter):
+    """Per-channel scaling of the output (default) or input channels of a Linear/ConvNd layer."""
+
+    algo = "ia3"
+    cheap_bypass = True
+
+    def __init__(self, layer: nn.Module, *, on_input: bool = False, **options: Any) -> None:
+        super().__init__(layer, **options)
+        spec = self.spec
+        self.on_input = bool(on_input)
+        channels = spec.in_features if self.on_input else spec.out_features
+        self.channels = channels
+        # (C,) for Linear, (1, C, 1..) for ConvNd: the stored shape also broadcasts over activations
+        self.weight = self.new_param(*((1, channels, *spec.ones_kernel) if spec.is_conv else (channels,)))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """w = 0: the layer is unchanged at init."""
+        nn.init.zeros_(self.weight)
+
+    # ------------------------------------------------------------------ weight form
+    def _weight_factor_shape(self) -> tuple[int, ...]:
+        """Shape that broadcasts ``w`` over ``W0`` (rows or columns)."""
+        nd = self.base_weight.dim()
+        if self.on_input:
+            return (1, self.channels, *([1] * (nd - 2)))
+        return (self.channels, *([1] * (nd - 1)))
+
+    def _factor(self, multiplier: float, dtype: torch.dtype) -> Tensor:
+        """``1 + m·w`` shaped to broadcast over ``W0``."""
+        w = self.weight.reshape(self._weight_factor_shape()).to(dtype)
+        return 1.0 + multiplier * w
+
+    def merged_weight(self, multiplier: float | None = None, mask: Tensor | None = None) -> Tensor:
+        m = self.multiplier if multiplier is None else multiplier
+        w0 = self.base_weight
+        dt = torch.promote_types(w0.dtype, self.param_dtype)
+        return (w0.to(dt) * self._factor(m, dt)).to(w0.dtype)
+
+    @torch.no_grad()
+    def unmerged_weight(self, merged: Tensor, multiplier: float) -> Tensor:
+        dt = torch.float64 if merged.device.type != "mps" else torch.float32
+        return (merged.to(dt) / self._factor(multiplier, dt)).to(merged.dtype)
+
+    def _needs_backup(self) -> bool:
+        # dividing by (1 + m·w) restores W0 to rounding (the relative error is not amplified), but a
+        # channel scaled to (nearly) 0 has lost W0: keep a copy of W0 then
+        with torch.no_grad():
+            smallest = float((1.0 + self.multiplier * self.weight.double()).abs().min())
+        return not smallest >= 1e-6 or super()._needs_backup()
+
+    # ------------------------------------------------------------------ bypass
+    def bypass_forward(self, x: Tensor, multiplier: float, mask: Tensor | None = None) -> Tensor:
+        spec = self.spec
+        w0, b0 = self.base_weight, self.base_bias
+        dropping = self.training and self.dropout > 0
+        w = self.weight.to(x.dtype)
+        if self.on_input:
+            if not dropping:
+                return spec.op(x * (1.0 + multiplier * w), w0, b0)
+            y = spec.op(x, w0, b0)
+            return y + self._drop(spec.op(x * (multiplier * w), w0))
+        y = spec.op(x, w0, b0)
+        h = y if b0 is None else y - b0.reshape(spec.channel_shape(spec.out_features)).to(y.dtype)
+        return y + self._drop(h * (multiplier * w.to(y.dtype)))
+
+    def bypass_flops(self, tokens: int) -> int | None:
+        return tokens * self.channels
+
+    def delta_flops(self) -> int:
+        return self.base_weight.numel()
+
+    # ------------------------------------------------------------------ state
+    def state_tensors(self) -> dict[str, Tensor]:
+        return {
+            "weight": self.weight.detach().clone(),
+            "on_input": torch.tensor(int(self.on_input), dtype=torch.int64),
+        }
+
+    def load_state_tensors(self, tensors: dict[str, Tensor]) -> None:
+        if "on_input" in tensors and bool(int(tensors["on_input"])) != self.on_input:
+            raise ValueError(
+                f"tensor 'on_input' is {int(tensors['on_input'])}, but this adapter has on_input={self.on_input}"
+            )
+        weight = require(tensors, "weight")
+        if weight.numel() == self.weight.numel() and weight.dim() != self.weight.dim():
+            weight = weight.reshape(self.weight.shape)  # (C,) vs (1, C, 1..) written by other tools
+        copy_checked(self.weight, weight, "weight")
+
+    @classmethod
+    def options_from_state(cls, tensors: dict[str, Tensor], layer: nn.Module) -> dict[str, Any]:
+        """``on_input`` from its tensor, or (foreign files without it) from the size of ``weight``."""
+        spec = layer_spec(layer, cls.algo)
+        if "on_input" in tensors:
+            return {"on_input": bool(int(tensors["on_input"]))}
+        size = require(tensors, "weight").numel()
+        if size not in (spec.in_features, spec.out_features):
+            raise ValueError(
+                f"tensor 'weight' has {size} values; expected {spec.out_features} (output channels) "
+                f"or {spec.in_features} (input channels)"
+            )
+        return {"on_input": size == spec.in_features and size != spec.out_features}
+
+    def extra_state_options(self) -> dict[str, Any]:
+        return {"on_input": self.on_input}
