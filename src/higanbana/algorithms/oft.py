@@ -1,0 +1,334 @@
+"""Diag-OFT: rotate the output channels of a layer with a block-diagonal orthogonal matrix.
+
+Keys (DESIGN.md §3): ``oft_blocks`` (n, b, b) with ``n·b = out``, ``alpha`` = the constraint c,
+optional ``rescale`` (out, 1..). ``Q = B − Bᵀ`` per block; with ``c > 0`` and
+``ν = ‖Q‖_F + 1e-8`` over all blocks together, ``Q ← Q·(c·out)/ν`` when ``ν > c·out``.
+``R_k = (I + Q_k)(I − Q_k)⁻¹`` (Cayley) and ``W'_k = R_kᵀ·W0_k`` on the rows of ``flat(W0)``,
+then ``W' ← rescale ⊙ W'``. The bias is unchanged.
+
+Choices made here (the file format does not depend on them: a reader takes ``b`` from the shape):
+
+- **Block size.** ``rank`` is the block size request: ``b`` is the largest divisor of ``out`` that
+  is ≤ ``rank`` (``rank ≥ out`` gives one block of ``out``). ``b = 1`` is refused (a 1×1 skew
+  block is 0: nothing to train) with an error that names the sizes that work.
+- **No constraint.** ``alpha`` is never 0 in a file, so ``c = 0`` (no constraint) is written as
+  the largest float32 (:data:`NO_CONSTRAINT`): every reader that clamps ``‖Q‖`` to ``α`` or
+  ``α·out`` then never clamps, and our reader maps it (and a foreign ``alpha ≤ 0`` or ``inf``) back
+  to ``c = 0``.
+- **Multiplier.** ``R(m) = Cayley(m·Q)`` with ``Q`` already constrained: orthogonal for every m;
+  ``rescale(m) = 1 + m·(rescale − 1)`` (DESIGN.md is silent on it): ``m = 0`` is the base layer.
+- **Cayley** is computed in float32 (float64 for float64 parameters) as ``R = I + 2·(I − Q)⁻¹Q``
+  (``torch.linalg.solve``, no inverse): the same matrix, exactly ``I`` when the blocks are 0, and
+  ``R − I`` keeps its relative accuracy for small Q.
+
+Bypass (no weight rebuild): with ``z = y − b0`` on the channel axis,
+``y' = b0 + blockwise(z·R)·rescale = y + blockwise(z·(R·diag(rescale) − I))``; the second form
+is one small batched matmul and is exactly ``y`` at init. The dropout acts on that branch.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import ConfigError
+from .base import Adapter, copy_checked, layer_spec, require
+
+#: ``alpha`` written for "no constraint" (``alpha`` is never 0 in a file): the largest float32
+NO_CONSTRAINT = float(torch.finfo(torch.float32).max)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 for float64 parameters, float32 otherwise (Cayley needs at least float32)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def cayley(q: Tensor) -> Tensor:
+    """``(I + Q)(I − Q)⁻¹`` for a batch of skew-symmetric blocks, as ``I + 2·(I − Q)⁻¹Q``.
+
+    ``(I − Q)⁻¹`` and ``(I + Q)`` commute, and ``I + Q = (I − Q) + 2Q``; the result is exactly
+    ``I`` for ``Q = 0``.
+    """
+    eye = torch.eye(q.shape[-1], dtype=q.dtype, device=q.device)
+    return eye + 2 * torch.linalg.solve(eye - q, q)
+
+
+def constraint_from_alpha(alpha: float) -> float:
+    """The constraint ``c`` a file's ``alpha`` stands for (0: none)."""
+    if math.isnan(alpha):
+        raise ValueError("tensor 'alpha' (the OFT constraint) is NaN")
+    if alpha <= 0 or math.isinf(alpha) or alpha >= NO_CONSTRAINT:
+        return 0.0
+    return float(alpha)
+
+
+def as_rows(t: Tensor, channel_dim: int, channels: int) -> Tensor:
+    """``t`` viewed as ``(P, channels, Q)`` around its channel axis (a view when contiguous)."""
+    dim = channel_dim % t.dim()
+    return t.reshape(math.prod(t.shape[:dim]), channels, -1)
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+class OrthogonalAdapter(Adapter):
+    """What OFT and BOFT share: skew blocks, constraint, Cayley, rescale, bias, state and bypass.
+
+    Subclasses choose the block size and the blocks' shape, and implement :meth:`rotate`: the
+    orthogonal transform of the output channels (the rows of ``flat(W)``).
+    """
+
+    cheap_bypass = True
+
+    def __init__(
+        self,
+        layer: nn.Module,
+        *,
+        rank: int = 4,
+        constraint: float = 0.0,
+        rescaled: bool = False,
+        **common: Any,
+    ) -> None:
+        super().__init__(layer, **common)
+        rank = int(rank)
+        if rank < 1:
+            raise ConfigError(f"{self.algo}: option rank={rank} (the block size) must be ≥ 1")
+        constraint = float(constraint)
+        if not (math.isfinite(constraint) and constraint >= 0):
+            raise ConfigError(f"{self.algo}: option constraint={constraint} must be a finite number ≥ 0 (0: none)")
+        self.rank = rank
+        # the file holds alpha as float32: round here so that the model and its file agree exactly
+        self.constraint = float(torch.tensor(constraint, dtype=torch.float32))
+        out = self.spec.out_features
+        self.block_size = self.choose_block_size(out, rank)
+        self.num_blocks = out // self.block_size
+        self.oft_blocks = self.new_param(*self.blocks_shape())
+        self.rescale = self.new_param(out, *(1,) * (self.base_weight.dim() - 1)) if rescaled else None
+        self.reset_parameters()
+
+    # ----------------------------------------------------------------- subclass hooks
+    def choose_block_size(self, out: int, rank: int) -> int:
+        raise NotImplementedError
+
+    def blocks_shape(self) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def rotate(self, rows: Tensor, rotations: Tensor, inverse: bool = False) -> Tensor:
+        """Apply the orthogonal channel transform (or its inverse) to ``rows`` of shape (P, out, Q)."""
+        raise NotImplementedError
+
+    def transform_macs(self) -> int:
+        """Multiply-adds of :meth:`rotate` per column of ``rows``."""
+        raise NotImplementedError
+
+    # ----------------------------------------------------------------- parameters
+    @property
+    def rescaled(self) -> bool:
+        return self.rescale is not None
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Blocks 0 (R = I), rescale 1."""
+        nn.init.zeros_(self.oft_blocks)
+        if self.rescale is not None:
+            nn.init.ones_(self.rescale)
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return compute_dtype(self.param_dtype)
+
+    def skew(self) -> Tensor:
+        """``Q = B − Bᵀ`` per block, with the constraint applied (compute dtype)."""
+        blocks = self.oft_blocks.to(self.compute_dtype)
+        q = blocks - blocks.transpose(-1, -2)
+        if self.constraint > 0:
+            limit = self.constraint * self.spec.out_features
+            nu = torch.linalg.vector_norm(q) + 1e-8
+            # ν > c·out → Q·(c·out)/ν; otherwise the factor clamps to exactly 1 (no data-dependent branch)
+            q = q * (limit / nu).clamp(max=1.0)
+        return q
+
+    def rotations(self, multiplier: float | None = None) -> Tensor:
+        """``R(m) = Cayley(m·Q)`` for every block (compute dtype), orthogonal for every ``m``."""
+        m = self.multiplier if multiplier is None else float(multiplier)
+        q = self.skew()
+        return cayley(q if m == 1.0 else q * m)
+
+    def rescale_at(self, multiplier: float | None, dtype: torch.dtype) -> Tensor | None:
+        """``rescale(m) = 1 + m·(rescale − 1)`` as (out,) in ``dtype`` (``None`` when not rescaled).
+
+        Like ``R(m)``, it is the identity at ``m = 0`` and the trained value at ``m = 1``.
+        """
+        if self.rescale is None:
+            return None
+        m = self.multiplier if multiplier is None else float(multiplier)
+        s = self.rescale.to(dtype).reshape(-1)
+        return s if m == 1.0 else 1 + m * (s - 1)
+
+    def _rescale_rows(self, multiplier: float | None, dtype: torch.dtype) -> Tensor | None:
+        s = self.rescale_at(multiplier, dtype)
+        return None if s is None else s.reshape(1, -1, 1)
+
+    # ----------------------------------------------------------------- merged / unmerged
+    def merged_weight(self, multiplier: float | None = None, mask: Tensor | None = None) -> Tensor:
+        """``rescale ⊙ transform(W0)`` on the rows of ``flat(W0)``, in the base dtype."""
+        w0 = self.base_weight
+        ct = self.compute_dtype
+        rows = self.rotate(as_rows(w0.to(ct), 0, self.spec.out_features), self.rotations(multiplier))
+        scale = self._rescale_rows(multiplier, ct)
+        if scale is not None:
+            rows = rows * scale
+        return rows.reshape(w0.shape).to(w0.dtype)
+
+    def unmerged_weight(self, merged: Tensor, multiplier: float) -> Tensor:
+        """``W0 = transform⁻¹(W' / rescale)`` (the transform is orthogonal: its inverse is Rᵀ)."""
+        ct = self.compute_dtype
+        rows = as_rows(merged.to(ct), 0, self.spec.out_features)
+        scale = self._rescale_rows(multiplier, ct)
+        if scale is not None:
+            rows = rows / scale
+        rows = self.rotate(rows, self.rotations(multiplier), inverse=True)
+        return rows.reshape(merged.shape).to(merged.dtype)
+
+    def _needs_backup(self) -> bool:
+        # a zero rescale entry is not invertible: keep a copy of W0 instead
+        scale = self.rescale_at(None, self.compute_dtype)
+        if scale is not None and bool((scale == 0).any()):
+            return True
+        return super()._needs_backup()
+
+    # ----------------------------------------------------------------- bypass
+    def _centered(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``y = op(x, W0, b0)`` and ``z = y − b0`` (the part the rotation acts on)."""
+        y = self.base_forward(x)
+        b0 = self.base_bias
+        if b0 is None:
+            return y, y
+        return y, y - b0.to(y.dtype).reshape(self.spec.channel_shape(self.spec.out_features))
+
+    def bypass_delta(self, z: Tensor, multiplier: float) -> Tensor:
+        """``transform(z)·rescale − z`` on the channel axis of ``z`` (exactly 0 at init)."""
+        out = self.spec.out_features
+        rows = as_rows(z, self.spec.channel_dim, out)
+        turned = self.rotate(rows, self.rotations(multiplier).to(z.dtype))
+        scale = self._rescale_rows(multiplier, z.dtype)
+        if scale is not None:
+            turned = turned * scale
+        return (turned - rows).reshape(z.shape)
+
+    def bypass_forward(self, x: Tensor, multiplier: float, mask: Tensor | None = None) -> Tensor:
+        """``y' = y + (transform(y − b0)·rescale − (y − b0))``: rotate the output channels."""
+        y, z = self._centered(x)
+        return y + self._drop(self.bypass_delta(z, multiplier))
+
+    def bypass_flops(self, tokens: int) -> int | None:
+        return tokens * self.transform_macs() + self.cayley_macs()
+
+    def delta_flops(self) -> int:
+        return self.spec.fan_in * self.transform_macs() + self.cayley_macs()
+
+    def cayley_macs(self) -> int:
+        """About ``b³`` multiply-adds per block for the Cayley solves."""
+        return self.oft_blocks.numel() * self.block_size
+
+    # ----------------------------------------------------------------- state
+    def file_alpha(self) -> float:
+        """``alpha`` as written: the constraint, or :data:`NO_CONSTRAINT` for none (never 0)."""
+        return self.constraint if self.constraint > 0 else NO_CONSTRAINT
+
+    def state_tensors(self) -> dict[str, Tensor]:
+        out = {
+            "oft_blocks": self.oft_blocks.detach().clone(),
+            "alpha": torch.tensor(self.file_alpha(), dtype=torch.float32),
+        }
+        if self.rescale is not None:
+            out["rescale"] = self.rescale.detach().clone()
+        return out
+
+    def load_state_tensors(self, tensors: dict[str, Tensor]) -> None:
+        copy_checked(self.oft_blocks, require(tensors, "oft_blocks"), "oft_blocks")
+        if self.rescale is not None:
+            copy_checked(self.rescale, require(tensors, "rescale"), "rescale")
+        elif "rescale" in tensors:
+            raise ValueError(f"{self.algo}: tensor 'rescale' given, but the adapter was built with rescaled=False")
+        if "alpha" in tensors:
+            self.constraint = constraint_from_alpha(float(tensors["alpha"]))
+
+    @classmethod
+    def common_options(cls, tensors: dict[str, Tensor]) -> dict[str, Any]:
+        alpha = tensors.get("alpha")
+        return {
+            "constraint": 0.0 if alpha is None else constraint_from_alpha(float(alpha)),
+            "rescaled": "rescale" in tensors,
+        }
+
+    def extra_state_options(self) -> dict[str, Any]:
+        return {"rank": self.block_size, "constraint": self.constraint, "rescaled": self.rescaled}
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, blocks={tuple(self.oft_blocks.shape)}, constraint={self.constraint}"
+
+
+def oft_block_size(out: int, rank: int) -> int:
+    """OFT's block size: the largest divisor of ``out`` that is ≤ ``rank`` (must be ≥ 2)."""
+    divisors = _divisors(out)
+    b = max(d for d in divisors if d <= rank)
+    if b < 2:
+        works = ", ".join(str(d) for d in divisors if d > 1) or "none"
+        raise ConfigError(
+            f"oft: no block size in 2..rank={rank} divides out={out} (a 1×1 block cannot rotate); "
+            f"ranks that work: {works}"
+        )
+    return b
+
+
+class OFT(OrthogonalAdapter):
+    """Diagonal (block) orthogonal fine-tuning of Linear and ConvNd layers."""
+
+    algo = "oft"
+
+    def choose_block_size(self, out: int, rank: int) -> int:
+        return oft_block_size(out, rank)
+
+    def blocks_shape(self) -> tuple[int, ...]:
+        return (self.num_blocks, self.block_size, self.block_size)
+
+    def rotate(self, rows: Tensor, rotations: Tensor, inverse: bool = False) -> Tensor:
+        """Rows of block k: ``R_kᵀ·rows_k`` (the inverse: ``R_k·rows_k``)."""
+        p, out, q = rows.shape
+        blocks = rows.reshape(p, self.num_blocks, self.block_size, q)
+        pattern = "pkdq,kcd->pkcq" if inverse else "pkdq,kdc->pkcq"
+        return torch.einsum(pattern, blocks, rotations).reshape(p, out, q)
+
+    def transform_macs(self) -> int:
+        return self.spec.out_features * self.block_size
+
+    def bypass_delta(self, z: Tensor, multiplier: float) -> Tensor:
+        """One batched matmul: ``z_k·(R_k·diag(rescale_k) − I)`` per block of channels."""
+        b, n = self.block_size, self.num_blocks
+        r = self.rotations(multiplier)
+        scale = self.rescale_at(multiplier, r.dtype)
+        if scale is not None:
+            r = r * scale.reshape(n, 1, b)
+        t = (r - torch.eye(b, dtype=r.dtype, device=r.device)).to(z.dtype)
+        rows = as_rows(z, self.spec.channel_dim, self.spec.out_features)
+        return self.rotate(rows, t).reshape(z.shape)
+
+    @classmethod
+    def options_from_state(cls, tensors: dict[str, Tensor], layer: nn.Module) -> dict[str, Any]:
+        """``rank`` (the block size b), ``constraint`` and ``rescaled`` from a module's tensors."""
+        spec = layer_spec(layer, cls.algo)
+        blocks = require(tensors, "oft_blocks")
+        if blocks.dim() != 3 or blocks.shape[1] != blocks.shape[2]:
+            raise ValueError(f"oft: tensor 'oft_blocks' has shape {tuple(blocks.shape)}, expected (n, b, b)")
+        n, b = blocks.shape[0], blocks.shape[1]
+        if n * b != spec.out_features:
+            raise ValueError(
+                f"oft: tensor 'oft_blocks' has shape {tuple(blocks.shape)}: n·b = {n * b}, "
+                f"but the layer has {spec.out_features} output channels"
+            )
+        return {"rank": b, **cls.common_options(tensors)}
