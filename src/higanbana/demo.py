@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .errors import ConfigError
 from .models.tiny import tiny_sd_unet, tiny_unet_inputs
 from .network import AdapterNetwork
 
@@ -125,7 +126,10 @@ def run_setup(label: str, algo: str, options: dict[str, Any], lr: float, steps: 
 def run_demo(out_dir: str | Path = "demo-output", steps: int = 40, only: list[str] | None = None) -> list[DemoRow]:
     """Run every demo setup (or those in ``only``) and return one row each."""
     out = Path(out_dir)
-    setups = [s for s in DEMO_SETUPS if not only or s[0] in only or s[1] in only]
+    setups = [s for s in DEMO_SETUPS if not only or s[0] in only]
+    unknown = set(only or ()) - {s[0] for s in DEMO_SETUPS}
+    if unknown:
+        raise ConfigError(f"unknown demo setup(s) {sorted(unknown)}; choose from {[s[0] for s in DEMO_SETUPS]}")
     rows = []
     for label, algo, options, lr in tqdm(setups, desc="demo", unit="algo"):
         rows.append(run_setup(label, algo, options, lr, steps, out))
