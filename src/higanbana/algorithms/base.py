@@ -77,6 +77,12 @@ class LayerSpec:
         conv = _CONV_OPS[len(self.kernel_size)]
         return conv(x, weight.reshape(*weight.shape, *self.ones_kernel))
 
+    def pointwise_full(self, x: Tensor, weight: Tensor) -> Tensor:
+        """A 1×1 projection with a weight already in layer shape ``(c_out, c_in, 1..)``."""
+        if not self.is_conv:
+            return F.linear(x, weight)
+        return _CONV_OPS[len(self.kernel_size)](x, weight)
+
     def channel_shape(self, channels: int) -> tuple[int, ...]:
         """Shape that broadcasts a per-channel vector over activations."""
         return (channels, *self.ones_kernel) if self.is_conv else (channels,)
@@ -228,11 +234,14 @@ class Adapter(nn.Module):
             return merged
         return torch.add(merged, db.to(merged.dtype), alpha=-multiplier * self.scale)
 
+    def scaled_branch(self, x: Tensor, mask: Tensor | None, factor: float) -> Tensor:
+        """``factor·branch(x)``; algorithms fold ``factor`` into a small tensor where they can."""
+        delta = self.branch(x, mask).to(x.dtype)
+        return delta if factor == 1.0 else delta * factor
+
     def bypass_forward(self, x: Tensor, multiplier: float, mask: Tensor | None = None) -> Tensor:
         """``op(x, W0, b0) + m·s·branch(x)``; multiplicative algorithms override it."""
-        y = self.base_forward(x)
-        delta = self.branch(x, mask)
-        return y + self._drop(delta.to(y.dtype) * (multiplier * self.scale))
+        return self.base_forward(x) + self._drop(self.scaled_branch(x, mask, multiplier * self.scale))
 
     def bypass_flops(self, tokens: int) -> int | None:
         """Forward FLOPs of the bypass branch for ``tokens`` positions (``None``: not cheap)."""

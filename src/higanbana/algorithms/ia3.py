@@ -85,6 +85,12 @@ class IA3(Adapter):
                 return spec.op(x * (1.0 + multiplier * w), w0, b0)
             y = spec.op(x, w0, b0)
             return y + self._drop(spec.op(x * (multiplier * w), w0))
+        if not dropping:  # (x·W0ᵀ)·(1 + m·w) + b0 in one fused addcmul
+            y0 = spec.op(x, w0)
+            scale = 1.0 + multiplier * w if multiplier != 1.0 else 1.0 + w
+            if b0 is None:
+                return y0 * scale
+            return torch.addcmul(b0.reshape(spec.channel_shape(spec.out_features)).to(y0.dtype), y0, scale)
         y = spec.op(x, w0, b0)
         h = y if b0 is None else y - b0.reshape(spec.channel_shape(spec.out_features)).to(y.dtype)
         return y + self._drop(h * (multiplier * w.to(y.dtype)))

@@ -63,13 +63,39 @@ class LoRA(FactoredAdapter):
         delta = torch.einsum("oa,ack,ci->oik", up, mid, self.lora_down.flatten(1))
         return delta.reshape(spec.out_features, spec.in_features, *spec.kernel_size)
 
+    def _up_in_shape(self, mask: Tensor | None, factor: float, dtype: torch.dtype) -> Tensor:
+        """The "up" weight in its layer shape, with scalar, rank mask and ``factor`` folded in."""
+        up = self.scaled_up(self.lora_up)
+        if mask is not None:
+            up = up * mask.reshape(1, -1, *self.spec.ones_kernel)
+        if factor != 1.0:
+            up = up * factor
+        return up.to(dtype)
+
     def branch(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        return self.scaled_branch(x, mask, 1.0)
+
+    def scaled_branch(self, x: Tensor, mask: Tensor | None, factor: float) -> Tensor:
+        """``factor·up(mid(down(x)))``: ``factor`` rides on the small "up" weight."""
         spec, dt = self.spec, x.dtype
-        up = self._up(mask).to(dt)
+        up = self._up_in_shape(mask, factor, dt)
         if self.lora_mid is None:
-            return spec.pointwise(spec.op(x, self.lora_down.to(dt)), up)
-        h = spec.pointwise(x, self.lora_down.flatten(1).to(dt))
-        return spec.pointwise(spec.op(h, self.lora_mid.to(dt)), up)
+            h = spec.op(x, self.lora_down.to(dt))
+        else:
+            h = spec.op(spec.pointwise(x, self.lora_down.flatten(1).to(dt)), self.lora_mid.to(dt))
+        return spec.pointwise_full(h, up)
+
+    def bypass_forward(self, x: Tensor, multiplier: float, mask: Tensor | None = None) -> Tensor:
+        """Linear: ``addmm(addmm(b0, x, W0ᵀ), x·downᵀ, (m·s·up)ᵀ)`` — the add rides on the GEMM."""
+        if self.spec.is_conv or self.weight_decompose or (self.training and self.dropout > 0) or x.dim() < 1:
+            return super().bypass_forward(x, multiplier, mask)
+        dt = x.dtype
+        w0, b0 = self.base_weight, self.base_bias
+        x2 = x.reshape(-1, x.shape[-1])
+        y = x2.mm(w0.t()) if b0 is None else torch.addmm(b0, x2, w0.t())
+        h = x2.mm(self.lora_down.to(dt).t())
+        y = torch.addmm(y, h, self._up_in_shape(mask, multiplier * self.scale, dt).t())
+        return y.reshape(*x.shape[:-1], y.shape[-1])
 
     def branch_flops(self, tokens: int) -> int | None:
         s, r = self.spec, self.rank
