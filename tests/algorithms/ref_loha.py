@@ -37,22 +37,52 @@ LINEAR = STANDARD_LAYERS["linear"]
 CASES = [
     *(Case("loha", name, make, reference, {"rank": 3, "alpha": 2.0}, KEYS) for name, make in STANDARD_LAYERS.items()),
     Case("loha", "conv2d", conv2d, reference, {"rank": 3, "use_tucker": True}, TUCKER_KEYS),
-    Case("loha", "conv1d", STANDARD_LAYERS["conv1d"], reference, {"rank": 2, "alpha": 40.0, "use_tucker": True},
-         TUCKER_KEYS),
-    Case("loha", "conv3d", STANDARD_LAYERS["conv3d"], reference, {"rank": 2, "alpha": 40.0, "use_tucker": True},
-         TUCKER_KEYS),
+    Case(
+        "loha",
+        "conv1d",
+        STANDARD_LAYERS["conv1d"],
+        reference,
+        {"rank": 2, "alpha": 40.0, "use_tucker": True},
+        TUCKER_KEYS,
+    ),
+    Case(
+        "loha",
+        "conv3d",
+        STANDARD_LAYERS["conv3d"],
+        reference,
+        {"rank": 2, "alpha": 40.0, "use_tucker": True},
+        TUCKER_KEYS,
+    ),
     # Tucker is only for kernels > 1: a 1x1 conv keeps the plain layout
     Case("loha", "conv2d_1x1", STANDARD_LAYERS["conv2d_1x1"], reference, {"rank": 2, "use_tucker": True}, KEYS),
     Case("loha", "linear", LINEAR, reference, {"rank": 4, "alpha": 8, "rs_lora": True}, KEYS),
     Case("loha", "linear", LINEAR, reference, {"rank": 2, "use_scalar": True}, KEYS),
-    Case("loha", "conv2d", conv2d, reference, {"rank": 2, "alpha": 40.0, "use_scalar": True, "use_tucker": True},
-         TUCKER_KEYS),
+    Case(
+        "loha",
+        "conv2d",
+        conv2d,
+        reference,
+        {"rank": 2, "alpha": 40.0, "use_scalar": True, "use_tucker": True},
+        TUCKER_KEYS,
+    ),
     *(
-        Case("loha", name, make, reference, {"rank": 3, "weight_decompose": True, "wd_on_output": axis},
-             KEYS | {"dora_scale"})
+        Case(
+            "loha",
+            name,
+            make,
+            reference,
+            {"rank": 3, "weight_decompose": True, "wd_on_output": axis},
+            KEYS | {"dora_scale"},
+        )
         for name, make in (("linear", LINEAR), ("conv2d", conv2d))
         for axis in (True, False)
     ),
-    Case("loha", "conv2d", conv2d, reference, {"rank": 2, "use_tucker": True, "weight_decompose": True},
-         TUCKER_KEYS | {"dora_scale"}),
+    Case(
+        "loha",
+        "conv2d",
+        conv2d,
+        reference,
+        {"rank": 2, "use_tucker": True, "weight_decompose": True},
+        TUCKER_KEYS | {"dora_scale"},
+    ),
 ]

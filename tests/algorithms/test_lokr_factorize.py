@@ -58,8 +58,10 @@ def test_state_with_mismatched_blocks_names_the_dims():
 
 def test_state_with_two_ranks_is_an_error():
     tensors = {
-        "lokr_w1_a": torch.zeros(8, 2), "lokr_w1_b": torch.zeros(2, 6),
-        "lokr_w2_a": torch.zeros(4, 1), "lokr_w2_b": torch.zeros(1, 8),
+        "lokr_w1_a": torch.zeros(8, 2),
+        "lokr_w1_b": torch.zeros(2, 6),
+        "lokr_w2_a": torch.zeros(4, 1),
+        "lokr_w2_b": torch.zeros(1, 8),
     }
     with pytest.raises(ConfigError, match="rank"):
         LoKr.options_from_state(tensors, nn.Linear(48, 32))
@@ -123,7 +125,8 @@ def test_loha_hadamard_product_gradients():
     from higanbana.algorithms.loha import HadamardProduct
 
     gen = torch.Generator().manual_seed(0)
-    a1, b1, a2, b2 = (torch.randn(s, generator=gen, dtype=torch.float64, requires_grad=True)
-                      for s in ((5, 3), (3, 7), (5, 3), (3, 7)))
+    a1, b1, a2, b2 = (
+        torch.randn(s, generator=gen, dtype=torch.float64, requires_grad=True) for s in ((5, 3), (3, 7), (5, 3), (3, 7))
+    )
     assert torch.autograd.gradcheck(HadamardProduct.apply, (a1, b1, a2, b2))
     assert torch.autograd.gradgradcheck(HadamardProduct.apply, (a1, b1, a2, b2))

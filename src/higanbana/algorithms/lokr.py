@@ -303,8 +303,7 @@ class LoKr(FactoredAdapter):
             (u2, rank2), v2 = shape("lokr_w2_a")[:2], shape("lokr_w2_b")[1] // k
         if u1 * u2 != out or v1 * v2 != inp:
             raise ConfigError(
-                f"lokr: w1 ({u1}, {v1}) ⊗ w2 ({u2}, {v2}) gives ({u1 * u2}, {v1 * v2}), "
-                f"but the layer is ({out}, {inp})"
+                f"lokr: w1 ({u1}, {v1}) ⊗ w2 ({u2}, {v2}) gives ({u1 * u2}, {v1 * v2}), but the layer is ({out}, {inp})"
             )
         ranks = {r for r in (rank1, rank2) if r is not None}
         if len(ranks) > 1:
