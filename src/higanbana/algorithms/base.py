@@ -135,8 +135,6 @@ class Adapter(nn.Module):
     """
 
     algo: ClassVar[str] = ""
-    #: whether bypass avoids materialising ΔW (drives the ``auto`` choice)
-    cheap_bypass: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -282,10 +280,12 @@ class Adapter(nn.Module):
             return True
         if self.forward_mode == "merged":
             return False
-        branch = self.bypass_flops(x.numel() // max(x.shape[self.spec.channel_dim], 1))
+        tokens = x.numel() // max(x.shape[self.spec.channel_dim], 1)
+        if self.spec.is_conv:  # positions of the output (strided convs have fewer)
+            tokens = max(tokens // math.prod(self.spec.stride), 1)
+        branch = self.bypass_flops(tokens)
         if branch is None:
             return False
-        tokens = x.numel() // max(x.shape[self.spec.channel_dim], 1)
         base = tokens * self.base_weight.numel()
         if self._adapter_requires_grad():
             # merged: forward, input grad and a full-size weight grad, plus building ΔW (fwd+bwd);

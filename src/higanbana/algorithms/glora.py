@@ -72,7 +72,6 @@ class GLoRA(FactoredAdapter):
     """Generalised LoRA of Linear and ConvNd layers (no DoRA)."""
 
     algo = "glora"
-    cheap_bypass = True
 
     def __init__(self, layer: nn.Module, *, rank: int = 4, use_tucker: bool = False, **options: Any) -> None:
         # use_tucker is accepted with every factored algorithm; GLoRA has no Tucker form (ignored)

@@ -26,7 +26,6 @@ class IA3(Adapter):
     """Per-channel scaling of the output (default) or input channels of a Linear/ConvNd layer."""
 
     algo = "ia3"
-    cheap_bypass = True
 
     def __init__(self, layer: nn.Module, *, on_input: bool = False, **options: Any) -> None:
         super().__init__(layer, **options)

@@ -78,7 +78,6 @@ class LoKr(FactoredAdapter):
 
     algo = "lokr"
     supports_dora = True
-    cheap_bypass = True
 
     def __init__(
         self,

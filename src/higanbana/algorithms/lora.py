@@ -22,7 +22,6 @@ class LoRA(FactoredAdapter):
 
     algo = "lora"
     supports_dora = True
-    cheap_bypass = True
 
     def __init__(self, layer: nn.Module, *, rank: int = 4, use_tucker: bool = False, **options: Any) -> None:
         super().__init__(layer, rank=rank, **options)

@@ -82,7 +82,6 @@ class OrthogonalAdapter(Adapter):
     orthogonal transform of the output channels (the rows of ``flat(W)``).
     """
 
-    cheap_bypass = True
 
     def __init__(
         self,
