@@ -82,7 +82,6 @@ class OrthogonalAdapter(Adapter):
     orthogonal transform of the output channels (the rows of ``flat(W)``).
     """
 
-
     def __init__(
         self,
         layer: nn.Module,
