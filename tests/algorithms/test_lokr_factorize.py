@@ -87,7 +87,7 @@ def test_scale_is_one_when_no_side_is_factored():
 
 @pytest.mark.parametrize("options", [{"rank": 2}, {"rank": 16}, {"rank": 2, "decompose_both": True}])
 @pytest.mark.parametrize("make", [lambda: nn.Linear(64, 96), lambda: nn.Conv2d(32, 64, 3, padding=1)])
-def test_bypass_never_builds_delta_and_auto_prefers_it(make, options, monkeypatch):
+def test_bypass_never_builds_delta(make, options, monkeypatch):
     torch.manual_seed(0)
     layer = make().requires_grad_(False)
     adapter = make_adapter("lokr", layer, forward_mode="merged", **options)
@@ -103,9 +103,15 @@ def test_bypass_never_builds_delta_and_auto_prefers_it(make, options, monkeypatc
     assert rel_err(adapter(x), merged) <= 1e-5
     tokens = 4096
     assert adapter.branch_flops(tokens) < tokens * layer.weight.numel()
-    adapter.forward_mode = "auto"
-    big = torch.randn(64, 64) if isinstance(layer, nn.Linear) else torch.randn(2, 32, 32, 32)
-    assert adapter.use_bypass(big)
+
+
+@pytest.mark.parametrize("rank", [2, 8])
+def test_auto_prefers_bypass_for_sd_convs_in_training(rank):
+    adapter = make_adapter("lokr", nn.Conv2d(320, 320, 3, padding=1).requires_grad_(False), rank=rank)
+    x = torch.empty(1, 320, 64, 64)
+    assert adapter.use_bypass(x)  # measured: 1.35x vs merged 1.67x (docs/benchmarks.md)
+    with torch.no_grad():
+        assert not adapter.use_bypass(x)
 
 
 def test_unbatched_conv_bypass():

@@ -25,6 +25,11 @@ from torch import Tensor, nn
 from ..errors import ConfigError, UnsupportedLayerError
 
 FORWARD_MODES = ("auto", "merged", "bypass")
+
+#: multiply-adds that one pass over an activation-size tensor costs, per device type. Measured on
+#: the 2-core CPU (benchmarks/layers.py, 2026-11-26: rank-8 LoRA/OFT/LoKr at SD1.5 shapes); the
+#: CUDA figure is an estimate from an H100's bandwidth-to-bf16-compute ratio, to be measured.
+PASS_COST = {"cpu": 128, "cuda": 512}
 _CONV_OPS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
@@ -245,6 +250,11 @@ class Adapter(nn.Module):
         """Forward FLOPs of the bypass branch for ``tokens`` positions (``None``: not cheap)."""
         return None
 
+    def bypass_passes(self) -> int:
+        """Extra activation-size memory passes of a bypass training step (forward and backward)
+        over the frozen layer's; counted from the op traces of benchmarks/layers.py."""
+        return 4
+
     def delta_flops(self) -> int:
         """FLOPs to build the merged weight from the adapter parameters."""
         return self.base_weight.numel()
@@ -287,11 +297,18 @@ class Adapter(nn.Module):
         if branch is None:
             return False
         base = tokens * self.base_weight.numel()
+        # memory-bound passes (small-rank GEMMs, adds, copies) cost far more than their
+        # multiply-adds: weigh them by the device's bandwidth-to-compute ratio. Bypass makes
+        # passes over activations; merged makes them over the weight (add, and its grad).
+        cost = PASS_COST.get(x.device.type, 128)
+        act = tokens * max(self.spec.in_features, self.spec.out_features) * cost
+        weight = self.base_weight.numel() * cost
         if self._adapter_requires_grad():
             # merged: forward, input grad and a full-size weight grad, plus building ΔW (fwd+bwd);
             # bypass: the frozen op's forward and input grad, plus the branch (fwd+bwd).
-            return 2 * base + 3 * branch < 3 * base + 3 * self.delta_flops()
-        return base + branch < base + self.delta_flops()
+            bypass = 2 * base + 3 * branch + act * self.bypass_passes()
+            return bypass < 3 * base + 3 * self.delta_flops() + 2 * weight
+        return branch + act * max(self.bypass_passes() // 2, 1) < self.delta_flops() + weight
 
     def forward(self, x: Tensor) -> Tensor:
         m = self.multiplier

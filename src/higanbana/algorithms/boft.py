@@ -80,6 +80,12 @@ class BOFT(OrthogonalAdapter):
     def transform_macs(self) -> int:
         return self.num_stages * self.spec.out_features * self.block_size
 
+    def bypass_passes(self) -> int:
+        """Each stage permutes, rotates and un-permutes the activations (forward and backward):
+        about 8 passes per stage for Linear, where each position's channels are a short vector;
+        convs move long contiguous rows and measure like 2 (benchmarks/layers.py)."""
+        return (2 if self.spec.is_conv else 8) * self.num_stages + 4
+
     @classmethod
     def options_from_state(cls, tensors: dict[str, Tensor], layer: nn.Module) -> dict[str, Any]:
         """``rank`` (the block size b), ``boft_stages``, ``constraint`` and ``rescaled``."""

@@ -94,6 +94,10 @@ class IA3(Adapter):
         h = y if b0 is None else y - b0.reshape(spec.channel_shape(spec.out_features)).to(y.dtype)
         return y + self._drop(h * (multiplier * w.to(y.dtype)))
 
+    def bypass_passes(self) -> int:
+        """One fused addcmul forward, two products backward (op traces)."""
+        return 2
+
     def bypass_flops(self, tokens: int) -> int | None:
         return tokens * self.channels
 

@@ -248,6 +248,10 @@ class LoKr(FactoredAdapter):
             return self.rank * (self.u1 + self.v1)
         return self.u1 * self.v1
 
+    def bypass_passes(self) -> int:
+        """Grouping the channels costs copies: 10 passes for Linear, 7 for convs (op traces)."""
+        return 7 if self.spec.is_conv else 10
+
     def branch_flops(self, tokens: int) -> int | None:
         return tokens * (self.v1 * self._w2_cost() + self.u2 * self._w1_cost())
 

@@ -226,6 +226,10 @@ class OrthogonalAdapter(Adapter):
     def bypass_flops(self, tokens: int) -> int | None:
         return tokens * self.transform_macs() + self.cayley_macs()
 
+    def bypass_passes(self) -> int:
+        """Centering, the batched rotation (and its copy for Linear), the add; twice (op traces)."""
+        return 7 if not self.spec.is_conv else 5
+
     def delta_flops(self) -> int:
         return self.spec.fan_in * self.transform_macs() + self.cayley_macs()
 
