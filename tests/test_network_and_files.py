@@ -126,3 +126,22 @@ def test_loading_a_wrong_shape_names_module_and_key(unet, tmp_path):
     tensors[key] = torch.zeros(3, 5)
     with pytest.raises(HiganbanaError, match="lora_down.weight"):
         net.load_state_tensors(tensors)
+
+
+@pytest.mark.parametrize("algo", ["lora", "dora", "loha", "lokr", "ia3", "glora", "oft", "boft", "full", "norm"])
+def test_every_algorithm_round_trips_through_a_file(unet, tmp_path, algo):
+    kinds = (nn.LayerNorm,) if algo == "norm" else (nn.Linear,)
+    select = lambda path, m: isinstance(m, kinds) and ".transformer_blocks." in path  # noqa: E731
+    options = {"rank": 4} if algo not in {"ia3", "full", "norm"} else {}
+    model = tiny_sd_unet(seed=0).requires_grad_(False).eval()
+    net = AdapterNetwork(model, algo, select, prefix="lora_unet", **options).attach()
+    randomize(net, std=0.05)
+    batch = tiny_unet_inputs(seed=5)
+    with torch.no_grad():
+        expected = model(**batch).sample
+    path = net.save(tmp_path / f"{algo}.safetensors")
+    fresh = tiny_sd_unet(seed=0).requires_grad_(False).eval()
+    reloaded = AdapterNetwork.from_file(path, fresh).attach()
+    assert {type(a) for a in reloaded.adapters.values()} == {type(a) for a in net.adapters.values()}
+    with torch.no_grad():
+        assert torch.equal(fresh(**batch).sample, expected)

@@ -494,6 +494,13 @@ class FactoredAdapter(Adapter):
         """Forward FLOPs of ``branch`` without ΔW, or ``None`` when it must materialise ΔW."""
         return None
 
+    def extra_state_options(self) -> dict[str, Any]:
+        """Rank and DoRA (subclasses add their own): what rebuilds this adapter from a file."""
+        options: dict[str, Any] = {"rank": self.rank}
+        if self.weight_decompose:
+            options.update(weight_decompose=True, wd_on_output=self.wd_on_output)
+        return options
+
     def common_state(self) -> dict[str, Tensor]:
         """``alpha`` and (with DoRA) ``dora_scale``."""
         out = {"alpha": self.alpha_tensor()}

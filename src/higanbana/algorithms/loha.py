@@ -145,4 +145,4 @@ class LoHa(FactoredAdapter):
         return options
 
     def extra_state_options(self) -> dict[str, Any]:
-        return {"use_tucker": self.use_tucker}
+        return {**super().extra_state_options(), "use_tucker": self.use_tucker}

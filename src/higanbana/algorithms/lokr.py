@@ -334,6 +334,7 @@ class LoKr(FactoredAdapter):
 
     def extra_state_options(self) -> dict[str, Any]:
         return {
+            **super().extra_state_options(),
             "factor": self.factor,
             "decompose_both": self.decompose_both,
             "full_matrix": self.full_matrix,
