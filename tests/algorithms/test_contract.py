@@ -69,7 +69,9 @@ def test_merged_weight_matches_reference_float64(case):
         assert rel_err(ref_w, w0) > 1e-3 or m == 0
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)], ids=["fp32", "bf16"])
+@pytest.mark.parametrize(
+    "dtype,tol", [(torch.float32, 1e-5), (torch.float16, 5e-3), (torch.bfloat16, 1e-2)], ids=["fp32", "fp16", "bf16"]
+)
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_forward_modes_and_merge_agree(case, dtype, tol):
     layer, adapter = build(case, dtype=dtype)
