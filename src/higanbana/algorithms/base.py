@@ -488,7 +488,18 @@ class FactoredAdapter(Adapter):
         return self.weight_decompose or super()._needs_backup()
 
     def bypass_flops(self, tokens: int) -> int | None:
-        return None if self.weight_decompose else self.branch_flops(tokens)
+        branch = self.branch_flops(tokens)
+        if branch is None or not self.weight_decompose:
+            return branch
+        return branch + self.delta_flops()  # DoRA builds ΔW for the norm in bypass too
+
+    def branch_passes(self) -> int:
+        """Activation passes of the factored branch's training step (see ``bypass_passes``)."""
+        return 4
+
+    def bypass_passes(self) -> int:
+        """The branch's passes; DoRA scales the output by ``g`` and blends it: about 5 more."""
+        return self.branch_passes() + (5 if self.weight_decompose else 0)
 
     def branch_flops(self, tokens: int) -> int | None:
         """Forward FLOPs of ``branch`` without ΔW, or ``None`` when it must materialise ΔW."""

@@ -137,7 +137,7 @@ class GLoRA(FactoredAdapter):
         y = self.spec.op(x + c * self._a_path(x, ups), self.base_weight, self.base_bias)
         return y + c * self._b_path(x, ups)
 
-    def bypass_passes(self) -> int:
+    def branch_passes(self) -> int:
         return 12
 
     def branch_flops(self, tokens: int) -> int | None:

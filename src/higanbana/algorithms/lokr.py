@@ -248,7 +248,7 @@ class LoKr(FactoredAdapter):
             return self.rank * (self.u1 + self.v1)
         return self.u1 * self.v1
 
-    def bypass_passes(self) -> int:
+    def branch_passes(self) -> int:
         """Grouping the channels costs copies: 10 passes for Linear, 7 for convs (op traces)."""
         return 7 if self.spec.is_conv else 10
 

@@ -96,7 +96,7 @@ class LoRA(FactoredAdapter):
         y = torch.addmm(y, h, self._up_in_shape(mask, multiplier * self.scale, dt).t())
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
-    def bypass_passes(self) -> int:
+    def branch_passes(self) -> int:
         return 3 if not self.spec.is_conv else 4
 
     def branch_flops(self, tokens: int) -> int | None:
