@@ -329,6 +329,11 @@ def make_peft(row: Row, layer: nn.Module, ours: nn.Module | None) -> tuple[Calla
         if trainable:
             params.append(p)
     mismatch = ""
+    if row.options.get("weight_decompose"):
+        mismatch = (
+            "PEFT detaches the norm ‖W0 + s·ΔW‖ from the gradient (DoRA paper §4.3), DESIGN.md §3 does not: "
+            "a cheaper, different gradient"
+        )
     if row.algo == "boft":
         peft_stages = next((p.shape[0] for n, p in model.named_parameters() if "boft_R" in n), None)
         if peft_stages != our_boft_stages(ours):

@@ -208,8 +208,9 @@ class Adapter(nn.Module):
         return None
 
     def branch(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        """``op(x, ΔW)`` without bias; the default materialises ΔW."""
-        return self.spec.op(x, self.delta_weight(mask).to(x.dtype))
+        """``op(x, ΔW, Δb)``; the default materialises ΔW (Δb: Full and Norm, else none)."""
+        db = self.delta_bias()
+        return self.spec.op(x, self.delta_weight(mask).to(x.dtype), None if db is None else db.to(x.dtype))
 
     def merged_weight(self, multiplier: float | None = None, mask: Tensor | None = None) -> Tensor:
         """``W0 + m·s·ΔW`` in the base dtype (overridden by multiplicative algorithms)."""

@@ -48,11 +48,6 @@ class Full(Adapter):
     def delta_bias(self) -> Tensor | None:
         return self.diff_b
 
-    def branch(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        """``op(x, diff, diff_b)``: the whole adapter branch, the bias difference included."""
-        dt = x.dtype
-        return self.spec.op(x, self.diff.to(dt), None if self.diff_b is None else self.diff_b.to(dt))
-
     def bypass_flops(self, tokens: int) -> int | None:
         return None  # a second full-size op: merged is always cheaper
 

@@ -114,11 +114,6 @@ class Norm(Adapter):
     def delta_bias(self) -> Tensor | None:
         return self.b_norm
 
-    def branch(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        """``norm(x, w_norm, b_norm)`` = ``x̂·w_norm + b_norm``: the whole adapter branch."""
-        dt = x.dtype
-        return self.spec.op(x, self.w_norm.to(dt), None if self.b_norm is None else self.b_norm.to(dt))
-
     def bypass_flops(self, tokens: int) -> int | None:
         return None  # a second normalisation: merged is always cheaper
 
