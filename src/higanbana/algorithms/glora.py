@@ -134,14 +134,30 @@ class GLoRA(FactoredAdapter):
             return super().bypass_forward(x, multiplier, mask)  # y + drop(c·op(x, ΔW))
         c = multiplier * self.scale
         ups = self._ups(mask)
+        if not self.spec.is_conv:
+            return self._linear_bypass(x, c, ups)
         y = self.spec.op(x + c * self._a_path(x, ups), self.base_weight, self.base_bias)
         return y + c * self._b_path(x, ups)
 
+    def _linear_bypass(self, x: Tensor, c: float, ups: tuple[Tensor, Tensor]) -> Tensor:
+        """For Linear, GLoRA is a rank-2r LoRA: ``down = [a2; b2]``, ``up = c·[W0·a1 | b1]``,
+        applied as ``addmm(addmm(b0, x, W0ᵀ), x·downᵀ, upᵀ)`` (W0·a1 is a small weight-sized GEMM)."""
+        dt, w0, b0 = x.dtype, self.base_weight, self.base_bias
+        down = torch.cat(ups).to(dt)
+        up = torch.cat([w0.to(self.a1.dtype) @ self.a1, self.b1], dim=1)
+        up = (up if c == 1.0 else up * c).to(dt)
+        x2 = x.reshape(-1, x.shape[-1])
+        y = x2.mm(w0.t()) if b0 is None else torch.addmm(b0, x2, w0.t())
+        y = torch.addmm(y, x2.mm(down.t()), up.t())
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
     def branch_passes(self) -> int:
-        return 12
+        return 12 if self.spec.is_conv else 3
 
     def branch_flops(self, tokens: int) -> int | None:
         s, r = self.spec, self.rank
+        if not s.is_conv:  # the rank-2r LoRA form, plus W0·a1
+            return tokens * 2 * r * (s.in_features + s.out_features) + s.out_features * s.in_features * r
         return tokens * r * (2 * s.in_features + s.fan_in + s.out_features)
 
     def delta_flops(self) -> int:
