@@ -108,6 +108,8 @@ class GLoRA(FactoredAdapter):
     def delta_weight(self, mask: Tensor | None = None) -> Tensor:
         spec, w0 = self.spec, self.base_weight
         a2, b2 = self._ups(mask)
+        if not spec.is_conv:  # (W0·a1)·a2 + b1·b2 as two plain GEMMs
+            return torch.addmm(self.b1 @ b2, w0.to(a2.dtype) @ self.a1, a2)
         w = w0.to(a2.dtype).reshape(spec.out_features, spec.in_features, spec.kernel_numel)
         # (W0·a1)·a2 through the rank: 2·out·in·∏k·r instead of forming the in×in matrix A
         wa = torch.einsum("oik,ir->ork", w, self.a1)
