@@ -14,25 +14,7 @@ from higanbana.formats.sdxl_names import (
     kohya_unet_name,
     sgm_to_diffusers,
 )
-
-# SDXL's shape in miniature: 3 blocks, 2 resnets each, attention only in the deeper two.
-SDXL_TINY = dict(
-    sample_size=16,
-    in_channels=4,
-    out_channels=4,
-    block_out_channels=(32, 64, 64),
-    layers_per_block=2,
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    transformer_layers_per_block=(1, 2, 2),
-    cross_attention_dim=32,
-    attention_head_dim=(2, 4, 4),
-    use_linear_projection=True,
-    addition_embed_type="text_time",
-    addition_time_embed_dim=8,
-    projection_class_embeddings_input_dim=8 * 6 + 32,
-    norm_num_groups=32,
-)
+from higanbana.models.tiny import TINY_SDXL_UNET as SDXL_TINY
 
 # A differently shaped UNet (1 resnet per block, 2 blocks, attention first, conv projections) so the
 # index arithmetic is visibly derived from the config, and the "upsampler at .1" branch is exercised.
