@@ -286,7 +286,7 @@ class Adapter(nn.Module):
         return torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
 
     def use_bypass(self, x: Tensor) -> bool:
-        """Whether this call runs in bypass mode (``auto``: the cheaper by estimated FLOPs)."""
+        """Whether this call runs in bypass mode (``auto``: the lower estimated cost, see below)."""
         if self.forward_mode == "bypass" or (self.training and self.dropout > 0):
             return True
         if self.forward_mode == "merged":
