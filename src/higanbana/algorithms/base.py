@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import ConfigError, UnsupportedLayerError
+from ..errors import ConfigError, HiganbanaError, UnsupportedLayerError
 
 FORWARD_MODES = ("auto", "merged", "bypass")
 
@@ -140,6 +140,8 @@ class Adapter(nn.Module):
     """
 
     algo: ClassVar[str] = ""
+    #: the factors initialised to zero (LoRA's "up"): LoRA+ gives them a larger learning rate
+    up_factors: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self,
@@ -155,6 +157,7 @@ class Adapter(nn.Module):
         self.spec = self._make_spec(layer)
         self._layer = [layer]  # a list, so nn.Module does not register (or save) the base layer
         self._original_forward = None
+        self._stack: list[Adapter | None] = [None, None]  # [inner, outer] on the same layer (not registered)
         self.multiplier = float(multiplier)
         self.dropout = _check_fraction("dropout", dropout)
         self.module_dropout = _check_fraction("module_dropout", module_dropout)
@@ -174,16 +177,29 @@ class Adapter(nn.Module):
         return self._layer[0]
 
     @property
+    def inner(self) -> Adapter | None:
+        """The adapter attached before this one on the same layer (stacked networks), if any."""
+        return self._stack[0]
+
+    @property
     def base_weight(self) -> Tensor:
+        """``W0`` as this adapter sees it: the layer's weight, or the inner adapter's merged weight
+        when networks are stacked (so stacking composes like sequential patches in ComfyUI)."""
+        inner = self.inner
+        if inner is not None and not inner.merged and inner.multiplier != 0.0:
+            return inner.merged_weight(inner.multiplier)
         return self.layer.weight
 
     @property
     def base_bias(self) -> Tensor | None:
+        inner = self.inner
+        if inner is not None and not inner.merged and inner.multiplier != 0.0:
+            return inner.merged_bias(inner.multiplier)
         return self.layer.bias
 
     @property
     def device(self) -> torch.device:
-        return self.base_weight.device
+        return self.layer.weight.device
 
     def base_forward(self, x: Tensor) -> Tensor:
         """The wrapped layer's output with its current weight."""
@@ -336,6 +352,9 @@ class Adapter(nn.Module):
         """Write the adapted weight (at the current multiplier) into the wrapped layer."""
         if self.merged:
             raise RuntimeError(f"{self.algo} adapter is already merged")
+        if self.inner is not None and not self.inner.merged:
+            inner = self.inner.algo
+            raise HiganbanaError(f"{self.algo} adapter is stacked on an unmerged {inner} adapter: merge that first")
         m = self.multiplier
         weight, bias = self.merged_weight(m), self.merged_bias(m)
         if self._needs_backup():
@@ -344,9 +363,9 @@ class Adapter(nn.Module):
                 self.base_weight.detach().to("cpu", copy=True),
                 None if b0 is None else b0.detach().to("cpu", copy=True),
             )
-        self.base_weight.copy_(weight)
-        if bias is not None and self.base_bias is not None:
-            self.base_bias.copy_(bias)
+        self.layer.weight.copy_(weight)
+        if bias is not None and self.layer.bias is not None:
+            self.layer.bias.copy_(bias)
         self._merged_multiplier = m
 
     @torch.no_grad()
@@ -354,32 +373,59 @@ class Adapter(nn.Module):
         """Restore the layer's original weight and bias after :meth:`merge_into`."""
         if not self.merged:
             raise RuntimeError(f"{self.algo} adapter is not merged")
+        outer = self._stack[1]
+        if outer is not None and outer.merged:
+            raise HiganbanaError(f"a {outer.algo} adapter is merged on top of this {self.algo} one: unmerge it first")
         m = self._merged_multiplier
         if self._backup is not None:
             weight, bias = self._backup
-            self.base_weight.copy_(weight)
+            self.layer.weight.copy_(weight)
             if bias is not None:
-                self.base_bias.copy_(bias)
+                self.layer.bias.copy_(bias)
             self._backup = None
         else:
             bias = self.unmerged_bias(self.base_bias, m)
             weight = self.unmerged_weight(self.base_weight, m)
-            self.base_weight.copy_(weight)
+            self.layer.weight.copy_(weight)
             if bias is not None:
-                self.base_bias.copy_(bias)
+                self.layer.bias.copy_(bias)
         self._merged_multiplier = None
 
     def attach(self) -> None:
-        """Make the wrapped layer's own ``forward`` run this adapter."""
-        if self._original_forward is None:
-            self._original_forward = self.layer.forward
-            self.layer.forward = self.forward
+        """Make the wrapped layer's own ``forward`` run this adapter.
+
+        If another adapter is already attached to the layer, this one stacks on top of it: its
+        ``W0`` becomes the inner adapter's adapted weight (see :attr:`base_weight`).
+        """
+        if self._original_forward is not None:
+            return
+        layer = self.layer
+        current = layer.__dict__.get("forward")
+        inner = getattr(current, "__self__", None)
+        if isinstance(inner, Adapter):
+            if inner._stack[1] is not None:
+                raise HiganbanaError(f"layer {type(layer).__name__} already has an adapter stacked on its adapter")
+            self._stack[0], inner._stack[1] = inner, self
+        self._original_forward = layer.forward
+        layer.forward = self.forward
 
     def detach(self) -> None:
-        """Undo :meth:`attach`; the layer runs its original forward again."""
-        if self._original_forward is not None:
+        """Undo :meth:`attach`; the layer runs what it ran before (its own forward, or the inner adapter)."""
+        if self._original_forward is None:
+            return
+        if self._stack[1] is not None:
+            outer = self._stack[1].algo
+            raise HiganbanaError(f"a {outer} adapter is stacked on this {self.algo} adapter: detach it first")
+        if self.merged:
+            raise HiganbanaError(f"{self.algo} adapter is merged: unmerge it before detaching")
+        inner = self._stack[0]
+        if inner is not None:
+            self.layer.forward = inner.forward
+            inner._stack[1] = None
+            self._stack[0] = None
+        else:
             del self.layer.forward
-            self._original_forward = None
+        self._original_forward = None
 
     def extra_repr(self) -> str:
         s = self.spec

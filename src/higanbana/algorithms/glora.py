@@ -72,6 +72,7 @@ class GLoRA(FactoredAdapter):
     """Generalised LoRA of Linear and ConvNd layers (no DoRA)."""
 
     algo = "glora"
+    up_factors = ("a2", "b2")
 
     def __init__(self, layer: nn.Module, *, rank: int = 4, use_tucker: bool = False, **options: Any) -> None:
         # use_tucker is accepted with every factored algorithm; GLoRA has no Tucker form (ignored)

@@ -55,6 +55,7 @@ class LoHa(FactoredAdapter):
     """Low-rank Hadamard-product adaptation of Linear and ConvNd layers."""
 
     algo = "loha"
+    up_factors = ("hada_w2_a",)
     supports_dora = True
 
     def __init__(self, layer: nn.Module, *, rank: int = 4, use_tucker: bool = False, **options: Any) -> None:

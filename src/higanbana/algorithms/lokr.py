@@ -77,6 +77,7 @@ class LoKr(FactoredAdapter):
     """Low-rank Kronecker-product adaptation of Linear and ConvNd layers."""
 
     algo = "lokr"
+    up_factors = ("lokr_w2", "lokr_w2_b")
     supports_dora = True
 
     def __init__(

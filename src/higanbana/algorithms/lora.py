@@ -21,6 +21,7 @@ class LoRA(FactoredAdapter):
     """Low-rank adaptation of Linear and ConvNd layers (LoCon for convs)."""
 
     algo = "lora"
+    up_factors = ("lora_up",)
     supports_dora = True
 
     def __init__(self, layer: nn.Module, *, rank: int = 4, use_tucker: bool = False, **options: Any) -> None:
