@@ -29,6 +29,29 @@ def _algorithms(args: argparse.Namespace) -> int:
     return 0
 
 
+def _info(args: argparse.Namespace) -> int:
+    import json
+
+    from .errors import HiganbanaError
+    from .formats.inspect import file_info, format_info
+
+    try:
+        info = file_info(args.file, unsafe_pickle=args.unsafe_pickle)
+    except HiganbanaError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(info, indent=2) if args.json else format_info(info))
+    return 0
+
+
+def _presets(args: argparse.Namespace) -> int:
+    from .presets import list_presets, load_preset
+
+    for name in list_presets():
+        print(f"{name:<22} {load_preset(name).get('description', '')}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="higanbana", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -39,6 +62,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_demo)
     algos = sub.add_parser("algorithms", help="list the algorithms and the options each takes")
     algos.set_defaults(func=_algorithms)
+    presets = sub.add_parser("presets", help="list the built-in presets (which layers a network adapts)")
+    presets.set_defaults(func=_presets)
+    info = sub.add_parser("info", help="what an adapter file holds, and which tools load it")
+    info.add_argument("file", help="a .safetensors adapter file (ours, kohya, LyCORIS, PEFT/diffusers)")
+    info.add_argument("--json", action="store_true", help="print the report as JSON")
+    info.add_argument(
+        "--unsafe-pickle", action="store_true", help="allow a .pt/.ckpt/.bin pickle (read with weights_only=True)"
+    )
+    info.set_defaults(func=_info)
     return parser
 
 

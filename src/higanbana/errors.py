@@ -22,3 +22,7 @@ def nearest(name: str, candidates: Iterable[str]) -> str:
     """Return ' (did you mean X?)' for the closest candidate, or ''."""
     match = difflib.get_close_matches(name, sorted(candidates), n=1, cutoff=0.5)
     return f" (did you mean {match[0]!r}?)" if match else ""
+
+
+class NonFiniteWarning(UserWarning):
+    """A file holds NaN or Inf values (the warning names the modules)."""

@@ -1,0 +1,81 @@
+"""Read any adapter file into ``(tensors, records, metadata)`` that a network can be built from.
+
+Our files carry ``higanbana.modules`` (algorithm and options per module), so nothing is guessed.
+Foreign files (kohya, LyCORIS standalone, kohya OFT, PEFT/diffusers names) are renamed to kohya
+module names and each module's algorithm is detected from its keys and shapes; its options are
+then derived from the tensors against the model's layer (``options: None`` in the record).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import HiganbanaError, NonFiniteWarning
+from .detect import detect_algo, group_modules, normalize_foreign
+from .safetensors_io import FORMAT_VERSION, load_tensors
+
+PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
+
+
+def read_tensors(
+    path: str | os.PathLike, *, unsafe_pickle: bool = False
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a safetensors file; a pickle only with ``unsafe_pickle`` (weights only)."""
+    path = Path(path)
+    if path.suffix.lower() not in PICKLE_SUFFIXES:
+        return load_tensors(path)
+    if not unsafe_pickle:
+        raise HiganbanaError(
+            f"{path}: pickle files can run code when loaded; pass --unsafe-pickle (unsafe_pickle=True) "
+            "to read its tensors anyway (weights only), or convert it to .safetensors"
+        )
+    if not path.is_file():
+        raise HiganbanaError(f"{path}: no such file")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise HiganbanaError(f"{path}: not a readable weights-only pickle ({exc})") from exc
+    if isinstance(data, dict) and "state_dict" in data and isinstance(data["state_dict"], dict):
+        data = data["state_dict"]
+    if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
+        raise HiganbanaError(f"{path}: the pickle does not hold a flat dict of tensors")
+    return dict(data), {}
+
+
+def read_network_file(
+    path: str | os.PathLike, *, unsafe_pickle: bool = False
+) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]], dict[str, str]]:
+    """``(tensors keyed <name>.<suffix>, {name: {"algo", "options"}}, metadata)`` of an adapter file."""
+    tensors, metadata = read_tensors(path, unsafe_pickle=unsafe_pickle)
+    if not tensors:
+        raise HiganbanaError(f"{path}: the file holds no tensors")
+    bad = sorted({k.partition(".")[0] for k, t in tensors.items() if t.is_floating_point() and not t.isfinite().all()})
+    if bad:
+        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+        warnings.warn(f"{path}: NaN/Inf values in module(s) {', '.join(bad[:5])}{more}", NonFiniteWarning, stacklevel=2)
+    if "higanbana.modules" in metadata:
+        version = metadata.get("higanbana.format_version", "")
+        if version != FORMAT_VERSION:
+            raise HiganbanaError(
+                f"{path}: higanbana.format_version {version!r} is not {FORMAT_VERSION!r}; upgrade higanbana"
+            )
+        try:
+            records = json.loads(metadata["higanbana.modules"])
+        except json.JSONDecodeError as exc:
+            raise HiganbanaError(f"{path}: metadata higanbana.modules is not valid JSON ({exc})") from exc
+        return tensors, records, metadata
+    try:
+        tensors, _source = normalize_foreign(tensors)
+        records = {
+            name: {"algo": detect_algo(name, suffixes), "options": None}
+            for name, suffixes in group_modules(tensors).items()
+        }
+    except HiganbanaError as exc:
+        raise HiganbanaError(f"{path}: {exc}") from exc
+    return tensors, records, metadata
