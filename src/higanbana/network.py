@@ -484,7 +484,7 @@ class AdapterNetwork(nn.Module):
         lrs: Mapping[str, float] | None = None,
         loraplus_ratio: float | Mapping[str, float] | None = None,
     ) -> list[dict[str, Any]]:
-        """Optimizer parameter groups, each with ``params``, ``lr`` and a ``name``.
+        """Optimizer parameter groups, each with ``params``, ``lr``, ``name``, ``prefix`` and ``loraplus``.
 
         ``lrs`` maps a part prefix (``lora_unet``, ``lora_te``, ``lora_te1`` …) to its learning rate
         (default ``lr``); a rate of 0 leaves that part out. ``loraplus_ratio`` (global, or per prefix)
@@ -513,34 +513,50 @@ class AdapterNetwork(nn.Module):
             if ratio is None or ratio == 1:
                 plain, ups = plain + ups, []
             if plain:
-                groups.append({"params": plain, "lr": part_lr, "name": prefix})
+                groups.append({"params": plain, "lr": part_lr, "name": prefix, "prefix": prefix, "loraplus": False})
             if ups:
-                groups.append({"params": ups, "lr": part_lr * float(ratio), "name": f"{prefix} (LoRA+ up)"})
+                lr_up = part_lr * float(ratio)
+                groups.append(
+                    {"params": ups, "lr": lr_up, "name": f"{prefix} (LoRA+ up)", "prefix": prefix, "loraplus": True}
+                )
         return groups
 
     @torch.no_grad()
     def apply_max_norm(self, max_norm: float) -> tuple[int, float, float]:
-        """Scale down every module whose ``‖s·ΔW‖`` exceeds ``max_norm`` (kohya's scale_weight_norms).
+        """Scale down every module whose ``‖s·ΔW‖`` exceeds ``max_norm`` (kohya's ``--scale_weight_norms``).
 
-        Returns ``(modules scaled, mean norm, max norm)`` measured before scaling. Works for the
-        factored algorithms by scaling their "up" factors (ΔW is linear in each of them).
+        Returns ``(modules scaled, mean norm, max norm)`` with the norms *after* scaling, as kohya and
+        LyCORIS report them. Factored algorithms are scaled through their "up" factors (ΔW is linear
+        in each of them); OFT/IA3/full/norm have none and are left alone.
         """
         norms, scaled = [], 0
         for adapter in self.adapters.values():
             if not adapter.up_factors:
                 continue
             norm = float((adapter.scale * adapter.delta_weight()).norm())
-            norms.append(norm)
             if norm > max_norm > 0:
-                factor = max_norm / norm
                 for pname in adapter.up_factors:
                     param = getattr(adapter, pname, None)
                     if param is not None:
-                        param.mul_(factor)
-                scaled += 1
+                        param.mul_(max_norm / norm)
+                scaled, norm = scaled + 1, max_norm
+            norms.append(norm)
         if not norms:
             return 0, 0.0, 0.0
         return scaled, sum(norms) / len(norms), max(norms)
+
+    def drop_parts(self, prefixes: Iterable[str]) -> None:
+        """Remove the adapters of these parts (detached first), e.g. to train the UNet only."""
+        prefixes = set(prefixes)
+        unknown = prefixes - set(self.parts)
+        if unknown:
+            raise ConfigError(f"unknown part(s) {sorted(unknown)}; the network has {list(self.parts)}")
+        for name in [n for n, r in self.records.items() if r.prefix in prefixes]:
+            self.adapters[name].detach()
+            del self.adapters[name]
+            del self.records[name]
+        for prefix in prefixes:
+            del self.parts[prefix]
 
     # ------------------------------------------------------------------ inspection
     def describe(self) -> list[dict[str, Any]]:
@@ -778,3 +794,29 @@ def _base_model_hint(absent: Iterable[str], names: Mapping[str, Any]) -> str:
 
 def _jsonable(options: Mapping[str, Any]) -> dict[str, Any]:
     return {k: (v if isinstance(v, (bool, int, float, str, type(None))) else str(v)) for k, v in options.items()}
+
+
+def export_peft(
+    net: AdapterNetwork, folder: str | os.PathLike, *, target: str = "peft", part: str | None = None
+) -> os.PathLike:
+    """Write a network as a PEFT (``adapter_config.json`` + ``adapter_model.safetensors``) or diffusers folder.
+
+    Exact for LoRA, DoRA (output axis), LoHa and LoKr; other algorithms are an error that says why
+    (PEFT's OFT/BOFT/GLoRA/IA3 are different algorithms under the same names). PEFT names modules by
+    their path in one model, so a network over several parts exports one ``part`` (a prefix) at a time.
+    """
+    from .formats.peft import save_peft_folder, to_peft
+
+    if part is None:
+        if len(net.parts) != 1:
+            raise ConfigError(f"PEFT files describe one model; choose part= one of {list(net.parts)}")
+        part = next(iter(net.parts))
+    if part not in net.parts:
+        raise ConfigError(f"unknown part {part!r}{nearest(part, net.parts)}")
+    names = [n for n, r in net.records.items() if r.prefix == part]
+    tensors = {k: v for k, v in net.file_tensors().items() if k.partition(".")[0] in names}
+    records = {n: r for n, r in net.module_records().items() if n in names}
+    paths = {n: net.records[n].path for n in names}
+    shapes = {n: tuple(net.adapters[n].layer.weight.shape) for n in names}
+    config, peft_tensors = to_peft(tensors, records, paths, target=target, shapes=shapes)
+    return save_peft_folder(folder, config, peft_tensors)

@@ -59,23 +59,24 @@ def read_network_file(
     if bad:
         more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
         warnings.warn(f"{path}: NaN/Inf values in module(s) {', '.join(bad[:5])}{more}", NonFiniteWarning, stacklevel=2)
+    try:
+        return (*records_from_tensors(tensors, metadata), metadata)
+    except HiganbanaError as exc:
+        raise HiganbanaError(f"{path}: {exc}") from exc
+
+
+def records_from_tensors(
+    tensors: dict[str, torch.Tensor], metadata: dict[str, str]
+) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]]]:
+    """``(tensors keyed <name>.<suffix>, records)``: from ``higanbana.modules`` when present, else detected."""
     if "higanbana.modules" in metadata:
         version = metadata.get("higanbana.format_version", "")
         if version != FORMAT_VERSION:
-            raise HiganbanaError(
-                f"{path}: higanbana.format_version {version!r} is not {FORMAT_VERSION!r}; upgrade higanbana"
-            )
+            raise HiganbanaError(f"higanbana.format_version {version!r} is not {FORMAT_VERSION!r}; upgrade higanbana")
         try:
-            records = json.loads(metadata["higanbana.modules"])
+            return tensors, json.loads(metadata["higanbana.modules"])
         except json.JSONDecodeError as exc:
-            raise HiganbanaError(f"{path}: metadata higanbana.modules is not valid JSON ({exc})") from exc
-        return tensors, records, metadata
-    try:
-        tensors, _source = normalize_foreign(tensors)
-        records = {
-            name: {"algo": detect_algo(name, suffixes), "options": None}
-            for name, suffixes in group_modules(tensors).items()
-        }
-    except HiganbanaError as exc:
-        raise HiganbanaError(f"{path}: {exc}") from exc
-    return tensors, records, metadata
+            raise HiganbanaError(f"metadata higanbana.modules is not valid JSON ({exc})") from exc
+    tensors, _source = normalize_foreign(tensors)
+    groups = group_modules(tensors)
+    return tensors, {name: {"algo": detect_algo(name, suffixes), "options": None} for name, suffixes in groups.items()}
