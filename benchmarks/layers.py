@@ -646,7 +646,7 @@ def machine_lines(args: argparse.Namespace, peers: dict[str, str | None]) -> lis
     if not args.ops_only:
         timing = f"median of {args.repeats} interleaved steps after {args.warmup} warm-up rounds"
     return [
-        f"- date: {dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
+        f"- date: {dt.datetime.now(dt.UTC).strftime('%Y-%m-%d %H:%M UTC')}",
         f"- machine: {cpu}, {os.cpu_count()} logical cores, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads, device {device}, {args.dtype}, Python {platform.python_version()}",
         f"- peers: {peer_text}",

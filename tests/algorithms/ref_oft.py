@@ -11,8 +11,8 @@ import torch
 
 from .cases import STANDARD_LAYERS, Case, flat
 
-#: alpha at or above this (the largest float32) means "no constraint" (alpha is never 0 in a file)
-NO_CONSTRAINT = 3.4028234663852886e38
+#: alpha at or above this means "no constraint" (alpha is never 0 in a file)
+NO_CONSTRAINT = 1e30
 
 
 def constraint_of(state):

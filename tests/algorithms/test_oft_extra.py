@@ -107,15 +107,16 @@ def test_constraint_is_active_in_the_constrained_cases(case):
 
 @pytest.mark.parametrize("algo", ["oft", "boft"])
 def test_alpha_in_files(algo):
-    """c = 0 is written as the largest float32 (never 0) and read back as 0; foreign 0/inf mean none."""
+    """c = 0 is written as 1e30 (never 0, α·out finite in float32 for A1111) and read back as 0; foreign
+    0/inf/float32-max mean none."""
     layer = nn.Linear(4, 8)
     adapter = make_adapter(algo, layer, rank=2)
     tensors = adapter.state_tensors()
-    assert tensors["alpha"].dtype == torch.float32 and float(tensors["alpha"]) == NO_CONSTRAINT
-    assert math.isfinite(float(tensors["alpha"]))
+    assert tensors["alpha"].dtype == torch.float32 and float(tensors["alpha"]) == pytest.approx(NO_CONSTRAINT)
+    assert torch.isfinite(tensors["alpha"] * 2**24)  # A1111 clamps with α·out in float32
     cls = algorithm_class(algo)
     assert cls.options_from_state(tensors, layer)["constraint"] == 0.0
-    for foreign in (0.0, -1.0, math.inf):
+    for foreign in (0.0, -1.0, math.inf, float(torch.finfo(torch.float32).max)):
         assert cls.options_from_state({**tensors, "alpha": torch.tensor(foreign)}, layer)["constraint"] == 0.0
     constrained = make_adapter(algo, layer, rank=2, constraint=0.1)
     alpha = constrained.state_tensors()["alpha"]

@@ -12,9 +12,10 @@ Choices made here (the file format does not depend on them: a reader takes ``b``
   is ≤ ``rank`` (``rank ≥ out`` gives one block of ``out``). ``b = 1`` is refused (a 1×1 skew
   block is 0: nothing to train) with an error that names the sizes that work.
 - **No constraint.** ``alpha`` is never 0 in a file, so ``c = 0`` (no constraint) is written as
-  the largest float32 (:data:`NO_CONSTRAINT`): every reader that clamps ``‖Q‖`` to ``α`` or
-  ``α·out`` then never clamps, and our reader maps it (and a foreign ``alpha ≤ 0`` or ``inf``) back
-  to ``c = 0``.
+  ``1e30`` (:data:`NO_CONSTRAINT`): every reader that clamps ``‖Q‖`` to ``α`` (ComfyUI) or ``α·out``
+  (A1111, LyCORIS) then never clamps, and ``α·out`` still fits a float32 (the largest float32,
+  used before, made A1111's float32 clamp overflow). Our reader maps any ``alpha ≥ 1e30`` (and a
+  foreign ``alpha ≤ 0`` or ``inf``) back to ``c = 0``.
 - **Multiplier.** ``R(m) = Cayley(m·Q)`` with ``Q`` already constrained: orthogonal for every m;
   ``rescale(m) = 1 + m·(rescale − 1)`` (DESIGN.md is silent on it): ``m = 0`` is the base layer.
 - **Cayley** is computed in float32 (float64 for float64 parameters) as ``R = I + 2·(I − Q)⁻¹Q``
@@ -37,8 +38,8 @@ from torch import Tensor, nn
 from ..errors import ConfigError
 from .base import Adapter, copy_checked, layer_spec, require
 
-#: ``alpha`` written for "no constraint" (``alpha`` is never 0 in a file): the largest float32
-NO_CONSTRAINT = float(torch.finfo(torch.float32).max)
+#: ``alpha`` written for "no constraint" (``alpha`` is never 0 in a file); ``α·out`` must fit a float32
+NO_CONSTRAINT = 1e30
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -7,6 +7,7 @@ applied per module from its algorithm, options and tensor shapes. The parity tes
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,9 +36,17 @@ class ToolVerdict:
     tool: str
     status: str = LOADS
     notes: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # modules the tool does not load
+    deviating: list[str] = field(default_factory=list)  # modules it loads with a different result
 
     def as_dict(self) -> dict[str, Any]:
-        return {"tool": self.tool, "status": self.status, "notes": self.notes}
+        return {
+            "tool": self.tool,
+            "status": self.status,
+            "notes": self.notes,
+            "skipped": self.skipped,
+            "deviating": self.deviating,
+        }
 
 
 @dataclass
@@ -61,6 +70,8 @@ def _examples(names: list[str]) -> str:
 
 def _verdict(tool: str, tally: _Tally, total: int, whole_file: str | None = None) -> ToolVerdict:
     verdict = ToolVerdict(tool)
+    verdict.skipped = sorted(n for names in tally.skipped.values() for n in names)
+    verdict.deviating = sorted(n for names in tally.deviations.values() for n in names)
     if whole_file:
         verdict.status, verdict.notes = FAILS, [whole_file]
         return verdict
@@ -93,10 +104,15 @@ def _glora_layout(module: Mapping[str, Tensor]) -> str:
 def compatibility(
     modules: Mapping[str, Mapping[str, Tensor]],
     records: Mapping[str, Mapping[str, Any]],
+    base: str = "unknown",
 ) -> list[ToolVerdict]:
-    """Verdicts of ComfyUI, A1111 and diffusers for modules ``{name: {suffix: tensor}}`` and their records."""
+    """Verdicts of ComfyUI, A1111 and diffusers for modules ``{name: {suffix: tensor}}`` and their records.
+
+    ``base`` (``sd1``, ``sd2``, ``sdxl`` or unknown) matters for A1111's OpenCLIP attention rule.
+    """
     comfy, a1111, diffusers = _Tally(), _Tally(), _Tally()
     diffusers_whole: str | None = None
+    partial_attention = _a1111_partial_attention(list(modules), base)
     for name, module in modules.items():
         record = records.get(name, {})
         algo, options = record.get("algo", ""), record.get("options") or {}
@@ -124,7 +140,11 @@ def compatibility(
         else:
             comfy.loaded += 1
         # ------------------------------------------------------------------ A1111 (interop.md B)
-        if algo == "boft":
+        if name.startswith("lora_unet_") and not _A1111_UNET.fullmatch(name):
+            a1111.skip("A1111 has no compvis name for this UNet module", name)
+        elif name in partial_attention:
+            a1111.skip("A1111 applies OpenCLIP attention q/k/v/out only all four together", name)
+        elif algo == "boft":
             a1111.skip("A1111 has no BOFT", name)
         elif algo == "glora" and _glora_layout(module) == "new":
             a1111.skip("A1111 reads only the old GLoRA layout", name)
@@ -162,19 +182,37 @@ def compatibility(
 
 
 def _comfy_clamps_differently(module: Mapping[str, Tensor]) -> bool:
-    """Whether ComfyUI's raw-α clamp of ‖Q‖ changes this OFT/BOFT module where α·out would not.
+    """Whether ComfyUI's raw-α clamp changes this OFT/BOFT module differently from the α·out clamp.
 
-    Both clamp ``Q = B − Bᵀ`` by its norm over all blocks (per stage for BOFT); ComfyUI against α,
-    the others against α·out. α = 0 (and our float32-max "no constraint") never engage.
+    Both clamp ``Q = B − Bᵀ`` by its norm over all blocks (per stage for BOFT): ComfyUI to α, the
+    others to α·out. Whenever ComfyUI clamps (‖Q‖ > α), the results differ: the others either do not
+    clamp or clamp to α·out. α = 0 and our 1e30 "no constraint" never engage.
     """
     alpha = module.get("alpha")
     blocks = module.get("oft_blocks")
     if alpha is None or blocks is None or not 0 < float(alpha) < 1e30:
         return False
     stages = blocks.float() if blocks.dim() == 4 else blocks.float().unsqueeze(0)
-    out = stages.shape[1] * stages.shape[2]
-    for stage in stages:
-        norm = float((stage - stage.transpose(-1, -2)).norm())
-        if norm > float(alpha) and not norm > float(alpha) * out:
-            return True
-    return False
+    return any(float((stage - stage.transpose(-1, -2)).norm()) > float(alpha) for stage in stages)
+
+
+_A1111_UNET = re.compile(
+    r"lora_unet_(conv_in|conv_out|time_embedding_linear_\d+|(down|up)_blocks_\d+_(attentions|resnets)_\d+_.+"
+    r"|mid_block_(attentions|resnets)_\d+_.+|down_blocks_\d+_downsamplers_0_conv|up_blocks_\d+_upsamplers_0_conv"
+    r"|(input_blocks|output_blocks|middle_block|time_embed|label_emb|out)_.*)"
+)
+_ATTENTION = re.compile(r"(lora_te2?_text_model_encoder_layers_\d+_self_attn)_(q|k|v|out)_proj")
+
+
+def _a1111_partial_attention(names: list[str], base: str) -> set[str]:
+    """Text-encoder attention modules A1111 skips: on OpenCLIP encoders (SD2's, SDXL's second) it
+    applies q/k/v/out only when all four of a layer are present (interop.md B)."""
+    prefix = {"sd2": "lora_te_", "sdxl": "lora_te2_"}.get(base)
+    if prefix is None:
+        return set()
+    layers: dict[str, set[str]] = {}
+    for name in names:
+        match = _ATTENTION.fullmatch(name)
+        if match and name.startswith(prefix):
+            layers.setdefault(match[1], set()).add(name)
+    return {n for layer, found in layers.items() if len(found) < 4 for n in found}

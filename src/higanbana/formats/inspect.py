@@ -115,7 +115,7 @@ def file_info(path: str | os.PathLike, *, unsafe_pickle: bool = False) -> dict[s
         "trigger_phrase": metadata.get("modelspec.trigger_phrase", ""),
         "metadata": {k: metadata[k] for k in SHOWN_METADATA if k in metadata},
         "non_finite_modules": non_finite,
-        "compatibility": [v.as_dict() for v in compatibility(modules, records)],
+        "compatibility": [v.as_dict() for v in compatibility(modules, records, base)],
     }
 
 

@@ -1,11 +1,14 @@
 """Tiny, randomly initialised models of the real Stable Diffusion architectures (no downloads).
 
-They have the same module classes and naming as SD1.x (diffusers ``UNet2DConditionModel``), so
-adapters, file names and tools are exercised exactly as on the real model, in milliseconds.
+They have the same module classes and naming as SD1.x/SD2.x/SDXL (diffusers ``UNet2DConditionModel``,
+transformers CLIP text encoders, ``AutoencoderKL``), so adapters, file names and tools are exercised
+exactly as on the real models, in milliseconds.
 """
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -64,3 +67,202 @@ def tiny_unet_inputs(batch: int = 2, seed: int = 0, unet=None) -> dict[str, torc
         "timestep": torch.randint(0, 1000, (batch,), generator=gen),
         "encoder_hidden_states": torch.randn(batch, 8, ctx, generator=gen),
     }
+
+
+#: SD1's UNet layout in miniature for :func:`tiny_sd_parts`: two resnets per level, attention in all
+#: but the deepest down level and the first up level — the layout A1111/ComfyUI's name tables assume
+#: (``input_blocks_{1 + 3n + j}``, upsampler sub-index 1 on up block 0). TINY_SD_UNET (one resnet per
+#: level) stays as it is for the older tests.
+TINY_SD1_UNET: dict[str, Any] = dict(
+    sample_size=16,
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(32, 64),
+    layers_per_block=2,
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=32,
+    attention_head_dim=8,
+    norm_num_groups=32,
+)
+
+#: SD2's UNet in miniature: SD1's layout with per-block head counts and linear projections (as the
+#: real SD2) and a 64-wide text context, so an SD1 network cannot silently load onto it.
+TINY_SD2_UNET: dict[str, Any] = {
+    **TINY_SD1_UNET,
+    "attention_head_dim": (2, 4),
+    "use_linear_projection": True,
+    "cross_attention_dim": 64,
+}
+
+_TINY_CLIP: dict[str, Any] = dict(
+    hidden_size=32,
+    intermediate_size=64,  # even × power of two, so OFT/BOFT blocks fit the MLPs
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    vocab_size=1000,
+    max_position_embeddings=77,
+    # the ids of the tiny tokenizer's specials (see tiny_clip_tokenizer); eos != 2 keeps CLIP's
+    # pooled output on the first end-of-text token, as with the real models
+    bos_token_id=0,
+    eos_token_id=1,
+    pad_token_id=1,
+)
+
+#: SD1's text encoder (CLIP ViT-L in miniature: quick_gelu).
+TINY_SD1_TE: dict[str, Any] = {**_TINY_CLIP, "hidden_act": "quick_gelu"}
+#: SD2's text encoder (OpenCLIP ViT-H in miniature: gelu, width = TINY_SD2_UNET's context).
+TINY_SD2_TE: dict[str, Any] = {**_TINY_CLIP, "hidden_size": 64, "hidden_act": "gelu"}
+#: SDXL's two text encoders: their widths add up to TINY_SDXL_UNET's cross_attention_dim (16 + 16 =
+#: 32) and te2's projection_dim fills projection_class_embeddings_input_dim (8 * 6 + 32).
+TINY_SDXL_TE1: dict[str, Any] = {**_TINY_CLIP, "hidden_size": 16, "num_attention_heads": 2, "hidden_act": "quick_gelu"}
+TINY_SDXL_TE2: dict[str, Any] = {
+    **_TINY_CLIP,
+    "hidden_size": 16,
+    "num_attention_heads": 2,
+    "hidden_act": "gelu",
+    "projection_dim": 32,
+}
+
+#: A 2-block AutoencoderKL (latent downscale 2, 4 latent channels) for encode/decode round trips.
+TINY_VAE: dict[str, Any] = dict(
+    sample_size=32,
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+    up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+    block_out_channels=(32, 32),
+    layers_per_block=1,
+    latent_channels=4,
+    norm_num_groups=32,
+)
+
+_TINY_UNETS = {"sd1": TINY_SD1_UNET, "sd2": TINY_SD2_UNET, "sdxl": TINY_SDXL_UNET}
+_TINY_TES = {"sd1": [TINY_SD1_TE], "sd2": [TINY_SD2_TE], "sdxl": [TINY_SDXL_TE1, TINY_SDXL_TE2]}
+#: The real VAEs' latent scaling factors (SDXL's VAE differs from SD1/SD2's).
+_VAE_SCALING = {"sd1": 0.18215, "sd2": 0.18215, "sdxl": 0.13025}
+
+
+def tiny_clip_tokenizer():
+    """A real ``CLIPTokenizer`` built offline: the 256 byte symbols (bare and ``</w>``) and no merges.
+
+    Its 514 ids fit the tiny text encoders' 1000-token vocabulary; specials are bos 0, eos/pad 1.
+    """
+    from tokenizers import pre_tokenizers
+    from transformers import CLIPTokenizer
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for suffix in ("", "</w>"):
+        for ch in alphabet:
+            vocab[ch + suffix] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=_TINY_CLIP["max_position_embeddings"])
+
+
+def tiny_sd_parts(kind: str = "sd1", seed: int = 0, with_vae: bool = False):
+    """Tiny SD1/SD2/SDXL :class:`~higanbana.models.sd.SDParts`: UNet, text encoder(s), tokenizers and
+    (``with_vae``) a VAE, with deterministic random weights; the global RNG is left untouched."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from .sd import SD_KINDS, SDParts
+
+    if kind not in SD_KINDS:
+        from ..errors import ConfigError
+
+        raise ConfigError(f"unknown model kind {kind!r}; expected one of {SD_KINDS}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(**_TINY_UNETS[kind])
+        text_encoders = []
+        for i, te_cfg in enumerate(_TINY_TES[kind]):
+            cls = CLIPTextModelWithProjection if kind == "sdxl" and i == 1 else CLIPTextModel
+            text_encoders.append(cls(CLIPTextConfig(**te_cfg)))
+        vae = AutoencoderKL(**TINY_VAE, scaling_factor=_VAE_SCALING[kind]) if with_vae else None
+    for module in (unet, vae, *text_encoders):
+        if module is not None:
+            module.eval()
+    tokenizers = [tiny_clip_tokenizer() for _ in text_encoders]
+    return SDParts(kind, unet, text_encoders, vae, tokenizers)
+
+
+def tiny_sd_inputs(parts, batch: int = 2, seed: int = 0, seq_len: int = 8) -> dict[str, Any]:
+    """UNet call kwargs for ``parts``: noisy latents, timesteps and the text context computed by
+    actually running the text encoders on random token ids (bos … eos), so adapters on the text
+    encoders change the UNet's output and receive gradients.
+
+    SD1/SD2 use the last hidden state; SDXL concatenates both encoders' penultimate hidden states and
+    adds ``added_cond_kwargs`` (te2's pooled projection, and size/crop ``time_ids``), as the diffusers
+    pipelines do.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    cfg = parts.unet.config
+    dtype = parts.unet.dtype
+    vocab = min(te.config.vocab_size for te in parts.text_encoders)
+    bos, eos = _TINY_CLIP["bos_token_id"], _TINY_CLIP["eos_token_id"]
+    ids = torch.randint(2, vocab, (batch, seq_len), generator=gen)
+    ids[:, 0], ids[:, -1] = bos, eos
+    sample = torch.randn(batch, cfg.in_channels, cfg.sample_size, cfg.sample_size, generator=gen)
+    timestep = torch.randint(0, 1000, (batch,), generator=gen)
+    device = parts.unet.device
+    ids = ids.to(device)
+    inputs: dict[str, Any] = {"sample": sample.to(device, dtype), "timestep": timestep.to(device)}
+    if parts.kind != "sdxl":
+        inputs["encoder_hidden_states"] = parts.text_encoders[0](input_ids=ids).last_hidden_state.to(dtype)
+        return inputs
+    te1, te2 = parts.text_encoders
+    hidden1 = te1(input_ids=ids, output_hidden_states=True).hidden_states[-2]
+    out2 = te2(input_ids=ids, output_hidden_states=True)
+    inputs["encoder_hidden_states"] = torch.cat([hidden1, out2.hidden_states[-2]], dim=-1).to(dtype)
+    size = cfg.sample_size * 8  # pixel size, as SDXL's pipeline passes it (latents × VAE factor 8)
+    time_ids = torch.tensor([size, size, 0, 0, size, size], dtype=dtype, device=device).repeat(batch, 1)
+    inputs["added_cond_kwargs"] = {"text_embeds": out2.text_embeds.to(dtype), "time_ids": time_ids}
+    return inputs
+
+
+def save_tiny_sd(parts, folder) -> Path:
+    """Write ``parts`` as a diffusers model folder (``model_index.json``, unet/, text_encoder/,
+    text_encoder_2/, tokenizer(s), vae/, a scheduler config) that :func:`~higanbana.models.sd.load_sd`
+    and diffusers' pipelines load offline. Returns the folder."""
+    import diffusers
+    from diffusers import DDPMScheduler
+
+    root = Path(folder)
+    root.mkdir(parents=True, exist_ok=True)
+    sdxl = parts.kind == "sdxl"
+    index: dict[str, Any] = {
+        "_class_name": "StableDiffusionXLPipeline" if sdxl else "StableDiffusionPipeline",
+        "_diffusers_version": diffusers.__version__,
+        "unet": ["diffusers", type(parts.unet).__name__],
+        "scheduler": ["diffusers", "DDPMScheduler"],
+    }
+    parts.unet.save_pretrained(root / "unet")
+    for i, te in enumerate(parts.text_encoders):
+        suffix = f"_{i + 1}" if i else ""
+        te.save_pretrained(root / f"text_encoder{suffix}")
+        index[f"text_encoder{suffix}"] = ["transformers", type(te).__name__]
+        tokenizer = parts.tokenizers[i] if parts.tokenizers is not None else None
+        if tokenizer is not None:
+            tokenizer.save_pretrained(root / f"tokenizer{suffix}")
+        index[f"tokenizer{suffix}"] = (
+            ["transformers", type(tokenizer).__name__] if tokenizer is not None else [None, None]
+        )
+    if parts.vae is not None:
+        parts.vae.save_pretrained(root / "vae")
+    index["vae"] = ["diffusers", type(parts.vae).__name__] if parts.vae is not None else [None, None]
+    if sdxl:
+        index["force_zeros_for_empty_prompt"] = True
+    else:
+        index.update(safety_checker=[None, None], feature_extractor=[None, None], requires_safety_checker=False)
+    prediction = "v_prediction" if parts.v_parameterization else "epsilon"
+    scheduler = DDPMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        steps_offset=1,
+        prediction_type=prediction,
+    )  # SD's training schedule
+    scheduler.save_pretrained(root / "scheduler")
+    (root / "model_index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    return root
