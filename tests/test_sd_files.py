@@ -266,3 +266,67 @@ def test_pickles_need_the_unsafe_flag(good_file, tmp_path, sd1):
 def test_safetensors_header_is_plain_json(good_file):
     with safe_open(str(good_file), framework="pt") as f:
         assert f.metadata()["ss_network_module"] == "higanbana.kohya"
+
+
+def _diffusers_keys(net, tensors):
+    """Our LoRA tensors under diffusers' native names (``unet.<diffusers path>.lora_A.weight`` …, no alpha)."""
+    roots = {"lora_unet": "unet", "lora_te": "text_encoder", "lora_te1": "text_encoder", "lora_te2": "text_encoder_2"}
+    out = {}
+    for key, value in tensors.items():
+        name, _, suffix = key.partition(".")
+        if suffix == "alpha":
+            continue
+        record = net.records[name]
+        head = {"lora_down.weight": "lora_A.weight", "lora_up.weight": "lora_B.weight"}[suffix]
+        out[f"{roots[record.prefix]}.{record.path}.{head}"] = value
+    return out
+
+
+@pytest.mark.parametrize("kind", ["sd1", "sdxl"])
+def test_diffusers_named_files_load_on_sd_models(kind, tmp_path):
+    """diffusers names are module paths: on SDXL they are not the SGM names we write, and transformers 5
+    paths lack ``text_model.``; both resolve to the same modules."""
+    model = tiny_sd_parts(kind, seed=0)
+    net = sd_network(model, "attn-mlp", "lora", rank=2)  # alpha = rank: scale 1, as a file without alpha
+    randomize(net, std=0.1)
+    path = save_tensors(_diffusers_keys(net, net.state_tensors()), tmp_path / "diffusers.safetensors")
+    loaded = load_sd_network(path, tiny_sd_parts(kind, seed=0))
+    assert set(loaded.adapters) == set(net.adapters)
+    for name, adapter in net:
+        torch.testing.assert_close(loaded.adapters[name].merged_weight(1.0), adapter.merged_weight(1.0))
+
+
+def test_kohya_oft_and_simpletuner_lycoris_names_load(sd1, tmp_path):
+    net = sd_network(sd1, "unet-transformer-only", "oft", rank=4)
+    randomize(net, std=0.05)
+    tensors = net.state_tensors()
+    oft = {k.replace("lora_unet_", "oft_unet_", 1): v for k, v in tensors.items()}
+    lycoris = {k.replace("lora_unet_", "lycoris_", 1): v for k, v in tensors.items()}
+    for label, renamed in (("oft", oft), ("lycoris", lycoris)):
+        loaded = load_sd_network(save_tensors(renamed, tmp_path / f"{label}.safetensors"), sd1)
+        assert set(loaded.adapters) == set(net.adapters), label
+        for name, adapter in net:
+            torch.testing.assert_close(loaded.adapters[name].merged_weight(1.0), adapter.merged_weight(1.0))
+
+
+def test_export_peft_round_trip(sd1, tmp_path):
+    from higanbana.formats.detect import load_peft_folder
+    from higanbana.network import AdapterNetwork, export_peft
+
+    net = sd_network(sd1, "attn-mlp", "lora", rank=2, alpha=1)
+    randomize(net, std=0.1)
+    with pytest.raises(HiganbanaError, match="choose part"):
+        export_peft(net, tmp_path / "peft")
+    folder = export_peft(net, tmp_path / "peft", part="lora_unet")
+    tensors, config = load_peft_folder(folder, peft_prefix="lora_unet")
+    assert config["peft_type"] == "LORA" and (folder / "adapter_model.safetensors").is_file()
+    unet_part = next(p for p in net.parts.values() if p.prefix == "lora_unet")
+    records = {n: {"algo": "lora", "options": None} for n in {k.partition(".")[0] for k in tensors}}
+    loaded = AdapterNetwork.from_records([unet_part], records, tensors)
+    unet_modules = [n for n in net.adapters if n.startswith("lora_unet")]
+    assert sorted(loaded.adapters) == sorted(unet_modules)
+    for name in unet_modules:
+        torch.testing.assert_close(loaded.adapters[name].merged_weight(1.0), net.adapters[name].merged_weight(1.0))
+    oft = sd_network(sd1, "unet-transformer-only", "oft", rank=4)
+    with pytest.raises(HiganbanaError, match="(?i)oft"):
+        export_peft(oft, tmp_path / "oft", part="lora_unet")

@@ -237,6 +237,15 @@ class Part:
     def file_name(self, path: str) -> str:
         return module_key(self.prefix, self.name_path(path) if self.name_path else path)
 
+    def alias_names(self, path: str) -> tuple[str, ...]:
+        """Other names foreign files use for this module: the plain module path when files name it
+        differently (diffusers paths of an SDXL UNet), and SimpleTuner's ``lycoris_`` UNet names."""
+        plain = module_key(self.prefix, path)
+        out = (plain,) if self.name_path is not None and plain != self.file_name(path) else ()
+        if self.kind == "unet":
+            out += (module_key("lycoris", path),)
+        return out
+
     def match_paths(self, path: str) -> tuple[str, ...]:
         """The paths patterns are matched against: the module path, and its file-name path if it differs."""
         if self.name_path is None or not path:
@@ -693,10 +702,15 @@ class AdapterNetwork(nn.Module):
     ) -> AdapterNetwork:
         """A network of exactly the recorded modules (``{name: {"algo", "options"}}``) on ``parts``."""
         names: dict[str, tuple[Part, str]] = {}
+        aliases: dict[str, str] = {}
         for part in parts:
             for path, layer in part.module.named_modules():
                 if _layer_kind(layer):
-                    names[part.file_name(path)] = (part, path)
+                    name = part.file_name(path)
+                    names[name] = (part, path)
+                    for alias in part.alias_names(path):
+                        aliases.setdefault(alias, name)
+        records, tensors = _canonical_names(records, tensors, names, aliases)
         absent = [n for n in records if n not in names]
         if absent and strict:
             hint = nearest(absent[0], names)
@@ -770,6 +784,24 @@ class LoadReport:
         for name, why in list(self.mismatched.items())[:10]:
             lines.append(f"  {name}: {why}")
         return "\n".join(lines)
+
+
+def _canonical_names(
+    records: Mapping[str, Any], tensors: Mapping[str, Tensor], names: Mapping[str, Any], aliases: Mapping[str, str]
+) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """Rename modules a file names by an alias (e.g. a diffusers path on SDXL) to the names we write."""
+    rename = {n: aliases[n] for n in records if n not in names and n in aliases}
+    if not rename:
+        return dict(records), dict(tensors)
+    clash = [n for n, new in rename.items() if new in records]
+    if clash:
+        raise HiganbanaError(f"module {clash[0]!r} and {rename[clash[0]]!r} name the same layer")
+    new_records = {rename.get(n, n): r for n, r in records.items()}
+    new_tensors = {}
+    for key, value in tensors.items():
+        module, dot, suffix = key.partition(".")
+        new_tensors[f"{rename.get(module, module)}{dot}{suffix}"] = value
+    return new_records, new_tensors
 
 
 def _more(items: Sequence[str]) -> str:
