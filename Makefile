@@ -5,8 +5,12 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST_WORKERS ?= auto
+# the peer libraries live in their own venv: tests compare with them in a subprocess, benchmarks run there
+PEERS_VENV  := .venv-bench
+PEERS_STAMP := $(PEERS_VENV)/.installed
+PEERS       := lycoris-lora==4.1.3 peft==0.21.2
 
-.PHONY: demo test lint bench venv clean
+.PHONY: demo test lint bench venv peers clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -15,6 +19,13 @@ $(STAMP): pyproject.toml constraints.txt
 
 venv: $(STAMP)
 
+$(PEERS_STAMP): pyproject.toml constraints.txt
+	test -x $(PEERS_VENV)/bin/python || $(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/pip install --quiet --disable-pip-version-check -c constraints.txt -e . $(PEERS)
+	touch $(PEERS_STAMP)
+
+peers: $(PEERS_STAMP)
+
 demo: $(STAMP)
 	$(BIN)/higanbana demo
 
@@ -22,11 +33,11 @@ lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src tests benchmarks
 
-test: lint
+test: lint peers
 	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --durations=10
 
-bench: $(STAMP)
-	$(BIN)/python benchmarks/layers.py
+bench: $(PEERS_STAMP)
+	$(PEERS_VENV)/bin/python benchmarks/layers.py
 
 clean:
-	rm -rf $(VENV) demo-output .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(PEERS_VENV) demo-output .pytest_cache .ruff_cache

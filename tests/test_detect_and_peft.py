@@ -6,11 +6,9 @@ The exactness of the export is proven against the real PEFT library when the ben
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -32,11 +30,8 @@ from higanbana.formats.detect import (
 from higanbana.formats.peft import peft_factorization, save_peft_folder, to_peft
 
 ROOT = Path(__file__).resolve().parents[1]
-#: the interpreter that runs real PEFT/diffusers in a subprocess: ours when PEFT is installed (the dev
-#: extra installs it, so CI runs these checks), else the benchmark venv
-BENCH_PYTHON = (
-    Path(sys.executable) if importlib.util.find_spec("peft") is not None else ROOT / ".venv-bench" / "bin" / "python"
-)
+#: the peers' venv (``make test`` builds it: PEFT, lycoris-lora), so CI runs these checks in a subprocess
+BENCH_PYTHON = ROOT / ".venv-bench" / "bin" / "python"
 
 
 def randomized(algo: str, layer: nn.Module, seed: int = 0, **options):

@@ -41,6 +41,8 @@ KEYS = ("a1.weight", "a2.weight", "b1.weight", "b2.weight")
 def _new_layout(tensors: dict[str, Tensor], spec: LayerSpec) -> dict[str, Tensor]:
     """The four factors in the new layout (old-layout files are renamed), or a clear error."""
     a1, a2, b1, b2 = (require(tensors, k) for k in KEYS)
+    # LyCORIS writes a1/a2 of conv layers as 1×1 conv weights, (in, r, 1, 1) and (r, in, 1, 1)
+    a1, a2 = (t.flatten(1) if t.dim() > 2 and math.prod(t.shape[2:]) == 1 else t for t in (a1, a2))
     inp, out = spec.in_features, spec.out_features
 
     def fits(a1: Tensor, a2: Tensor, b1: Tensor, b2: Tensor) -> bool:

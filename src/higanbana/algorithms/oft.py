@@ -10,7 +10,8 @@ Choices made here (the file format does not depend on them: a reader takes ``b``
 
 - **Block size.** ``rank`` is the block size request: ``b`` is the largest divisor of ``out`` that
   is ≤ ``rank`` (``rank ≥ out`` gives one block of ``out``). ``b = 1`` is refused (a 1×1 skew
-  block is 0: nothing to train) with an error that names the sizes that work.
+  block is 0: nothing to train) with an error that names the sizes that work — unless ``rank`` is
+  exactly 1, which LyCORIS files use for layers smaller than their block count (identity blocks).
 - **No constraint.** ``alpha`` is never 0 in a file, so ``c = 0`` (no constraint) is written as
   ``1e30`` (:data:`NO_CONSTRAINT`): every reader that clamps ``‖Q‖`` to ``α`` (ComfyUI) or ``α·out``
   (A1111, LyCORIS) then never clamps, and ``α·out`` still fits a float32 (the largest float32,
@@ -277,10 +278,14 @@ class OrthogonalAdapter(Adapter):
 
 
 def oft_block_size(out: int, rank: int) -> int:
-    """OFT's block size: the largest divisor of ``out`` that is ≤ ``rank`` (must be ≥ 2)."""
+    """OFT's block size: the largest divisor of ``out`` that is ≤ ``rank``.
+
+    It must be ≥ 2 unless ``rank`` is exactly 1: 1×1 blocks are the identity (nothing to train), but
+    LyCORIS writes them for layers too small for its block count, and such files must load.
+    """
     divisors = _divisors(out)
     b = max(d for d in divisors if d <= rank)
-    if b < 2:
+    if b < 2 and rank != 1:
         works = ", ".join(str(d) for d in divisors if d > 1) or "none"
         raise ConfigError(
             f"oft: no block size in 2..rank={rank} divides out={out} (a 1×1 block cannot rotate); "

@@ -116,7 +116,8 @@ def compatibility(
     for name, module in modules.items():
         record = records.get(name, {})
         algo, options = record.get("algo", ""), record.get("options") or {}
-        if not name.startswith(SD_PREFIXES):
+        standalone = name.startswith("lycoris_")  # LyCORIS standalone / SimpleTuner: diffusers UNet paths
+        if not name.startswith(SD_PREFIXES) and not standalone:
             prefix = name.split("_")[0]
             reason = f"prefix {prefix!r} is not an SD model name (kohya lora_unet_/lora_te*_)"
             comfy.skip(reason, name)
@@ -140,6 +141,10 @@ def compatibility(
         else:
             comfy.loaded += 1
         # ------------------------------------------------------------------ A1111 (interop.md B)
+        if standalone:
+            a1111.skip("A1111 has no mapping for the lycoris_ prefix", name)
+            diffusers_whole = diffusers_whole or f"load_lora_weights has no mapping for the lycoris_ prefix ({name})"
+            continue
         if name.startswith("lora_unet_") and not _A1111_UNET.fullmatch(name):
             a1111.skip("A1111 has no compvis name for this UNet module", name)
         elif name in partial_attention:
