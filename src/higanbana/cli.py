@@ -71,6 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--unsafe-pickle", action="store_true", help="allow a .pt/.ckpt/.bin pickle (read with weights_only=True)"
     )
     info.set_defaults(func=_info)
+    from .tools.convert import add_convert_parser
+    from .tools.resize import add_resize_parser
+
+    add_resize_parser(sub)
+    add_convert_parser(sub)
     return parser
 
 

@@ -187,11 +187,11 @@ def normalize_foreign(
     :func:`load_peft_folder` for the scale. Module paths are not translated (SDXL's SGM names are the
     job of ``sdxl_names``).
     """
-    out, source, _paths = _normalize(tensors, prefixes, peft_prefix, te_prefix)
+    out, source, _paths = normalize_with_paths(tensors, prefixes, peft_prefix, te_prefix)
     return out, source
 
 
-def _normalize(
+def normalize_with_paths(
     tensors: Mapping[str, Tensor],
     prefixes: Mapping[str, str] | None,
     peft_prefix: str | None,
@@ -307,7 +307,7 @@ def load_peft_folder(
             "OFT/BOFT/GLoRA are different algorithms from ours under the same names)"
         )
     raw, _ = load_tensors(model_path)
-    tensors, _source, paths = _normalize(raw, prefixes, peft_prefix, None)
+    tensors, _source, paths = normalize_with_paths(raw, prefixes, peft_prefix, None)
     alphas = peft_alphas(config, paths.values())
     ranks = peft_ranks(config, paths.values())
     groups = group_modules(tensors)

@@ -27,7 +27,7 @@ from .safetensors_io import save_tensors
 TARGETS = {"peft": "base_model.model.", "diffusers-unet": "unet."}
 PEFT_TYPES = {"lora": "LORA", "loha": "LOHA", "lokr": "LOKR"}
 
-_WHY_NOT = {
+PEFT_REFUSALS = {
     "oft": "PEFT's OFT rotates the layer's input features (W·Rᵀ) with its own parametrisation; ours rotates "
     "output rows, so the tensors cannot be carried over",
     "boft": "PEFT's BOFT acts on the input side with its own butterfly parametrisation; ours rotates output rows",
@@ -113,7 +113,7 @@ def _check_one_algo(algos: Mapping[str, str]) -> str:
         raise HiganbanaError(f"PEFT holds one adapter type per config, but this file mixes {examples}")
     algo = kinds[0]
     if algo not in PEFT_TYPES:
-        raise HiganbanaError(f"{algo} cannot be exported to PEFT: {_WHY_NOT.get(algo, 'no PEFT equivalent')}")
+        raise HiganbanaError(f"{algo} cannot be exported to PEFT: {PEFT_REFUSALS.get(algo, 'no PEFT equivalent')}")
     return algo
 
 

@@ -1,0 +1,1 @@
+"""Tools on adapter files: merge, extract (SVD), resize, convert."""

@@ -1,0 +1,463 @@
+"""Convert adapter files between kohya/LyCORIS naming, Hugging Face PEFT folders and diffusers files.
+
+Sources: our files, kohya/LyCORIS files (``lora_unet_``/``lora_te*_``, standalone ``lycoris_``, kohya
+OFT ``oft_unet_``), a PEFT folder (``adapter_config.json`` + ``adapter_model.safetensors``; alphas from
+the config), a diffusers ``pytorch_lora_weights.safetensors`` (a file, or a folder holding one; alphas
+from its ``lora_adapter_metadata`` header, else α = r) and PEFT/diffusers-keyed single files.
+
+Targets (``to``):
+
+* ``"kohya"``: one ``.safetensors`` file, kohya names (SGM paths for the SDXL UNet), our
+  ``higanbana.*`` records, kohya's ``ss_*`` set (kept from the source, or built for an SD model),
+  recomputed ``sshs_*`` hashes;
+* ``"peft"``: a folder with ``adapter_config.json`` + ``adapter_model.safetensors`` for one part
+  (``part=``, default the UNet) — PEFT describes one model;
+* ``"diffusers"``: a folder with diffusers' ``pytorch_lora_weights.safetensors`` (``unet.`` keys) and
+  ``adapter_config.json`` — the UNet only.
+
+**The model.** kohya module names are lossy (``_`` stands for ``.``), so the module paths PEFT and
+diffusers need come from the model: pass ``model=`` (an ``SDParts``, any ``nn.Module`` with
+``model_prefix``, or a list of ``Part``) or ``base=`` (a diffusers folder or single checkpoint, loaded
+with :func:`higanbana.models.sd.load_sd`). With a model every module is rebuilt on its layer (shape
+checked, options derived), which also maps diffusers paths of an SDXL UNet to kohya's SGM names and
+``lycoris_`` UNet names to ``lora_unet_``. Without a model only renames are possible: ``to="kohya"``
+from kohya/LyCORIS files (``prefix_map={"lycoris": "lora_unet"}`` renames module-name prefixes) or
+from SD1.x/2.x PEFT/diffusers files (SDXL needs the model for the SGM names, and says so).
+
+**Exact, lossy, refused.** ``dtype`` (fp32/fp16/bf16; ``alpha`` stays float32) is the user's explicit
+choice and never counts as lossy. A conversion is *lossy* when the target cannot hold part of the
+file but what it does hold is exact: dropping whole modules the target has no room for (modules of
+the other parts when ``part=`` was not given — an explicit ``part`` is the user's choice, like
+``dtype`` — or modules of an algorithm the target lacks while other modules remain), and DoRA into
+diffusers (``dora_scale`` dropped, as diffusers' own loader does with kohya DoRA files). Lossy
+conversions need ``allow_lossy=True`` and are listed in the report.
+Anything that would be written but compute differently is *refused*, always: a target with no module
+left (e.g. an OFT/BOFT/GLoRA/IA3/Full/Norm-only file into PEFT: PEFT's algorithms of those names
+differ), LoCon Tucker (``lora_mid``) or input-axis DoRA into PEFT, mixed LoRA/LoHa/LoKr in one PEFT
+config, LoKr splits PEFT cannot reproduce.
+
+Every file is written atomically; an existing output is refused unless ``overwrite``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import ConfigError, HiganbanaError, nearest
+from ..formats.detect import detect_algo, group_modules, load_peft_folder, normalize_with_paths, peft_alphas
+from ..formats.metadata import model_hashes, read_base_model
+from ..formats.peft import PEFT_REFUSALS, save_peft_folder, to_peft
+from ..formats.reader import read_tensors, records_from_tensors
+from ..formats.safetensors_io import save_tensors
+from .resize import DTYPES, parse_dtype
+
+TARGETS = ("kohya", "peft", "diffusers")
+_PEFT_OK = {"lora", "loha", "lokr"}
+_DIFFUSERS_OK = {"lora", "lokr"}
+_PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
+_DIFFUSERS_FILES = ("adapter_config.json", "pytorch_lora_weights.safetensors")
+
+
+@dataclass
+class ConvertReport:
+    """What :func:`convert` wrote: formats, modules, and what was dropped (lossy) with the reason."""
+
+    src: str
+    dst: str
+    source_format: str
+    target: str
+    modules: int
+    outputs: list[str]
+    dtype: str | None = None
+    dropped: dict[str, str] = field(default_factory=dict)  # module -> why (lossy, allowed)
+    lossy: list[str] = field(default_factory=list)  # lossy steps taken
+    notes: list[str] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- reading
+def _diffusers_config(metadata: Mapping[str, str]) -> dict | None:
+    raw = metadata.get("lora_adapter_metadata")
+    if not raw:
+        return None
+    try:
+        cfg = json.loads(raw)
+    except ValueError:
+        return None
+    return {k.partition(".")[2] if k.startswith(("unet.", "text_encoder")) else k: v for k, v in cfg.items()}
+
+
+def read_source(
+    src: str | os.PathLike, *, unsafe_pickle: bool = False
+) -> tuple[dict[str, Tensor], dict[str, dict], dict[str, str], str, list[str]]:
+    """``(tensors, records, metadata, source format, notes)`` of any supported source, kohya-named."""
+    src = Path(src)
+    notes: list[str] = []
+    if src.is_dir():
+        if (src / "adapter_model.safetensors").is_file():
+            tensors, config = load_peft_folder(src)
+            groups = group_modules(tensors)
+            records = {n: {"algo": detect_algo(n, m), "options": None} for n, m in groups.items()}
+            return tensors, records, {}, f"peft ({config.get('peft_type')})", notes
+        if (src / "pytorch_lora_weights.safetensors").is_file():
+            src = src / "pytorch_lora_weights.safetensors"
+        else:
+            raise HiganbanaError(
+                f"{src}: a folder needs adapter_model.safetensors (PEFT) or pytorch_lora_weights.safetensors"
+            )
+    tensors, metadata = read_tensors(src, unsafe_pickle=unsafe_pickle)
+    if not tensors:
+        raise HiganbanaError(f"{src}: the file holds no tensors")
+    try:
+        if "higanbana.modules" in metadata:
+            tensors, records = records_from_tensors(tensors, metadata)
+            return tensors, records, metadata, "higanbana", notes
+        renamed, source, paths = normalize_with_paths(tensors, None, None, None)
+        if paths:  # PEFT / diffusers keys: alpha from the config in the header, else α = r
+            config = _diffusers_config(metadata)
+            if config is not None:
+                alphas = peft_alphas(config, paths.values())
+                for name, path in paths.items():
+                    renamed[f"{name}.alpha"] = torch.tensor(alphas[path], dtype=torch.float32)
+            else:
+                notes.append("no PEFT config in the file: alpha = rank (scale 1) for every module")
+        groups = group_modules(renamed)
+        records = {n: {"algo": detect_algo(n, m), "options": None} for n, m in groups.items()}
+    except HiganbanaError as exc:
+        raise HiganbanaError(f"{src}: {exc}") from exc
+    return renamed, records, metadata, source, notes
+
+
+def _rename_prefixes(
+    tensors: dict[str, Tensor], records: dict[str, dict], prefix_map: Mapping[str, str] | None
+) -> tuple[dict[str, Tensor], dict[str, dict]]:
+    if not prefix_map:
+        return tensors, records
+
+    def new(name: str) -> str:
+        for old in sorted(prefix_map, key=len, reverse=True):
+            if name.startswith(old + "_"):
+                return prefix_map[old] + name[len(old) :]
+        return name
+
+    renamed = {new(n): r for n, r in records.items()}
+    if len(renamed) != len(records):
+        raise HiganbanaError(f"prefix_map {dict(prefix_map)} makes two modules share a name")
+    out = {}
+    for key, value in tensors.items():
+        module, _, suffix = key.partition(".")
+        out[f"{new(module)}.{suffix}"] = value
+    return out, renamed
+
+
+# --------------------------------------------------------------------------- the model
+def _parts(model: Any, model_prefix: str) -> list:
+    from ..network import Part
+    from ..stable_diffusion import sd_network_parts
+
+    if hasattr(model, "kind") and hasattr(model, "unet") and hasattr(model, "text_encoders"):
+        return sd_network_parts(model.kind, model.unet, list(model.text_encoders))
+    if isinstance(model, nn.Module):
+        return [Part(model_prefix, model)]
+    if isinstance(model, Sequence) and model and all(isinstance(p, Part) for p in model):
+        return list(model)
+    raise ConfigError("model= must be an SDParts, an nn.Module (with model_prefix) or a list of Part")
+
+
+def _source_dtype(tensors: Mapping[str, Tensor]) -> torch.dtype:
+    counts = Counter(t.dtype for k, t in tensors.items() if t.is_floating_point() and not k.endswith(".alpha"))
+    dtype = counts.most_common(1)[0][0] if counts else torch.float32
+    return dtype if dtype in DTYPES.values() else torch.float32
+
+
+def _cast(tensors: Mapping[str, Tensor], dtype: torch.dtype | None) -> dict[str, Tensor]:
+    if dtype is None:
+        return dict(tensors)
+    return {k: v.to(dtype) if v.is_floating_point() and not k.endswith(".alpha") else v for k, v in tensors.items()}
+
+
+def _check_output(dst: Path, to: str, overwrite: bool, src: Path) -> None:
+    if dst.resolve() == src.resolve():
+        raise HiganbanaError(f"{dst}: the output is the input; write elsewhere")
+    if to == "kohya":
+        if dst.is_dir():
+            raise HiganbanaError(f"{dst}: is a folder; to='kohya' writes one .safetensors file")
+        if dst.suffix.lower() != ".safetensors":
+            raise HiganbanaError(f"{dst}: to='kohya' writes a .safetensors file")
+        if dst.exists() and not overwrite:
+            raise HiganbanaError(f"{dst}: exists; pass overwrite=True (--overwrite) to replace it")
+        return
+    if dst.exists() and not dst.is_dir():
+        raise HiganbanaError(f"{dst}: is a file; to={to!r} writes a folder")
+    files = _PEFT_FILES if to == "peft" else _DIFFUSERS_FILES
+    present = [f for f in files if (dst / f).exists()]
+    if present and not overwrite:
+        raise HiganbanaError(f"{dst}: {', '.join(present)} exist(s); pass overwrite=True (--overwrite) to replace")
+
+
+def _lossy_check(what: str, allow_lossy: bool) -> None:
+    if not allow_lossy:
+        raise HiganbanaError(f"{what}; pass allow_lossy=True (--allow-lossy) to convert anyway")
+
+
+# --------------------------------------------------------------------------- convert
+def convert(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    *,
+    to: str = "kohya",
+    dtype: torch.dtype | str | None = None,
+    allow_lossy: bool = False,
+    prefix_map: Mapping[str, str] | None = None,
+    overwrite: bool = False,
+    unsafe_pickle: bool = False,
+    model: Any = None,
+    base: str | os.PathLike | None = None,
+    model_prefix: str = "lycoris",
+    part: str | None = None,
+) -> ConvertReport:
+    """Convert ``src`` into ``dst`` in format ``to`` (see the module docstring for every rule)."""
+    if to not in TARGETS:
+        raise ConfigError(f"unknown target {to!r} (choose from {', '.join(TARGETS)})")
+    src, dst = Path(src), Path(dst)
+    out_dtype = parse_dtype(dtype)
+    _check_output(dst, to, overwrite, src)
+    if model is not None and base is not None:
+        raise ConfigError("pass model= or base=, not both")
+    if base is not None:
+        from ..models.sd import load_sd
+
+        model = load_sd(base)
+    tensors, records, metadata, source, notes = read_source(src, unsafe_pickle=unsafe_pickle)
+    tensors, records = _rename_prefixes(tensors, records, prefix_map)
+    report = ConvertReport(
+        str(src), str(dst), source, to, 0, [], str(out_dtype).replace("torch.", "") if out_dtype else None
+    )
+    report.notes.extend(notes)
+    file_dtype = out_dtype or _source_dtype(tensors)
+
+    if model is None:
+        if to != "kohya":
+            raise HiganbanaError(
+                f"{src}: writing {to} needs each module's path in the model, and kohya names are lossy "
+                "('_' stands for '.'); pass base=BASE (--base, a diffusers model folder) or model="
+            )
+        return _kohya_without_model(src, dst, tensors, records, metadata, source, file_dtype, report, prefix_map)
+
+    from ..network import AdapterNetwork
+
+    parts = _parts(model, model_prefix)
+    try:
+        net = AdapterNetwork.from_records(parts, records, tensors, source=str(src), strict=True)
+    except HiganbanaError as exc:
+        raise HiganbanaError(f"{exc} (converting against the given model)") from exc
+    if to == "kohya":
+        return _kohya_with_model(dst, net, model, metadata, file_dtype, report)
+    return _to_peft(src, dst, net, to, part, allow_lossy, file_dtype, report)
+
+
+def _kohya_without_model(src, dst, tensors, records, metadata, source, dtype, report, prefix_map) -> ConvertReport:
+    names = list(records)
+    left = [n for n in names if n.startswith("lycoris_")]
+    if left:
+        raise HiganbanaError(
+            f"{src}: module {left[0]!r} (and {len(left) - 1} more) has the standalone lycoris_ prefix; which part "
+            "it belongs to needs the model: pass base=BASE (--base), or prefix_map={'lycoris': 'lora_unet'} "
+            "(--prefix-map lycoris=lora_unet) when the file is UNet-only"
+        )
+    sdxl = read_base_model(metadata) == "sdxl" or any(n.startswith(("lora_te1_", "lora_te2_")) for n in names)
+    if source in ("peft", "diffusers"):
+        if sdxl:
+            raise HiganbanaError(
+                f"{src}: an SDXL file from {source}: kohya names the SDXL UNet by its SGM paths, which need the "
+                "UNet config; pass base=BASE (--base)"
+            )
+        report.notes.append("names use diffusers module paths (SD1.x/2.x form); pass base= to check them")
+    out = _cast(tensors, dtype)
+    meta = {k: v for k, v in metadata.items() if not k.startswith(("sshs_", "higanbana."))}
+    if source == "higanbana":
+        meta["higanbana.format_version"] = metadata["higanbana.format_version"]
+        meta["higanbana.modules"] = json.dumps(records, sort_keys=True)
+        if "higanbana.prefix" in metadata:
+            saved = metadata["higanbana.prefix"].split(",")
+            meta["higanbana.prefix"] = ",".join((prefix_map or {}).get(p, p) for p in saved)
+    else:
+        report.notes.append("no higanbana.modules written: without a model the options are detected on loading")
+    meta.pop("lora_adapter_metadata", None)
+    meta["sshs_model_hash"], meta["sshs_legacy_hash"] = model_hashes(out, meta)
+    save_tensors(out, dst, meta)
+    report.modules, report.outputs = len(records), [str(dst)]
+    return report
+
+
+def _kohya_with_model(dst, net, model, metadata, dtype, report) -> ConvertReport:
+    out = net.file_tensors(dtype)
+    meta: dict[str, str] = {}
+    if hasattr(model, "kind") and not any(k.startswith("ss_") for k in metadata):
+        from ..stable_diffusion import sd_file_metadata
+
+        meta.update(sd_file_metadata(net, model.kind, output_name=dst.stem))
+    meta.update({k: v for k, v in metadata.items() if not k.startswith(("sshs_", "higanbana.", "lora_adapter"))})
+    meta["sshs_model_hash"], meta["sshs_legacy_hash"] = model_hashes(out, meta)
+    if "modelspec.hash_sha256" in meta:
+        meta["modelspec.hash_sha256"] = "0x" + meta["sshs_model_hash"]
+    meta.update(net.file_metadata())
+    save_tensors(out, dst, meta)
+    report.modules, report.outputs = len(net.adapters), [str(dst)]
+    return report
+
+
+def _to_peft(src, dst, net, to, part, allow_lossy, dtype, report) -> ConvertReport:
+    chosen = part
+    if chosen is None:
+        chosen = "lora_unet" if "lora_unet" in net.parts else next(iter(net.parts)) if len(net.parts) == 1 else None
+        if chosen is None:
+            raise HiganbanaError(f"{src}: PEFT files describe one model; choose part= one of {list(net.parts)}")
+    if chosen not in net.parts:
+        raise HiganbanaError(f"{src}: no module of part {chosen!r} in the file{nearest(chosen, net.parts)}")
+    if to == "diffusers" and net.parts[chosen].kind not in ("unet",):
+        raise HiganbanaError(f"{src}: the diffusers target holds the UNet only, not part {chosen!r}")
+    dropped: dict[str, str] = {}
+    others = [n for n, r in net.records.items() if r.prefix != chosen]
+    if others and part is None:  # an explicit part= is the user's choice, not a loss
+        why = (
+            "diffusers target holds the UNet only" if to == "diffusers" else f"a PEFT folder holds one part ({chosen})"
+        )
+        dropped.update({n: why for n in others})
+    names = [n for n, r in net.records.items() if r.prefix == chosen]
+    ok = _PEFT_OK if to == "peft" else _DIFFUSERS_OK
+    bad = [n for n in names if net.records[n].algo not in ok]
+    if bad and len(bad) == len(names):
+        algo = net.records[bad[0]].algo
+        fallback = "diffusers' load_lora_weights reads LoRA and LoKr only" if to == "diffusers" else ""
+        why = PEFT_REFUSALS.get(algo, fallback)
+        raise HiganbanaError(f"{src}: {algo} (module {bad[0]}) cannot be written to {to}: {why or 'no equivalent'}")
+    for n in bad:
+        dropped[n] = f"{net.records[n].algo} has no {to} equivalent"
+    names = [n for n in names if n not in bad]
+    if dropped:
+        first = next(iter(dropped))
+        _lossy_check(
+            f"{src}: {len(dropped)} module(s) cannot be held by {to}, e.g. {first} ({dropped[first]})", allow_lossy
+        )
+        report.lossy.append(f"dropped {len(dropped)} module(s)")
+    tensors = {k: v for k, v in net.file_tensors(dtype).items() if k.partition(".")[0] in names}
+    dora = sorted({k.partition(".")[0] for k in tensors if k.endswith(".dora_scale")})
+    if dora and to == "diffusers":
+        _lossy_check(
+            f"{src}: DoRA module(s) (e.g. {dora[0]}) into diffusers: load_lora_weights drops dora_scale, so the "
+            "result is a plain LoRA",
+            allow_lossy,
+        )
+        tensors = {k: v for k, v in tensors.items() if not k.endswith(".dora_scale")}
+        report.lossy.append(f"dora_scale dropped from {len(dora)} DoRA module(s)")
+    records = {n: r for n, r in net.module_records().items() if n in names}
+    paths = {n: net.records[n].path for n in names}
+    shapes = {n: tuple(net.adapters[n].layer.weight.shape) for n in names}
+    target = "peft" if to == "peft" else "diffusers-unet"
+    try:
+        config, peft_tensors = to_peft(tensors, records, paths, target=target, shapes=shapes)
+    except HiganbanaError as exc:
+        raise HiganbanaError(f"{src}: {exc}") from exc
+    save_peft_folder(dst, config, peft_tensors)
+    files = _PEFT_FILES if to == "peft" else _DIFFUSERS_FILES
+    report.modules, report.outputs, report.dropped = len(names), [str(dst / f) for f in files], dropped
+    return report
+
+
+# --------------------------------------------------------------------------- CLI
+def format_report(report: ConvertReport) -> str:
+    lines = [
+        f"{report.src} ({report.source_format}) -> {report.dst} ({report.target}"
+        + (f", {report.dtype})" if report.dtype else ")"),
+        f"  {report.modules} module(s) written: {', '.join(report.outputs)}",
+    ]
+    for step in report.lossy:
+        lines.append(f"  lossy: {step}")
+    for name, why in list(report.dropped.items())[:20]:
+        lines.append(f"    dropped {name}: {why}")
+    if len(report.dropped) > 20:
+        lines.append(f"    … and {len(report.dropped) - 20} more")
+    lines.extend(f"  note: {n}" for n in report.notes)
+    return "\n".join(lines)
+
+
+def _prefix_map(items: Sequence[str] | None) -> dict[str, str] | None:
+    if not items:
+        return None
+    out = {}
+    for item in items:
+        old, eq, new = item.partition("=")
+        if not eq or not old or not new:
+            raise ConfigError(f"--prefix-map {item!r}: expected OLD=NEW, e.g. lycoris=lora_unet")
+        out[old] = new
+    return out
+
+
+def _run(args: argparse.Namespace) -> int:
+    try:
+        report = convert(
+            args.src,
+            args.dst,
+            to=args.to,
+            dtype=args.dtype,
+            allow_lossy=args.allow_lossy,
+            prefix_map=_prefix_map(args.prefix_map),
+            overwrite=args.overwrite,
+            unsafe_pickle=args.unsafe_pickle,
+            base=args.base,
+            part=args.part,
+        )
+    except HiganbanaError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(asdict(report), indent=2) if args.json else format_report(report))
+    return 0
+
+
+EPILOG = """\
+examples:
+  higanbana convert my_lora.safetensors peft_out/ --to peft --base ./sd15-diffusers
+  higanbana convert my_lora.safetensors diffusers_out/ --to diffusers --base ./sdxl-diffusers
+  higanbana convert peft_out/ back.safetensors --to kohya --base ./sd15-diffusers
+  higanbana convert simpletuner.safetensors kohya.safetensors --prefix-map lycoris=lora_unet --dtype fp16
+
+kohya names are lossy ('_' stands for '.'), so PEFT/diffusers output needs the model (--base).
+Lossy steps (dropping modules the target cannot hold, DoRA into diffusers) need --allow-lossy;
+anything the target would compute differently (OFT/BOFT/GLoRA/IA3 into PEFT, LoCon Tucker,
+input-axis DoRA) is refused.
+"""
+
+
+def add_convert_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Define ``higanbana convert`` on an argparse sub-parsers object; ``func`` runs it."""
+    p = subparsers.add_parser(
+        "convert",
+        help="convert between kohya/LyCORIS, PEFT and diffusers files",
+        description="Convert an adapter file or folder between kohya/LyCORIS naming, PEFT and diffusers.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("src", help="adapter file, PEFT folder or diffusers file/folder")
+    p.add_argument("dst", help="output .safetensors (kohya) or folder (peft, diffusers)")
+    p.add_argument("--to", choices=TARGETS, default="kohya", help="target format (default: kohya)")
+    p.add_argument("--base", default=None, help="the base model (diffusers folder or checkpoint) for module paths")
+    p.add_argument("--part", default=None, help="PEFT: which part to write (lora_unet, lora_te, …; default the UNet)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="output dtype (default: as the source)")
+    p.add_argument("--allow-lossy", action="store_true", help="allow dropping what the target cannot hold")
+    p.add_argument("--prefix-map", nargs="+", metavar="OLD=NEW", help="rename module prefixes, e.g. lycoris=lora_unet")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.add_argument("--unsafe-pickle", action="store_true", help="allow reading a pickle source (weights only)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=_run)
+    return p
