@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from higanbana.algorithms import algorithm_class, make_adapter
-from higanbana.errors import ConfigError
+from higanbana.errors import ConfigError, HiganbanaError
 from higanbana.tools.extract import choose_rank, extract, extract_module, format_report, reconstruct
 
 
@@ -282,3 +282,48 @@ def test_extract_many_modules_and_report():
     assert "lora 1, tucker 1, skipped 1" in text and "relative error: mean" in text
     with pytest.raises(ConfigError, match="differ"):
         extract([("x", torch.zeros(2, 3), torch.zeros(3, 2), None, None)], progress=False)
+
+
+# --------------------------------------------------------------------------- whole models (higanbana extract)
+@pytest.mark.parametrize("kind", ["sd1", "sdxl"])
+def test_extract_from_models_recovers_a_known_low_rank_update(kind, tmp_path):
+    from higanbana.cli import main
+    from higanbana.models.tiny import save_tiny_sd, tiny_sd_parts
+    from higanbana.stable_diffusion import load_sd_network, sd_network
+
+    base = tiny_sd_parts(kind, seed=0)
+    save_tiny_sd(base, tmp_path / "base")
+    tuned = tiny_sd_parts(kind, seed=0)
+    net = sd_network(tuned, "full", "lora", rank=2)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0, 0.1)
+    net.merge()  # tuned = base + a rank-2 update on every adapted layer
+    save_tiny_sd(tuned, tmp_path / "tuned")
+    out = tmp_path / "extracted.safetensors"
+    args = ["extract", str(tmp_path / "base"), str(tmp_path / "tuned"), str(out), "--linear-param", "2"]
+    assert main(args) == 0
+    assert main(args) == 2  # the output exists: refused without --overwrite
+    fresh = tiny_sd_parts(kind, seed=0)
+    loaded = load_sd_network(out, fresh)
+    assert set(loaded.adapters) == set(net.adapters)  # exactly the changed layers, nothing else
+    loaded.merge()
+    for name, record in net.records.items():
+        got = loaded.parts[record.prefix].module.get_submodule(record.path).weight
+        want = net.parts[record.prefix].module.get_submodule(record.path).weight
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_extract_refuses_different_architectures(tmp_path):
+    from higanbana.models.sd import SDParts
+    from higanbana.models.tiny import save_tiny_sd, tiny_sd_parts
+    from higanbana.tools.extract import extract_models
+
+    base = tiny_sd_parts("sd1", seed=0)
+    other = tiny_sd_parts("sd1", seed=0)
+    other = SDParts("sd1", tiny_sd_parts("sd2", seed=0).unet, other.text_encoders, tokenizers=other.tokenizers)
+    save_tiny_sd(base, tmp_path / "a")
+    save_tiny_sd(other, tmp_path / "b")
+    with pytest.raises(HiganbanaError, match="differ at lora_unet parameter"):
+        extract_models(tmp_path / "a", tmp_path / "b", tmp_path / "x.safetensors", kind="sd1")

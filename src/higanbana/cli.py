@@ -72,8 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     info.set_defaults(func=_info)
     from .tools.convert import add_convert_parser
+    from .tools.extract import add_extract_parser
     from .tools.resize import add_resize_parser
 
+    add_extract_parser(sub)
     add_resize_parser(sub)
     add_convert_parser(sub)
     return parser

@@ -5,7 +5,7 @@ For every Linear / Conv layer, ``ΔW = W_tuned − W_base`` is factored by a tru
 ``lora_up.weight``, ``alpha``; Tucker adds ``lora_mid.weight``), or stored whole as the Full keys
 (``diff``, ``diff_b``) when a low-rank form would not pay.
 
-Intended command line (the CLI owner wires it; the options map one-to-one onto :func:`extract`)::
+Command line (:func:`add_extract_parser`; the options map one-to-one onto :func:`extract`)::
 
     higanbana extract BASE TUNED OUT --mode fixed|threshold|ratio|quantile
         --linear-param X --conv-param Y [--tucker] [--randomized [--oversample 8 --niter 2]]
@@ -60,18 +60,30 @@ Decisions (the numeric contract of this module):
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, HiganbanaError
 
-__all__ = ["MODES", "ModuleReport", "choose_rank", "extract", "extract_module", "format_report"]
+__all__ = [
+    "MODES",
+    "ModuleReport",
+    "add_extract_parser",
+    "choose_rank",
+    "extract",
+    "extract_models",
+    "extract_module",
+    "format_report",
+    "model_pairs",
+]
 
 MODES = ("fixed", "threshold", "ratio", "quantile")
 Kind = Literal["lora", "tucker", "full", "skipped"]
@@ -399,3 +411,153 @@ def format_report(reports: list[ModuleReport], *, max_rows: int | None = None) -
         lines.append(f"bias differences dropped (low-rank or skipped layers): {dropped}")
     lines.append(f"time: {sum(r.seconds for r in reports):.2f} s")
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- whole models
+def model_pairs(base: Any, tuned: Any, *, text_encoders: bool = True) -> Iterator[tuple]:
+    """``(kohya name, W_base, W_tuned, b_base, b_tuned)`` for every Linear/Conv of two SD models.
+
+    ``base``/``tuned`` are ``SDParts`` of the same kind; names are the ones our files use (SGM paths
+    for an SDXL UNet). The architectures must match: the first differing parameter is named.
+    """
+    from ..stable_diffusion import sd_network_parts
+
+    if base.kind != tuned.kind:
+        raise HiganbanaError(f"the base model is {base.kind} but the tuned model is {tuned.kind}")
+    tes_b = list(base.text_encoders) if text_encoders else []
+    tes_t = list(tuned.text_encoders) if text_encoders else []
+    for part_b, part_t in zip(
+        sd_network_parts(base.kind, base.unet, tes_b), sd_network_parts(tuned.kind, tuned.unet, tes_t), strict=True
+    ):
+        sd_b, sd_t = part_b.module.state_dict(), part_t.module.state_dict()
+        for key in [*sd_b, *(k for k in sd_t if k not in sd_b)]:
+            if key not in sd_b or key not in sd_t or sd_b[key].shape != sd_t[key].shape:
+                shapes = [tuple(sd[key].shape) if key in sd else "absent" for sd in (sd_b, sd_t)]
+                raise HiganbanaError(
+                    f"base and tuned models differ at {part_b.prefix} parameter {key!r} "
+                    f"(base {shapes[0]}, tuned {shapes[1]}): not the same architecture"
+                )
+        tuned_modules = dict(part_t.module.named_modules())
+        for path, layer in part_b.module.named_modules():
+            if not isinstance(layer, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+                continue
+            other = tuned_modules[path]
+            yield (
+                part_b.file_name(path),
+                layer.weight.detach(),
+                other.weight.detach(),
+                None if layer.bias is None else layer.bias.detach(),
+                None if other.bias is None else other.bias.detach(),
+            )
+
+
+def extract_models(
+    base: str | os.PathLike,
+    tuned: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    kind: str | None = None,
+    text_encoders: bool = True,
+    overwrite: bool = False,
+    **options: Any,
+) -> list[ModuleReport]:
+    """Extract a LoCon file from a fine-tuned model and its base (local diffusers folders or single
+    files, read with :func:`higanbana.models.sd.load_sd`) and write it with kohya metadata."""
+    from ..formats import save_tensors
+    from ..formats.metadata import kohya_metadata, model_hashes
+    from ..models.sd import load_sd
+
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise HiganbanaError(f"{out} exists; pass --overwrite to replace it")
+    base_model, tuned_model = load_sd(base, kind=kind), load_sd(tuned, kind=kind)
+    tensors, reports = extract(model_pairs(base_model, tuned_model, text_encoders=text_encoders), **options)
+    if not tensors:
+        raise HiganbanaError(f"{tuned} does not differ from {base}: nothing to extract")
+    ranks = Counter(r.rank for r in reports if r.kind in ("lora", "tucker"))
+    dim = ranks.most_common(1)[0][0] if ranks else 0
+    kinds = Counter(r.kind for r in reports)
+    meta = kohya_metadata(
+        base=base_model.kind,
+        network_dim=dim,
+        network_alpha=float(dim or 1),
+        algo="lora",
+        output_name=out.stem,
+        network_module="higanbana.kohya",
+        network_args={"extracted": "true", "mode": options.get("mode", "fixed"), "full_modules": kinds["full"]},
+        v_parameterization=getattr(base_model, "v_parameterization", False),
+    )
+    meta["sshs_model_hash"], meta["sshs_legacy_hash"] = model_hashes(tensors, meta)
+    save_tensors(tensors, out, meta)
+    return reports
+
+
+def _run(args: Any) -> int:
+    import sys
+
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    try:
+        reports = extract_models(
+            args.base,
+            args.tuned,
+            args.output,
+            kind=args.kind,
+            text_encoders=not args.unet_only,
+            overwrite=args.overwrite,
+            mode=args.mode,
+            linear_param=args.linear_param,
+            conv_param=args.conv_param if args.conv_param is not None else args.linear_param,
+            use_tucker=args.tucker,
+            randomized=args.randomized,
+            oversample=args.oversample,
+            niter=args.niter,
+            min_diff=args.min_diff,
+            full_fallback=not args.no_full_fallback,
+            dtype=dtype,
+        )
+    except HiganbanaError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(format_report(reports, max_rows=None if args.verbose else 20))
+    print(f"\nwritten to {args.output}")
+    return 0
+
+
+EXTRACT_EXAMPLES = """examples:
+  higanbana extract base.safetensors tuned.safetensors out.safetensors --mode fixed --linear-param 32 --conv-param 16
+  higanbana extract ./base-diffusers ./tuned-diffusers out.safetensors --mode quantile --linear-param 0.9 --tucker
+  higanbana extract base tuned out.safetensors --mode fixed --linear-param 32 --randomized
+"""
+
+
+def add_extract_parser(subparsers: Any) -> Any:
+    """``higanbana extract BASE TUNED OUT``: the options map one-to-one onto :func:`extract`."""
+    import argparse
+
+    p = subparsers.add_parser(
+        "extract",
+        help="extract a LoCon file from a fine-tuned model and its base (SVD of each weight difference)",
+        description="Extract a LoCon file (SVD of each Linear/Conv weight difference) from a fine-tuned "
+        "model and its base: local diffusers folders or single-file checkpoints.",
+        epilog=EXTRACT_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("base", help="the base model (diffusers folder or single file)")
+    p.add_argument("tuned", help="the fine-tuned model, same architecture")
+    p.add_argument("output", help="output .safetensors file")
+    p.add_argument("--mode", choices=MODES, default="fixed", help="how each layer's rank is chosen (default: fixed)")
+    p.add_argument("--linear-param", type=float, default=16, help="rank or mode value for Linear/1x1 conv (16)")
+    p.add_argument("--conv-param", type=float, default=None, help="the same for convs with k>1 (default: linear)")
+    p.add_argument("--tucker", action="store_true", help="store k>1 convs in the LoCon Tucker form")
+    p.add_argument("--randomized", action="store_true", help="randomized SVD (torch.svd_lowrank; fixed mode)")
+    p.add_argument("--oversample", type=int, default=8, help="randomized SVD: extra columns (8)")
+    p.add_argument("--niter", type=int, default=2, help="randomized SVD: power iterations (2)")
+    p.add_argument("--min-diff", type=float, default=0.0, help="skip layers with max|ΔW| at most this (0)")
+    p.add_argument("--no-full-fallback", action="store_true", help="never store a layer as a full diff")
+    p.add_argument("--unet-only", action="store_true", help="leave the text encoders out")
+    p.add_argument("--kind", choices=("sd1", "sd2", "sdxl"), help="the model kind, when it cannot be detected")
+    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32", help="output dtype (fp32)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.add_argument("--verbose", action="store_true", help="list every layer in the report")
+    p.set_defaults(func=_run)
+    return p
