@@ -91,14 +91,16 @@ def test_write_is_atomic(tmp_path, monkeypatch):
     save_tensors({"a": torch.ones(2)}, target)
     original = target.read_bytes()
 
-    def boom(*args, **kwargs):
-        raise OSError("disk full")
+    def boom(tensors, path, *args, **kwargs):
+        with open(path, "wb") as f:
+            f.write(b"half a file")
+        raise OSError(28, "No space left on device")
 
     monkeypatch.setattr("higanbana.formats.safetensors_io.save_file", boom)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(HiganbanaError, match=r"out.safetensors: could not be written \(No space left"):
         save_tensors({"a": torch.zeros(2)}, target)
     assert target.read_bytes() == original
-    assert [p.name for p in tmp_path.iterdir()] == ["out.safetensors"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out.safetensors"]  # no partial file left
 
 
 def test_bad_files_name_the_file(tmp_path):

@@ -35,6 +35,9 @@ def save_tensors(
     try:
         save_file(payload, tmp, metadata=metadata)
         os.replace(tmp, path)
+    except OSError as exc:  # a full disk, a read-only folder: say so, and leave nothing behind
+        Path(tmp).unlink(missing_ok=True)
+        raise HiganbanaError(f"{path}: could not be written ({exc.strerror or exc}); nothing was written") from exc
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
