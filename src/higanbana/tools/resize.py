@@ -223,7 +223,9 @@ def resize_tensors(
         )
     out: dict[str, Tensor] = {}
     reports: list[ResizeReport] = []
-    for name, mod in groups.items():
+    from tqdm.auto import tqdm
+
+    for name, mod in tqdm(groups.items(), total=len(groups), desc="resize", unit="module", disable=len(groups) < 50):
         if name in other:
             for suffix, t in mod.items():
                 cast = dtype is not None and t.is_floating_point() and suffix != "alpha"
