@@ -73,8 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(func=_info)
     from .tools.convert import add_convert_parser
     from .tools.extract import add_extract_parser
+    from .tools.merge import add_merge_parser
     from .tools.resize import add_resize_parser
 
+    add_merge_parser(sub)
     add_extract_parser(sub)
     add_resize_parser(sub)
     add_convert_parser(sub)
