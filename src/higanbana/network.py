@@ -809,18 +809,14 @@ def _more(items: Sequence[str]) -> str:
 
 
 def _base_model_hint(absent: Iterable[str], names: Mapping[str, Any]) -> str:
-    """Say so when a file's names are SDXL's (SGM) on an SD1/2 model or the other way round."""
-    absent = list(absent)
-    sgm_file = any(n.startswith("lora_unet_input_blocks") or n.startswith("lora_unet_output_blocks") for n in absent)
-    sgm_model = any(n.startswith("lora_unet_input_blocks") for n in names)
-    two_te_file = any(n.startswith(("lora_te1_", "lora_te2_")) for n in absent)
-    two_te_model = any(n.startswith(("lora_te1_", "lora_te2_")) for n in names)
-    if (sgm_file and not sgm_model) or (two_te_file and not two_te_model):
+    """Say so when a file's names are SDXL's (SGM, two text encoders) on an SD1/2 model or the reverse."""
+    from .formats.detect import base_from_names
+
+    file_base, model_base = base_from_names(absent), base_from_names(names)
+    if file_base == "sdxl" and model_base == "sd1 or sd2":
         return " — this looks like an SDXL file on an SD1.x/2.x model"
-    if any(n.startswith("lora_unet_down_blocks") for n in absent) and sgm_model:
+    if file_base == "sd1 or sd2" and model_base == "sdxl":
         return " — this looks like an SD1.x/2.x file on an SDXL model"
-    if any(n.startswith("lora_te_") for n in absent) and two_te_model:
-        return " — this looks like an SD1.x/2.x file (one text encoder) on an SDXL model"
     return ""
 
 

@@ -14,6 +14,8 @@ from typing import Any
 
 from torch import Tensor
 
+from .detect import glora_layout
+
 TOOLS = ("ComfyUI", "A1111", "diffusers")
 LOADS, DEVIATES, FAILS = "loads", "loads with deviation", "does not load"
 
@@ -95,12 +97,6 @@ def _dora_axis(module: Mapping[str, Tensor], options: Mapping[str, Any] | None) 
     return "input" if scale.dim() >= 2 and scale.shape[0] == 1 and scale.shape[1] > 1 else "output"
 
 
-def _glora_layout(module: Mapping[str, Tensor]) -> str:
-    from .detect import glora_layout
-
-    return glora_layout(module)
-
-
 def compatibility(
     modules: Mapping[str, Mapping[str, Tensor]],
     records: Mapping[str, Mapping[str, Any]],
@@ -130,7 +126,7 @@ def compatibility(
             comfy.skip("ComfyUI maps only q/k/v/out_proj and mlp fc1/fc2 of text encoders", name)
         elif algo == "ia3":
             comfy.skip("ComfyUI has no IA3", name)
-        elif algo == "glora" and _glora_layout(module) == "old":
+        elif algo == "glora" and glora_layout(module) == "old":
             comfy.deviate("old GLoRA layout: ComfyUI reads it (by shapes)", name)
         elif _dora_axis(module, options) == "output":
             comfy.deviate("DoRA on the output axis: ComfyUI divides by ‖W0‖ instead of ‖W0+ΔW‖", name)
@@ -151,7 +147,7 @@ def compatibility(
             a1111.skip("A1111 applies OpenCLIP attention q/k/v/out only all four together", name)
         elif algo == "boft":
             a1111.skip("A1111 has no BOFT", name)
-        elif algo == "glora" and _glora_layout(module) == "new":
+        elif algo == "glora" and glora_layout(module) == "new":
             a1111.skip("A1111 reads only the old GLoRA layout", name)
         elif algo == "norm" and "b_norm" not in module:
             a1111.skip("A1111 needs both w_norm and b_norm", name)

@@ -116,6 +116,21 @@ def dora_axis(suffixes: Mapping[str, Tensor], out_features: int) -> str | None:
     raise HiganbanaError(f"dora_scale has shape {shape}; expected (out={out_features}, 1, ..) or (1, in, ..)")
 
 
+def base_from_names(names: Iterable[str]) -> str:
+    """``"sdxl"`` (SGM UNet names or two text encoders), ``"sd1 or sd2"`` (diffusers UNet names or one
+    text encoder) or ``"unknown"``, from kohya module names alone."""
+    names = list(names)
+    if any(
+        n.startswith(("lora_te1_", "lora_te2_", "lora_unet_input_blocks", "lora_unet_output_blocks")) for n in names
+    ):
+        return "sdxl"
+    if any(
+        n.startswith(("lora_unet_down_blocks", "lora_unet_up_blocks", "lora_unet_mid_block", "lora_te_")) for n in names
+    ):
+        return "sd1 or sd2"
+    return "unknown"
+
+
 # --------------------------------------------------------------------------- foreign names
 def _source_of(key: str) -> str | None:
     if key.startswith("lycoris_"):

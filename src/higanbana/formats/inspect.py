@@ -11,7 +11,7 @@ from typing import Any
 from torch import Tensor
 
 from .compat import compatibility
-from .detect import glora_layout, group_modules
+from .detect import base_from_names, glora_layout, group_modules
 from .metadata import read_base_model
 from .reader import read_network_file
 
@@ -64,18 +64,6 @@ def module_rank(algo: str, module: dict[str, Tensor]) -> str:
     return "-"
 
 
-def _infer_base(names: list[str]) -> str:
-    if any(
-        n.startswith(("lora_te1_", "lora_te2_", "lora_unet_input_blocks", "lora_unet_output_blocks")) for n in names
-    ):
-        return "sdxl"
-    if any(
-        n.startswith(("lora_unet_down_blocks", "lora_unet_up_blocks", "lora_unet_mid_block", "lora_te_")) for n in names
-    ):
-        return "sd1 or sd2"
-    return "unknown"
-
-
 def file_info(path: str | os.PathLike, *, unsafe_pickle: bool = False) -> dict[str, Any]:
     """Everything ``info`` reports about a file, as plain data (``--json`` prints it as is)."""
     path = Path(path)
@@ -98,7 +86,7 @@ def file_info(path: str | os.PathLike, *, unsafe_pickle: bool = False) -> dict[s
     non_finite = sorted(
         {k.partition(".")[0] for k, t in tensors.items() if t.is_floating_point() and not t.isfinite().all()}
     )
-    base = read_base_model(metadata) if any(k.startswith("ss_") for k in metadata) else _infer_base(list(modules))
+    base = read_base_model(metadata) if any(k.startswith("ss_") for k in metadata) else base_from_names(modules)
     return {
         "file": str(path),
         "size_bytes": path.stat().st_size,
