@@ -325,5 +325,5 @@ def test_extract_refuses_different_architectures(tmp_path):
     other = SDParts("sd1", tiny_sd_parts("sd2", seed=0).unet, other.text_encoders, tokenizers=other.tokenizers)
     save_tiny_sd(base, tmp_path / "a")
     save_tiny_sd(other, tmp_path / "b")
-    with pytest.raises(HiganbanaError, match="differ at lora_unet parameter"):
+    with pytest.raises(HiganbanaError, match="differ at module lora_unet_"):
         extract_models(tmp_path / "a", tmp_path / "b", tmp_path / "x.safetensors", kind="sd1")

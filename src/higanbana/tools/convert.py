@@ -225,8 +225,49 @@ def convert(
     base: str | os.PathLike | None = None,
     model_prefix: str = "lycoris",
     part: str | None = None,
+    progress: bool = True,
 ) -> ConvertReport:
-    """Convert ``src`` into ``dst`` in format ``to`` (see the module docstring for every rule)."""
+    """Convert ``src`` into ``dst`` in format ``to`` (see the module docstring for every rule).
+
+    ``progress`` shows a bar over the stages (load the base model, read, map onto the model, write):
+    each stage is one whole-file step, so the bar says where a long conversion is.
+    """
+    from tqdm.auto import tqdm
+
+    stages = ["read", "write"]
+    if base is not None:
+        stages.insert(0, "load base")
+    if model is not None or base is not None:
+        stages.insert(-1, "map onto model")
+    with tqdm(total=len(stages), desc="convert", unit="stage", disable=not progress) as bar:
+
+        def stage(name: str) -> None:
+            if bar.n or name != stages[0]:
+                bar.update(1)
+            bar.set_postfix_str(name)
+
+        report = _convert(
+            src,
+            dst,
+            to,
+            dtype,
+            allow_lossy,
+            prefix_map,
+            overwrite,
+            unsafe_pickle,
+            model,
+            base,
+            model_prefix,
+            part,
+            stage,
+        )
+        bar.update(bar.total - bar.n)
+    return report
+
+
+def _convert(
+    src, dst, to, dtype, allow_lossy, prefix_map, overwrite, unsafe_pickle, model, base, model_prefix, part, stage
+) -> ConvertReport:
     if to not in TARGETS:
         raise ConfigError(f"unknown target {to!r} (choose from {', '.join(TARGETS)})")
     src, dst = Path(src), Path(dst)
@@ -237,7 +278,9 @@ def convert(
     if base is not None:
         from ..models.sd import load_sd
 
+        stage("load base")
         model = load_sd(base)
+    stage("read")
     tensors, records, metadata, source, notes = read_source(src, unsafe_pickle=unsafe_pickle)
     tensors, records = _rename_prefixes(tensors, records, prefix_map)
     report = ConvertReport(
@@ -252,15 +295,19 @@ def convert(
                 f"{src}: writing {to} needs each module's path in the model, and kohya names are lossy "
                 "('_' stands for '.'); pass base=BASE (--base, a diffusers model folder) or model="
             )
+        stage("write")
         return _kohya_without_model(src, dst, tensors, records, metadata, source, file_dtype, report, prefix_map)
 
     from ..network import AdapterNetwork
+
+    stage("map onto model")
 
     parts = _parts(model, model_prefix)
     try:
         net = AdapterNetwork.from_records(parts, records, tensors, source=str(src), strict=True)
     except HiganbanaError as exc:
         raise HiganbanaError(f"{exc} (converting against the given model)") from exc
+    stage("write")
     if to == "kohya":
         return _kohya_with_model(dst, net, model, metadata, file_dtype, report)
     return _to_peft(src, dst, net, to, part, allow_lossy, file_dtype, report)

@@ -62,6 +62,7 @@ from __future__ import annotations
 import math
 import os
 import time
+import warnings
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -75,6 +76,7 @@ from ..errors import ConfigError, HiganbanaError
 
 __all__ = [
     "MODES",
+    "CheckpointPairs",
     "ModuleReport",
     "add_extract_parser",
     "choose_rank",
@@ -451,6 +453,102 @@ def model_pairs(base: Any, tuned: Any, *, text_encoders: bool = True) -> Iterato
             )
 
 
+_NOT_LAYERS = ("_token_embedding", "_position_embedding", "lora_unet_class_embedding")
+_OPENCLIP_ONLY_MATRIX = "lora_te2_text_projection"  # a bare (transposed) matrix in SGM single files
+
+
+def _layers(ckpt: Any, text_encoders: bool) -> dict[str, dict[str, tuple[str, slice | None]]]:
+    """The checkpoint's Linear/Conv modules (a weight with ≥ 2 dims, embeddings excluded)."""
+    out = {}
+    for name, params in ckpt.modules().items():
+        if "weight" not in params or name.endswith(_NOT_LAYERS):
+            continue
+        if not text_encoders and not name.startswith("lora_unet_"):
+            continue
+        if len(ckpt.shape(params["weight"][0])) >= 2:
+            out[name] = params
+    return out
+
+
+def _sliced_shape(ckpt: Any, where: tuple[str, slice | None]) -> tuple[int, ...]:
+    key, rows = where
+    shape = ckpt.shape(key)
+    if rows is None:
+        return shape
+    return (len(range(*rows.indices(shape[0]))), *shape[1:])
+
+
+class CheckpointPairs:
+    """``(kohya name, W_base, W_tuned, b_base, b_tuned)`` for every Linear/Conv of two checkpoints
+    (diffusers folders or original single files, any mix), read module by module from disk.
+
+    Construction compares the two architectures from the file headers alone and names the first
+    module whose presence or shape differs; iteration reads one module of each at a time, so memory
+    stays at a layer or two whatever the model size.
+    """
+
+    def __init__(self, base: Any, tuned: Any, *, text_encoders: bool = True) -> None:
+        if base.kind != tuned.kind:
+            raise HiganbanaError(f"the base model is {base.kind} but the tuned model is {tuned.kind}")
+        self.base, self.tuned = base, tuned
+        lb, lt = _layers(base, text_encoders), _layers(tuned, text_encoders)
+        self.skipped = sorted((set(lb) ^ set(lt)) & {_OPENCLIP_ONLY_MATRIX})
+        names = [n for n in lb if n not in self.skipped]
+        for name in [*names, *(n for n in lt if n not in lb and n not in self.skipped)]:
+            shapes = []
+            for ck, layers in ((base, lb), (tuned, lt)):
+                params = layers.get(name)
+                shapes.append(
+                    "absent" if params is None else {p: _sliced_shape(ck, w) for p, w in sorted(params.items())}
+                )
+            if shapes[0] != shapes[1]:
+                raise HiganbanaError(
+                    f"base and tuned models differ at module {name} (base {shapes[0]}, tuned {shapes[1]}; "
+                    f"{base.path} vs {tuned.path}): not the same architecture"
+                )
+        self.names = names
+        self._lb, self._lt = lb, lt
+        if self.skipped:
+            warnings.warn(
+                f"{', '.join(self.skipped)}: left out (one of the models stores it as a bare OpenCLIP matrix)",
+                stacklevel=2,
+            )
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __iter__(self) -> Iterator[tuple]:
+        def read(ck: Any, params: dict, param: str) -> Tensor | None:
+            if param not in params:
+                return None
+            key, rows = params[param]
+            t = ck.get_tensor(key)
+            return t if rows is None else t[rows]
+
+        for name in self.names:
+            pb, pt = self._lb[name], self._lt[name]
+            yield (
+                name,
+                read(self.base, pb, "weight"),
+                read(self.tuned, pt, "weight"),
+                read(self.base, pb, "bias"),
+                read(self.tuned, pt, "bias"),
+            )
+
+
+def _v_prediction(ckpt: Any) -> bool:
+    """A diffusers folder whose scheduler predicts v (SD2-768 style); single files do not say."""
+    import json
+
+    if not ckpt.is_folder:
+        return False
+    try:
+        config = json.loads((ckpt.path / "scheduler" / "scheduler_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return config.get("prediction_type") == "v_prediction"
+
+
 def extract_models(
     base: str | os.PathLike,
     tuned: str | os.PathLike,
@@ -461,31 +559,37 @@ def extract_models(
     overwrite: bool = False,
     **options: Any,
 ) -> list[ModuleReport]:
-    """Extract a LoCon file from a fine-tuned model and its base (local diffusers folders or single
-    files, read with :func:`higanbana.models.sd.load_sd`) and write it with kohya metadata."""
+    """Extract a LoCon file from a fine-tuned model and its base and write it with kohya metadata.
+
+    Both models are local diffusers folders or original single ``.safetensors`` checkpoints (any
+    mix), read lazily with :func:`higanbana.formats.checkpoint.open_checkpoint`: no configs or
+    model classes are needed and memory stays at a layer or two.
+    """
     from ..formats import save_tensors
+    from ..formats.checkpoint import open_checkpoint
     from ..formats.metadata import kohya_metadata, model_hashes
-    from ..models.sd import load_sd
 
     out = Path(out)
     if out.exists() and not overwrite:
         raise HiganbanaError(f"{out} exists; pass --overwrite to replace it")
-    base_model, tuned_model = load_sd(base, kind=kind), load_sd(tuned, kind=kind)
-    tensors, reports = extract(model_pairs(base_model, tuned_model, text_encoders=text_encoders), **options)
+    with open_checkpoint(base, kind) as base_ck, open_checkpoint(tuned, kind) as tuned_ck:
+        pairs = CheckpointPairs(base_ck, tuned_ck, text_encoders=text_encoders)
+        tensors, reports = extract(pairs, **options)
+        v_pred = _v_prediction(base_ck) or _v_prediction(tuned_ck)
     if not tensors:
         raise HiganbanaError(f"{tuned} does not differ from {base}: nothing to extract")
     ranks = Counter(r.rank for r in reports if r.kind in ("lora", "tucker"))
     dim = ranks.most_common(1)[0][0] if ranks else 0
     kinds = Counter(r.kind for r in reports)
     meta = kohya_metadata(
-        base=base_model.kind,
+        base=base_ck.kind,
         network_dim=dim,
         network_alpha=float(dim or 1),
         algo="lora",
         output_name=out.stem,
         network_module="higanbana.kohya",
         network_args={"extracted": "true", "mode": options.get("mode", "fixed"), "full_modules": kinds["full"]},
-        v_parameterization=getattr(base_model, "v_parameterization", False),
+        v_parameterization=v_pred,
     )
     meta["sshs_model_hash"], meta["sshs_legacy_hash"] = model_hashes(tensors, meta)
     save_tensors(tensors, out, meta)
