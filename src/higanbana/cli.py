@@ -80,11 +80,24 @@ def build_parser() -> argparse.ArgumentParser:
     add_extract_parser(sub)
     add_resize_parser(sub)
     add_convert_parser(sub)
+    from .train.command import add_train_parser
+
+    add_train_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    overrides: list[str] = []
+    if argv[:1] == ["train"]:
+        from .train.command import is_override
+
+        # `[--]section.key=value` overrides may stand anywhere after the config file
+        overrides = [a.removeprefix("--") for a in argv[2:] if is_override(a)]
+        argv = argv[:2] + [a for a in argv[2:] if not is_override(a)]
     args = build_parser().parse_args(argv)
+    if overrides:
+        args.overrides = overrides
     return args.func(args)
 
 

@@ -1,0 +1,11 @@
+"""The trainer: ``higanbana train CONFIG.toml`` and :func:`train` (see ``docs/training.md``).
+
+``config`` (the validated TOML schema) → ``data``/``buckets``/``latents`` (images, captions,
+aspect buckets, latent cache) → ``trainer`` (model, network, loss, the loop, saving, resume via
+``state``), with ``optim`` for optimizers/schedules and ``sample`` for sample images.
+"""
+
+from .config import TrainConfig
+from .trainer import TrainingError, TrainResult, train
+
+__all__ = ["TrainConfig", "TrainResult", "TrainingError", "train"]

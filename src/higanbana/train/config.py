@@ -1,0 +1,412 @@
+"""The trainer's configuration: a TOML file validated against a typed schema.
+
+The file has one table per section (``[model]``, ``[network]``, ``[data]``, ``[optimizer]``,
+``[scheduler]``, ``[training]``, ``[save]``, ``[sample]``, ``[logging]``); every field is listed in
+the dataclasses below with its default and meaning. Validation is strict and readable: an unknown
+key says which section it was in and suggests the nearest valid one ("did you mean …"), a wrong
+type or value names ``section.key``. Command-line overrides are ``section.key=value`` with the
+value parsed as a TOML literal (``training.max_train_steps=10``, ``network.options={rank=4}``).
+The resolved configuration (every default filled in) is written beside the outputs, so a run can
+be repeated exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError, nearest
+
+OPTIMIZERS = ("adamw", "adamw8bit", "lion", "lion8bit", "prodigy", "sgd", "adafactor")
+SCHEDULERS = (
+    "constant",
+    "constant_with_warmup",
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+)
+PRECISIONS = ("no", "fp16", "bf16")
+PREDICTIONS = ("auto", "epsilon", "v_prediction")
+CACHE_MODES = ("none", "memory", "disk")
+SAVE_DTYPES = ("fp32", "fp16", "bf16")
+LOSS_TYPES = ("l2", "l1", "huber")
+
+
+def _choice(*values: str) -> dict[str, Any]:
+    return {"choices": values}
+
+
+@dataclass
+class ModelSection:
+    """The base model: a local diffusers folder or a single ``.safetensors`` checkpoint."""
+
+    pretrained: str = ""  # path (required)
+    kind: str = field(default="auto", metadata=_choice("auto", "sd1", "sd2", "sdxl"))
+    config: str = ""  # a local diffusers folder with the configs, for single files that need one
+    v_parameterization: bool = False  # the model predicts v (SD2-768); also read from the scheduler config
+
+
+@dataclass
+class NetworkSection:
+    """What to train: an algorithm on the modules a preset (or rules) selects."""
+
+    algo: str = "lora"
+    preset: str = "attn-mlp"  # a built-in preset name or a TOML file (higanbana presets)
+    options: dict = field(default_factory=dict)  # algorithm options: rank, alpha, factor, dropout, ...
+    config: dict = field(default_factory=dict)  # a full network config table (rules, targets), overrides preset
+    train_unet: bool = True
+    train_text_encoder: bool = False
+    network_weights: str = ""  # warm start from an existing file (weights only; not a resume)
+
+
+@dataclass
+class DataSection:
+    """Where the images are and how they become batches (kohya's dataset options)."""
+
+    train_data_dir: str = ""  # kohya layout: the parent of `N_name` folders
+    dataset_config: str = ""  # a kohya dataset TOML ([general] / [[datasets]] / [[datasets.subsets]])
+    imagefolder: str = ""  # a diffusers imagefolder with metadata.jsonl
+    caption_extension: str = ".txt"
+    class_tokens: str = ""  # caption for images with no caption file (kohya folders set it from the name)
+    keep_tokens: int = 0
+    shuffle_caption: bool = False
+    caption_dropout_rate: float = 0.0
+    flip_aug: bool = False
+    resolution: list = field(default_factory=lambda: [512, 512])  # [w, h] (an int means square)
+    enable_bucket: bool = True
+    min_bucket_reso: int = 256
+    max_bucket_reso: int = 1024
+    bucket_reso_steps: int = 64
+    bucket_no_upscale: bool = False
+    batch_size: int = 1  # per process
+    cache_latents: str = field(default="memory", metadata=_choice(*CACHE_MODES))
+    cache_dir: str = ""  # disk cache folder (default: <output_dir>/cache)
+    cache_text_encoder_outputs: bool = False  # only when the text encoders are frozen and captions fixed
+
+
+@dataclass
+class OptimizerSection:
+    type: str = field(default="adamw", metadata=_choice(*OPTIMIZERS))
+    unet_lr: float = 1e-4
+    text_encoder_lr: float = 5e-5  # SD1/SD2 text encoder, and SDXL's first
+    text_encoder_lr2: float = -1.0  # SDXL's second text encoder (-1: same as text_encoder_lr)
+    weight_decay: float = 0.01
+    betas: list = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    max_grad_norm: float = 1.0  # 0 disables clipping
+    loraplus_ratio: float = 0.0  # LoRA+: the "up" factors learn this many times faster (0: off)
+    args: dict = field(default_factory=dict)  # extra keyword arguments for the optimizer class
+
+
+@dataclass
+class SchedulerSection:
+    type: str = field(default="constant", metadata=_choice(*SCHEDULERS))
+    warmup_steps: float = 0.0  # below 1: a fraction of the total steps
+    num_cycles: int = 1  # cosine_with_restarts
+    power: float = 1.0  # polynomial
+
+
+@dataclass
+class TrainingSection:
+    max_train_steps: int = 0  # 0: decided by max_train_epochs
+    max_train_epochs: int = 1
+    gradient_accumulation_steps: int = 1
+    mixed_precision: str = field(default="no", metadata=_choice(*PRECISIONS))
+    vae_fp32: bool = True  # keep the VAE in float32 (the SDXL fp16 VAE gives NaN)
+    gradient_checkpointing: bool = False
+    seed: int = 42
+    noise_offset: float = 0.0
+    min_snr_gamma: float = 0.0  # 0: off (the paper-recommended value is 5)
+    prediction_type: str = field(default="auto", metadata=_choice(*PREDICTIONS))
+    loss_type: str = field(default="l2", metadata=_choice(*LOSS_TYPES))
+    huber_c: float = 0.1
+    max_norm: float = 0.0  # scale down modules whose ‖ΔW‖ exceeds this (kohya's --scale_weight_norms)
+    clip_skip: int = 1  # use the output of the n-th last text-encoder layer (SD1: 2 for anime models)
+    device: str = ""  # force a device ("cpu"); default: what accelerate picks
+    resume: str = ""  # a saved state folder, or "latest" (the newest under save.output_dir)
+
+
+@dataclass
+class SaveSection:
+    output_dir: str = "output"
+    output_name: str = "adapter"
+    every_n_steps: int = 0
+    every_n_epochs: int = 1
+    keep_last: int = 0  # keep only the last K intermediate files and states (0: keep all)
+    save_state: bool = True  # also save a resumable state (optimizer, scheduler, step) with each file
+    dtype: str = field(default="fp16", metadata=_choice(*SAVE_DTYPES))
+    trigger_phrase: str = ""  # written to modelspec.trigger_phrase
+
+
+@dataclass
+class SampleSection:
+    prompts: str = ""  # a prompt file (.txt with kohya --n/--w/--h/--d/--l/--s options, .toml, .json)
+    every_n_steps: int = 0
+    every_n_epochs: int = 0
+    at_first: bool = False
+    sampler: str = "ddim"
+    steps: int = 20
+    cfg_scale: float = 7.0
+    width: int = 0  # 0: the training resolution
+    height: int = 0
+
+
+@dataclass
+class LoggingSection:
+    log_with: str = field(default="tensorboard", metadata=_choice("tensorboard", "none"))
+    logging_dir: str = ""  # default: <output_dir>/logs
+
+
+@dataclass
+class TrainConfig:
+    """The whole configuration; ``TrainConfig.load(path, overrides)`` is the usual way in."""
+
+    model: ModelSection = field(default_factory=ModelSection)
+    network: NetworkSection = field(default_factory=NetworkSection)
+    data: DataSection = field(default_factory=DataSection)
+    optimizer: OptimizerSection = field(default_factory=OptimizerSection)
+    scheduler: SchedulerSection = field(default_factory=SchedulerSection)
+    training: TrainingSection = field(default_factory=TrainingSection)
+    save: SaveSection = field(default_factory=SaveSection)
+    sample: SampleSection = field(default_factory=SampleSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
+    source: str = field(default="", compare=False)  # where it was read from (for messages)
+
+    # ------------------------------------------------------------------ building
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "config") -> TrainConfig:
+        sections = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{where}: expected a table of sections")
+        values: dict[str, Any] = {}
+        for name, value in data.items():
+            if name not in sections:
+                # a field written at the top level instead of in its section, or a misspelt section
+                owners = [s for s, f in sections.items() if name in _field_names(f.default_factory)]
+                hint = f" (it belongs in [{owners[0]}])" if owners else nearest(name, sections)
+                raise ConfigError(f"{where}: unknown section [{name}]{hint}")
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}: [{name}] must be a table, got {value!r}")
+            values[name] = _build_section(sections[name].default_factory, value, f"{where}: {name}")
+        config = cls(**values, source=where)
+        config.validate()
+        return config
+
+    @classmethod
+    def load(cls, path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+        """Read a TOML file (or start from the defaults when ``path`` is None) and apply overrides."""
+        data: dict[str, Any] = {}
+        where = "config"
+        if path is not None:
+            path = Path(path)
+            where = str(path)
+            try:
+                data = tomllib.loads(path.read_text(encoding="utf-8"))
+            except FileNotFoundError:
+                raise ConfigError(f"{path}: no such config file") from None
+            except tomllib.TOMLDecodeError as exc:
+                raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+            _resolve_paths(data, path.parent)
+        for item in overrides:
+            _apply_override(data, item)
+        return cls.from_dict(data, where)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out.pop("source")
+        return out
+
+    def to_toml(self) -> str:
+        """The resolved configuration as TOML (every field, defaults included)."""
+        lines: list[str] = []
+        for section, values in self.to_dict().items():
+            lines.append(f"[{section}]")
+            for key, value in values.items():
+                lines.append(f"{key} = {_toml_value(value)}")
+            lines.append("")
+        return "\n".join(lines)
+
+    # ------------------------------------------------------------------ checks
+    def validate(self) -> None:
+        """Cross-field checks (types and choices were checked while building)."""
+        where = self.source or "config"
+        if not self.model.pretrained:
+            raise ConfigError(f"{where}: model.pretrained is required (a diffusers folder or a .safetensors file)")
+        sources = [k for k in ("train_data_dir", "dataset_config", "imagefolder") if getattr(self.data, k)]
+        if len(sources) != 1:
+            raise ConfigError(
+                f"{where}: give exactly one of data.train_data_dir, data.dataset_config, data.imagefolder"
+                + (f" (got {', '.join('data.' + s for s in sources)})" if sources else "")
+            )
+        positive = {
+            "data.batch_size": self.data.batch_size,
+            "training.gradient_accumulation_steps": self.training.gradient_accumulation_steps,
+            "data.bucket_reso_steps": self.data.bucket_reso_steps,
+            "sample.steps": self.sample.steps,
+            "training.clip_skip": self.training.clip_skip,
+        }
+        for key, value in positive.items():
+            if value < 1:
+                raise ConfigError(f"{where}: {key} must be at least 1, got {value}")
+        non_negative = {
+            "training.max_train_steps": self.training.max_train_steps,
+            "training.max_train_epochs": self.training.max_train_epochs,
+            "training.noise_offset": self.training.noise_offset,
+            "training.min_snr_gamma": self.training.min_snr_gamma,
+            "training.max_norm": self.training.max_norm,
+            "optimizer.max_grad_norm": self.optimizer.max_grad_norm,
+            "optimizer.loraplus_ratio": self.optimizer.loraplus_ratio,
+            "scheduler.warmup_steps": self.scheduler.warmup_steps,
+            "save.every_n_steps": self.save.every_n_steps,
+            "save.every_n_epochs": self.save.every_n_epochs,
+            "save.keep_last": self.save.keep_last,
+            "sample.every_n_steps": self.sample.every_n_steps,
+            "sample.every_n_epochs": self.sample.every_n_epochs,
+        }
+        for key, value in non_negative.items():
+            if value < 0:
+                raise ConfigError(f"{where}: {key} must not be negative, got {value}")
+        if self.training.max_train_steps == 0 and self.training.max_train_epochs == 0:
+            raise ConfigError(f"{where}: set training.max_train_steps or training.max_train_epochs")
+        if not 0 <= self.data.caption_dropout_rate <= 1:
+            raise ConfigError(f"{where}: data.caption_dropout_rate must be in [0, 1]")
+        if not (self.network.train_unet or self.network.train_text_encoder):
+            raise ConfigError(f"{where}: network.train_unet and network.train_text_encoder are both false")
+        if self.data.cache_text_encoder_outputs:
+            if self.network.train_text_encoder:
+                raise ConfigError(
+                    f"{where}: data.cache_text_encoder_outputs needs frozen text encoders "
+                    "(network.train_text_encoder = false)"
+                )
+            if self.data.shuffle_caption or self.data.caption_dropout_rate > 0:
+                raise ConfigError(
+                    f"{where}: data.cache_text_encoder_outputs needs fixed captions "
+                    "(data.shuffle_caption = false, data.caption_dropout_rate = 0)"
+                )
+        if (
+            self.sample.every_n_steps or self.sample.every_n_epochs or self.sample.at_first
+        ) and not self.sample.prompts:
+            raise ConfigError(f"{where}: sampling is scheduled but sample.prompts (a prompt file) is empty")
+        res = self.data.resolution
+        if not (1 <= len(res) <= 2 and all(isinstance(v, int) and v > 0 for v in res)):
+            raise ConfigError(f"{where}: data.resolution must be an int or [width, height], got {res!r}")
+        if len(res) == 1:
+            self.data.resolution = [res[0], res[0]]
+        if len(self.optimizer.betas) != 2:
+            raise ConfigError(f"{where}: optimizer.betas must be two numbers, got {self.optimizer.betas!r}")
+
+    @property
+    def resolution(self) -> tuple[int, int]:
+        return int(self.data.resolution[0]), int(self.data.resolution[-1])
+
+
+# ---------------------------------------------------------------------------- helpers
+_SECTION_TYPES = {f.name: f.default_factory for f in dataclasses.fields(TrainConfig) if f.name != "source"}
+
+
+def _field_names(cls: type) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
+
+
+def _build_section(cls: type, data: dict[str, Any], where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    values = {}
+    for key, value in data.items():
+        if key not in fields:
+            hint = nearest(key, fields)
+            if not hint:
+                owners = [f.name for f in dataclasses.fields(TrainConfig) if f.name != "source"]
+                owners = [o for o in owners if key in _field_names(_SECTION_TYPES[o])]
+                hint = f" (it belongs in [{owners[0]}])" if owners else ""
+            raise ConfigError(f"{where}.{key}: unknown key{hint}")
+        values[key] = _check_value(value, hints[key], fields[key], f"{where}.{key}")
+    return cls(**values)
+
+
+def _check_value(value: Any, hint: Any, spec: dataclasses.Field, where: str) -> Any:
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if hint is list and isinstance(value, int) and not isinstance(value, bool):
+        value = [value]
+    expected = hint if isinstance(hint, type) else None
+    if isinstance(hint, types.UnionType):
+        expected = tuple(a for a in typing.get_args(hint) if isinstance(a, type))
+    ok = isinstance(value, expected) if expected else True
+    if ok and isinstance(value, bool) and hint in (int, float):
+        ok = False
+    if not ok:
+        name = getattr(hint, "__name__", str(hint))
+        raise ConfigError(f"{where}: expected {name}, got {value!r}")
+    choices = spec.metadata.get("choices")
+    if choices and value not in choices:
+        raise ConfigError(f"{where}: {value!r} is not one of {', '.join(choices)}{nearest(str(value), choices)}")
+    return value
+
+
+_PATH_FIELDS = {
+    "model": ("pretrained", "config"),
+    "network": ("network_weights",),
+    "training": ("resume",),
+    "data": ("train_data_dir", "dataset_config", "imagefolder", "cache_dir"),
+    "save": ("output_dir",),
+    "sample": ("prompts",),
+    "logging": ("logging_dir",),
+}
+
+
+def _resolve_paths(data: dict[str, Any], root: Path) -> None:
+    """Relative paths in a config file are relative to the file's folder (as in kohya's dataset TOML)."""
+    for section, keys in _PATH_FIELDS.items():
+        table = data.get(section)
+        if not isinstance(table, dict):
+            continue
+        for key in keys:
+            value = table.get(key)
+            if isinstance(value, str) and value and not Path(value).is_absolute():
+                table[key] = str(root / value)
+    preset = data.get("network", {}).get("preset") if isinstance(data.get("network"), dict) else None
+    if isinstance(preset, str) and preset.endswith(".toml") and not Path(preset).is_absolute():
+        data["network"]["preset"] = str(root / preset)
+
+
+def _apply_override(data: dict[str, Any], item: str) -> None:
+    """``section.key=value``; the value is a TOML literal, or a bare string when it is not one."""
+    item = item.removeprefix("--")
+    key, sep, raw = item.partition("=")
+    if not sep or "." not in key:
+        raise ConfigError(f"override {item!r}: expected section.key=value (e.g. training.max_train_steps=100)")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    section, _, name = key.partition(".")
+    table = data.setdefault(section, {})
+    if not isinstance(table, dict):
+        raise ConfigError(f"override {item!r}: [{section}] is not a table")
+    *inner, last = name.split(".")
+    for part in inner:
+        table = table.setdefault(part, {})
+    table[last] = value
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(str(k))} = {_toml_value(v)}" for k, v in value.items()) + "}"
+    raise ConfigError(f"cannot write {value!r} to TOML")
