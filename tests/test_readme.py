@@ -29,3 +29,30 @@ def test_readme_whole_model_example_runs(tmp_path, monkeypatch):
     assert namespace["sd"].kind == "sdxl"
     loaded = namespace["load_sd_network"](tmp_path / "my.safetensors", namespace["sd"])
     assert set(loaded.adapters) == set(namespace["net"].adapters)
+
+
+def test_readme_training_config_is_valid_and_dry_runs(tmp_path, monkeypatch, capsys):
+    """The README's TOML is a valid trainer config; with real paths it dry-runs."""
+    from higanbana.cli import main
+    from higanbana.models.tiny import save_tiny_sd, tiny_sd_parts
+    from tests.train.test_trainer import make_images
+
+    block = re.findall(r"```toml\n(.*?)```", README.read_text(), flags=re.S)[0]
+    folder = save_tiny_sd(tiny_sd_parts("sd1", with_vae=True), tmp_path / "sd15")
+    make_images(tmp_path / "images" / "5_sks toy")
+    text = block.replace("path/to/sd15-diffusers-folder", str(folder)).replace(
+        "path/to/images", str(tmp_path / "images")
+    )
+    (tmp_path / "my_lora.toml").write_text(text, encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    args = [
+        "train",
+        "my_lora.toml",
+        "--dry-run",
+        "data.resolution=32",
+        "data.min_bucket_reso=16",
+        "data.bucket_reso_steps=8",
+    ]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "lokr" in out and "5_sks toy" in out

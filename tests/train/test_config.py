@@ -49,6 +49,7 @@ def test_defaults_relative_paths_and_round_trip(tmp_path):
         ("imagefolder = 'x'", r"exactly one of data.train_data_dir, data.dataset_config, data.imagefolder"),
         ("[network]\ntrain_unet = false", r"both false"),
         ("[sample]\nevery_n_steps = 5", r"sample.prompts"),
+        ("[sample]\nsampler = 'eular_a'", r"sample.sampler: unknown sampler 'eular_a' \(did you mean 'euler_a'\?\)"),
         (
             "cache_text_encoder_outputs = true\n[network]\ntrain_text_encoder = true",
             r"needs frozen text encoders",
@@ -128,3 +129,17 @@ def test_optimizers_and_schedules():
     config.scheduler.type = "constant"
     with pytest.raises(ConfigError, match="constant_with_warmup"):
         make_scheduler(opt, config.scheduler, 100)
+
+
+def test_every_field_is_documented():
+    """docs/training.md lists every section and field of the schema."""
+    import dataclasses
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "training.md").read_text(encoding="utf-8")
+    for section in dataclasses.fields(TrainConfig):
+        if section.name == "source":
+            continue
+        assert f"`[{section.name}]`" in text, section.name
+        for f in dataclasses.fields(section.default_factory):
+            assert f"`{f.name}`" in text, f"{section.name}.{f.name}"

@@ -138,7 +138,7 @@ def _fixed_loss(model_dir: Path, adapter: Path | None, data_dir: Path) -> float:
         load_sd_network(adapter, parts).attach()
     sched = DDPMScheduler.from_pretrained(model_dir / "scheduler")
     img = Image.open(next(data_dir.glob("*/img0.png"))).convert("RGB").resize((32, 32))
-    x = torch.from_numpy(np.asarray(img)).permute(2, 0, 1).float().div(127.5).sub(1)[None]
+    x = torch.from_numpy(np.array(img)).permute(2, 0, 1).float().div(127.5).sub(1)[None]
     with torch.no_grad():
         lat = parts.vae.encode(x).latent_dist.mean * parts.vae.config.scaling_factor
         hidden, _ = TextEncoder(parts, 1, trainable=False, cache=False)(["sks toy, red, view 0"])
@@ -150,6 +150,7 @@ def _fixed_loss(model_dir: Path, adapter: Path | None, data_dir: Path) -> float:
         )
 
 
+@pytest.mark.slow
 def test_overfit_run_lowers_the_loss(models, tmp_path):
     data = tmp_path / "data"
     make_images(data / "10_sks toy", count=1, sizes=((32, 32),))
@@ -321,3 +322,98 @@ def test_two_processes_match_one_with_the_same_global_batch(models, images, tmp_
     # another order) moves its element by up to ~1% of one step (lr 1e-3 × 3 steps here)
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=1e-5, msg=lambda m, k=key: f"{k}: {m}")
+
+
+def test_samples_and_tensorboard_logs(models, images, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    lines = ["# comment", "sks toy, red --n blurry --w 32 --h 32 --d 5 --s 2", "sks toy --s 2"]
+    prompts.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    config = config_for(
+        models["sd1"],
+        images,
+        tmp_path / "out",
+        sample={"prompts": str(prompts), "every_n_steps": 2, "at_first": True, "steps": 2},
+        logging={"log_with": "tensorboard"},
+        training={"max_train_steps": 2},
+    )
+    train(config, progress=False, log=lambda _m: None)
+    samples = sorted(p.name for p in (tmp_path / "out" / "samples").glob("*.png"))
+    assert samples == [
+        "tiny_e0000_s0000000_00.png",
+        "tiny_e0000_s0000000_01.png",
+        "tiny_e0001_s0000002_00.png",
+        "tiny_e0001_s0000002_01.png",
+    ], samples
+    assert "Seed: 5" in Image.open(tmp_path / "out" / "samples" / samples[0]).text["parameters"]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(next((tmp_path / "out" / "logs").rglob("events.out.tfevents.*")).parent))
+    events.Reload()
+    assert "loss" in events.Tags()["scalars"] and any(t.startswith("lr/") for t in events.Tags()["scalars"])
+    assert [s.step for s in events.Scalars("loss")] == [1, 2]
+    assert len(events.Tags()["images"]) == 2
+
+
+@pytest.mark.parametrize(
+    "variant",
+    ["bf16", "checkpointing", "te_cache", "dataset_toml", "imagefolder", "warm_start", "v_prediction", "accumulate"],
+)
+def test_training_options(models, images, tmp_path, variant):
+    model_dir, data_dir = models["sd1"], images
+    sections: dict = {}
+    if variant == "bf16":
+        sections["training"] = {"mixed_precision": "bf16"}
+    elif variant == "checkpointing":
+        sections["training"] = {"gradient_checkpointing": True}
+        sections["network"] = {"train_text_encoder": True}
+    elif variant == "te_cache":
+        sections["data"] = {"cache_text_encoder_outputs": True, "cache_latents": "disk"}
+    elif variant == "dataset_toml":
+        toml = tmp_path / "ds.toml"
+        toml.write_text(
+            f'[general]\ncaption_extension = ".txt"\n[[datasets]]\nresolution = 32\nbatch_size = 2\n'
+            f'[[datasets.subsets]]\nimage_dir = "{(images / "2_sks toy").as_posix()}"\nnum_repeats = 3\n',
+            encoding="utf-8",
+        )
+        sections["data"] = {"train_data_dir": "", "dataset_config": str(toml)}
+    elif variant == "imagefolder":
+        folder = tmp_path / "imagefolder"
+        make_images(folder, count=2)
+        lines = [json.dumps({"file_name": f"img{i}.png", "text": f"a toy {i}"}) for i in range(2)]
+        (folder / "metadata.jsonl").write_text("\n".join(lines), encoding="utf-8")
+        sections["data"] = {"train_data_dir": "", "imagefolder": str(folder)}
+    elif variant == "warm_start":
+        first = train(config_for(model_dir, data_dir, tmp_path / "first"), progress=False, log=lambda _m: None)
+        sections["network"] = {"network_weights": str(first.output)}
+        sections["training"] = {"max_train_steps": 1}
+        sections["optimizer"] = {"unet_lr": 1e-7}  # one tiny step: the output stays at the warm start
+        sections["training"]["seed"] = 7  # another initialisation, replaced by the file's weights
+    elif variant == "v_prediction":
+        parts = tiny_sd_parts("sd2", seed=0, with_vae=True)
+        parts.v_parameterization = True
+        model_dir = save_tiny_sd(parts, tmp_path / "sd2v")
+    elif variant == "accumulate":
+        sections["training"] = {"gradient_accumulation_steps": 2, "max_train_steps": 2}
+        sections["data"] = {"batch_size": 1}
+    config = config_for(model_dir, data_dir, tmp_path / "out", **sections)
+    result = train(config, progress=False, log=lambda _m: None)
+    assert all(np.isfinite(result.losses)) and result.output.is_file()
+    with safe_open(str(result.output), "pt") as f:
+        meta = f.metadata()
+    if variant == "warm_start":
+        warm, out = _adapter_weights(first.output), _adapter_weights(result.output)
+        assert warm.keys() == out.keys()
+        for k in warm:
+            torch.testing.assert_close(out[k], warm[k], rtol=0, atol=1e-6)
+    if variant == "v_prediction":
+        assert meta["ss_prediction_type"] == "v_prediction" and meta["ss_base_model_version"] == "sd_v2_v"
+    if variant == "checkpointing":  # the same numbers as without checkpointing
+        plain = config_for(model_dir, data_dir, tmp_path / "plain", network={"train_text_encoder": True})
+        reference = _adapter_weights(train(plain, progress=False, log=lambda _m: None).output)
+        got = _adapter_weights(result.output)
+        for k in reference:
+            torch.testing.assert_close(got[k], reference[k], rtol=1e-4, atol=1e-6)
+    if variant == "te_cache":
+        assert list((tmp_path / "out" / "cache").glob("*.safetensors"))
+    if variant == "dataset_toml":
+        assert json.loads(meta["ss_dataset_dirs"])["2_sks toy"]["n_repeats"] == 3

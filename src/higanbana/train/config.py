@@ -300,6 +300,12 @@ class TrainConfig:
             raise ConfigError(f"{where}: data.resolution must be an int or [width, height], got {res!r}")
         if len(res) == 1:
             self.data.resolution = [res[0], res[0]]
+        from ..models.pipeline import canonical_sampler
+
+        try:
+            canonical_sampler(self.sample.sampler)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: sample.sampler: {exc}") from None
         if len(self.optimizer.betas) != 2:
             raise ConfigError(f"{where}: optimizer.betas must be two numbers, got {self.optimizer.betas!r}")
 

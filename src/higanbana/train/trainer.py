@@ -385,7 +385,9 @@ class _Run:
             parts.unet.enable_gradient_checkpointing()
             if c.network.train_text_encoder:
                 for te in parts.text_encoders:
-                    te.gradient_checkpointing_enable()
+                    enable = getattr(te, "activation_checkpointing_enable", None) or te.gradient_checkpointing_enable
+                    enable()
+                    te.train()  # transformers checkpoints only in train mode (CLIP has no dropout to switch on)
         self.noise_scheduler = DDPMScheduler.from_config(self.scheduler_config)
         self.text = TextEncoder(
             parts,
@@ -406,6 +408,10 @@ class _Run:
                 device=self.device,
                 progress=self.progress and acc.is_main_process,
             )
+            if c.data.cache_latents == "disk" and self.world > 1:  # the main process encodes, the others read
+                if acc.is_main_process:
+                    self.latents.fill()
+                acc.wait_for_everyone()
             self.latents.fill()
         lrs = {}
         o = c.optimizer
