@@ -61,8 +61,37 @@ def _openclip(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def _vae_to_ldm(vae) -> dict[str, torch.Tensor]:
+    """diffusers AutoencoderKL state dict -> the original (LDM) VAE names single files carry."""
+    n_up = len(vae.config.block_out_channels)
+    attn = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+    out = {}
+    for key, value in vae.state_dict().items():
+        k = key
+        for side in ("encoder", "decoder"):
+            k = k.replace(f"{side}.mid_block.resnets.0.", f"{side}.mid.block_1.")
+            k = k.replace(f"{side}.mid_block.resnets.1.", f"{side}.mid.block_2.")
+            if f"{side}.mid_block.attentions.0." in k:
+                rest = k.split(f"{side}.mid_block.attentions.0.")[1]
+                module, _, param = rest.rpartition(".")
+                k = f"{side}.mid.attn_1.{attn[module]}.{param}"
+                if module != "group_norm" and param == "weight":
+                    value = value[:, :, None, None]
+        k = k.replace("conv_norm_out.", "norm_out.").replace("conv_shortcut.", "nin_shortcut.")
+        if k.startswith("encoder.down_blocks."):
+            i, _, rest = k[len("encoder.down_blocks.") :].partition(".")
+            rest = rest.replace("resnets.", "block.").replace("downsamplers.0.", "downsample.")
+            k = f"encoder.down.{i}.{rest}"
+        elif k.startswith("decoder.up_blocks."):
+            i, _, rest = k[len("decoder.up_blocks.") :].partition(".")
+            rest = rest.replace("resnets.", "block.").replace("upsamplers.0.", "upsample.")
+            k = f"decoder.up.{n_up - 1 - int(i)}.{rest}"
+        out[k] = value
+    return out
+
+
 def to_original(parts) -> dict[str, torch.Tensor]:
-    """A test-side diffusers -> original (LDM/SGM) converter; the VAE keeps its diffusers names."""
+    """A test-side diffusers -> original (LDM/SGM) converter, the layout real single files have."""
     names = SgmNameMap(parts.unet.config)
     sd = {"model.diffusion_model." + names.to_sgm(k): v for k, v in parts.unet.state_dict().items()}
     for (start, layout), te in zip(_TE_STARTS[parts.kind], parts.text_encoders, strict=True):
@@ -74,7 +103,7 @@ def to_original(parts) -> dict[str, torch.Tensor]:
             te_sd = _openclip(te_sd)
         sd.update({start + k: v for k, v in te_sd.items()})
     if parts.vae is not None:
-        sd.update({"first_stage_model." + k: v for k, v in parts.vae.state_dict().items()})
+        sd.update({"first_stage_model." + k: v for k, v in _vae_to_ldm(parts.vae).items()})
     return {k: v.detach().clone().contiguous() for k, v in sd.items()}
 
 

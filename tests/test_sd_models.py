@@ -157,3 +157,24 @@ def test_single_file_without_configs_never_downloads(tmp_path):
     with pytest.raises(HiganbanaError, match=r"sd15\.safetensors.*diffusers model folder") as info:
         load_sd(ckpt)
     assert "offline" in str(info.value)
+
+
+def test_single_file_weights_diffusers_leaves_unread_are_an_error(tmp_path):
+    """diffusers picks the SDXL text-encoder converter by width; in the tiny model both encoders are
+    16 wide, so it converts the second with the first's rules and leaves its projection on the meta
+    device. load_sd must say so instead of returning a model that fails later."""
+    from safetensors.torch import save_file
+
+    from higanbana.models.tiny import save_tiny_sd
+    from tests.test_checkpoint_and_merge import to_original
+
+    parts = tiny_sd_parts("sdxl", seed=0, with_vae=True)
+    folder = save_tiny_sd(parts, tmp_path / "sdxl")
+    save_file(to_original(parts), str(tmp_path / "sdxl.safetensors"))
+    with pytest.raises(HiganbanaError, match=r"text_encoder_1 was not fully read .*text_projection"):
+        load_sd(tmp_path / "sdxl.safetensors", config=folder)
+    sd1 = tiny_sd_parts("sd1", seed=0, with_vae=True)
+    save_file(to_original(sd1), str(tmp_path / "sd1.safetensors"))
+    loaded = load_sd(tmp_path / "sd1.safetensors", config=save_tiny_sd(sd1, tmp_path / "sd1"))
+    for a, b in zip(loaded.vae.state_dict().values(), sd1.vae.state_dict().values(), strict=True):
+        assert torch.equal(a, b)

@@ -356,7 +356,17 @@ def test_samples_and_tensorboard_logs(models, images, tmp_path):
 
 @pytest.mark.parametrize(
     "variant",
-    ["bf16", "checkpointing", "te_cache", "dataset_toml", "imagefolder", "warm_start", "v_prediction", "accumulate"],
+    [
+        "bf16",
+        "checkpointing",
+        "te_cache",
+        "dataset_toml",
+        "imagefolder",
+        "warm_start",
+        "v_prediction",
+        "accumulate",
+        "single_file",
+    ],
 )
 def test_training_options(models, images, tmp_path, variant):
     model_dir, data_dir = models["sd1"], images
@@ -392,6 +402,14 @@ def test_training_options(models, images, tmp_path, variant):
         parts = tiny_sd_parts("sd2", seed=0, with_vae=True)
         parts.v_parameterization = True
         model_dir = save_tiny_sd(parts, tmp_path / "sd2v")
+    elif variant == "single_file":  # an original-layout checkpoint, configs from a local folder
+        from safetensors.torch import save_file
+
+        from tests.test_checkpoint_and_merge import to_original
+
+        model_dir = tmp_path / "sd15.safetensors"
+        save_file(to_original(tiny_sd_parts("sd1", seed=0, with_vae=True)), str(model_dir))
+        sections["model"] = {"config": str(models["sd1"])}
     elif variant == "accumulate":
         sections["training"] = {"gradient_accumulation_steps": 2, "max_train_steps": 2}
         sections["data"] = {"batch_size": 1}

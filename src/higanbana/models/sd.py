@@ -269,6 +269,14 @@ def _load_single_file(path: Path, kind: str | None, dtype: torch.dtype, config: 
             "make the configs available in the offline Hugging Face cache"
         ) from e
     text_encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if kind == "sdxl" else [])
+    components = {"unet": pipe.unet, "vae": pipe.vae, **{f"text_encoder_{i}": te for i, te in enumerate(text_encoders)}}
+    for label, module in components.items():
+        empty = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
+        if empty:  # diffusers leaves what its converter did not find on the meta device, silently
+            raise HiganbanaError(
+                f"{str(path)!r}: {label} was not fully read from the checkpoint (no weights for "
+                f"{', '.join(empty[:3])}{' …' if len(empty) > 3 else ''}); is it a complete {kind} checkpoint?"
+            )
     tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if kind == "sdxl" else [])
     if any(t is None for t in tokenizers):
         tokenizers = None
