@@ -87,12 +87,13 @@ def _adapter_weights(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
+@pytest.mark.parametrize("kind", ["sd1", "sdxl"])
 @pytest.mark.parametrize(("label", "algo", "options"), ALGOS, ids=[a[0] for a in ALGOS])
-def test_every_algorithm_trains_and_the_file_loads_everywhere(models, images, tmp_path, label, algo, options):
+def test_every_algorithm_trains_and_the_file_loads_everywhere(models, images, tmp_path, label, algo, options, kind):
     from tests.interop.test_parity import _layer_weights, comfy_merge
 
     config = config_for(
-        models["sd1"],
+        models[kind],
         images,
         tmp_path / "out",
         network={"algo": algo, "options": options, "preset": "full", "train_text_encoder": True},
@@ -100,13 +101,13 @@ def test_every_algorithm_trains_and_the_file_loads_everywhere(models, images, tm
     result = train(config, progress=False, log=lambda _m: None)
     assert result.steps == 2 and all(np.isfinite(result.losses))
     info = file_info(result.output)
-    assert info["algorithms"] and info["base_model"] == "sd1"
+    assert info["algorithms"] and info["base_model"] == kind
     weights = _adapter_weights(result.output)
     assert any(float(t.abs().sum()) > 0 for k, t in weights.items() if not k.endswith(".alpha"))
     # the file's update, read by ComfyUI's reference loader, equals our own merge
     from higanbana.stable_diffusion import load_sd_network
 
-    model = tiny_sd_parts("sd1", seed=0)
+    model = tiny_sd_parts(kind, seed=0)
     parts = [model.unet, *model.text_encoders]
     before = [_layer_weights(p) for p in parts]
     verdict = {v["tool"]: v for v in info["compatibility"]}["ComfyUI"]
@@ -366,13 +367,16 @@ def test_samples_and_tensorboard_logs(models, images, tmp_path):
         "v_prediction",
         "accumulate",
         "single_file",
+        "max_norm",
     ],
 )
 def test_training_options(models, images, tmp_path, variant):
     model_dir, data_dir = models["sd1"], images
     sections: dict = {}
-    if variant == "bf16":
+    if variant == "bf16":  # with samples: the pipeline runs a bf16 UNet beside the fp32 VAE
         sections["training"] = {"mixed_precision": "bf16"}
+        (tmp_path / "p.txt").write_text("sks toy --s 2\n", encoding="utf-8")
+        sections["sample"] = {"prompts": str(tmp_path / "p.txt"), "every_n_steps": 1}
     elif variant == "checkpointing":
         sections["training"] = {"gradient_checkpointing": True}
         sections["network"] = {"train_text_encoder": True}
@@ -410,6 +414,9 @@ def test_training_options(models, images, tmp_path, variant):
         model_dir = tmp_path / "sd15.safetensors"
         save_file(to_original(tiny_sd_parts("sd1", seed=0, with_vae=True)), str(model_dir))
         sections["model"] = {"config": str(models["sd1"])}
+    elif variant == "max_norm":
+        sections["training"] = {"max_norm": 1e-3}
+        sections["optimizer"] = {"unet_lr": 1e-2}
     elif variant == "accumulate":
         sections["training"] = {"gradient_accumulation_steps": 2, "max_train_steps": 2}
         sections["data"] = {"batch_size": 1}
@@ -431,6 +438,12 @@ def test_training_options(models, images, tmp_path, variant):
         got = _adapter_weights(result.output)
         for k in reference:
             torch.testing.assert_close(got[k], reference[k], rtol=1e-4, atol=1e-6)
+    if variant == "max_norm":  # every module's ‖s·ΔW‖ was scaled down to the limit
+        from higanbana.stable_diffusion import load_sd_network
+
+        net = load_sd_network(result.output, tiny_sd_parts("sd1", seed=0))
+        scaled, _mean, largest = net.apply_max_norm(1e-3 * 1.001)
+        assert scaled == 0 and 0 < largest <= 1e-3 * 1.001
     if variant == "te_cache":
         assert list((tmp_path / "out" / "cache").glob("*.safetensors"))
     if variant == "dataset_toml":

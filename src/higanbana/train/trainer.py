@@ -624,20 +624,20 @@ class _Run:
         prompts = parse_prompt_file(c.sample.prompts)
         pipeline = build_pipeline(self.parts, sampler=c.sample.sampler, scheduler_config=self.scheduler_config)
         w, h = c.sample.width or self.config.resolution[0], c.sample.height or self.config.resolution[1]
-        vae_dtype = self.parts.vae.dtype
-        images = generate_samples(
-            pipeline,
-            prompts,
-            width=w,
-            height=h,
-            steps=c.sample.steps,
-            cfg_scale=c.sample.cfg_scale,
-            seed=c.training.seed,
-            device=self.device,
-            sampler=c.sample.sampler,
-            scheduler_config=self.scheduler_config,
-        )
-        self.parts.vae.to(dtype=vae_dtype)
+        # a mixed-precision UNet beside the float32 VAE: autocast lets the pipeline pass tensors between them
+        with torch.autocast(self.device.type, dtype=self.mixed, enabled=self.mixed is not None):
+            images = generate_samples(
+                pipeline,
+                prompts,
+                width=w,
+                height=h,
+                steps=c.sample.steps,
+                cfg_scale=c.sample.cfg_scale,
+                seed=c.training.seed,
+                device=self.device,
+                sampler=c.sample.sampler,
+                scheduler_config=self.scheduler_config,
+            )
         save_samples(images, prompts, self.out_dir / "samples", step=step, epoch=epoch, name=c.save.output_name)
         if c.logging.log_with == "tensorboard":
             writer = self.accelerator.get_tracker("tensorboard", unwrap=True)
@@ -654,6 +654,8 @@ class _Run:
         self.started = time.time()
         state = TrainState()
         resume = resolve_resume(t.resume, self.out_dir)
+        if t.resume == "latest" and resume is None:
+            self.log(f"no saved state in {self.out_dir}: starting from step 0")
         if resume is not None:
             state = load_state(
                 resume,
