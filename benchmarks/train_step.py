@@ -299,8 +299,17 @@ def child(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
     name = args.child
     runner, options = next((r, o) for n, r, o in CONFIGS if n == name)
+    # the same imports in every child, so "peak − after imports" compares what the loops allocate
+    import accelerate  # noqa: F401
+    import diffusers  # noqa: F401
+    import transformers  # noqa: F401
+
+    import higanbana.train  # noqa: F401
+
+    base = peak_memory_mib("cpu")
     out = run_loop(args, options) if runner == "loop" else run_ours(args, options)
     out["peak_mib"] = peak_memory_mib(args.device)
+    out["base_mib"] = 0.0 if args.device.startswith("cuda") else base
     out["threads"] = torch.get_num_threads()
     print("RESULT " + json.dumps(out), flush=True)
 
@@ -393,8 +402,8 @@ def report(args: argparse.Namespace, results: dict[str, list[dict[str, Any]]], n
         f"ours: (t({n2} steps) − t({n1} steps)) / {n2 - n1}; median of {args.repeats} fresh subprocesses "
         "(min–max in brackets)",
         "",
-        f"| config | s/step | ratio vs frozen | ratio vs {PEFT_ROW} | peak MiB ({mem}) |",
-        "|---|---|---|---|---|",
+        f"| config | s/step | ratio vs frozen | ratio vs {PEFT_ROW} | peak MiB ({mem}) | peak − after imports |",
+        "|---|---|---|---|---|---|",
     ]
     for name, _runner, options in CONFIGS:
         rs = results.get(name)
@@ -408,7 +417,9 @@ def report(args: argparse.Namespace, results: dict[str, list[dict[str, Any]]], n
             vs_frozen += " (cached)"
         vs_peft = f"{t / med[PEFT_ROW]:.2f}×" if PEFT_ROW in med else ""
         peak = statistics.median(r["peak_mib"] for r in rs)
-        lines.append(f"| {name} | {fmt_time([r['s_per_step'] for r in rs])} | {vs_frozen} | {vs_peft} | {peak:.0f} |")
+        grown = statistics.median(r["peak_mib"] - r["base_mib"] for r in rs)
+        times = fmt_time([r["s_per_step"] for r in rs])
+        lines.append(f"| {name} | {times} | {vs_frozen} | {vs_peft} | {peak:.0f} | {grown:.0f} |")
     lines += ["", *[f"- {n}" for n in notes]]
     return lines
 
