@@ -13,16 +13,13 @@ be repeated exactly.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import tomllib
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError, nearest
+from ..errors import ConfigError
+from ..schema import apply_override, build_sections, choice, load_toml, resolve_paths, sections_to_toml
 
 OPTIMIZERS = ("adamw", "adamw8bit", "lion", "lion8bit", "prodigy", "sgd", "adafactor")
 SCHEDULERS = (
@@ -40,16 +37,12 @@ SAVE_DTYPES = ("fp32", "fp16", "bf16")
 LOSS_TYPES = ("l2", "l1", "huber")
 
 
-def _choice(*values: str) -> dict[str, Any]:
-    return {"choices": values}
-
-
 @dataclass
 class ModelSection:
     """The base model: a local diffusers folder or a single ``.safetensors`` checkpoint."""
 
     pretrained: str = ""  # path (required)
-    kind: str = field(default="auto", metadata=_choice("auto", "sd1", "sd2", "sdxl"))
+    kind: str = field(default="auto", metadata=choice("auto", "sd1", "sd2", "sdxl"))
     config: str = ""  # a local diffusers folder with the configs, for single files that need one
     v_parameterization: bool = False  # the model predicts v (SD2-768); also read from the scheduler config
 
@@ -87,14 +80,14 @@ class DataSection:
     bucket_reso_steps: int = 64
     bucket_no_upscale: bool = False
     batch_size: int = 1  # per process
-    cache_latents: str = field(default="memory", metadata=_choice(*CACHE_MODES))
+    cache_latents: str = field(default="memory", metadata=choice(*CACHE_MODES))
     cache_dir: str = ""  # disk cache folder (default: <output_dir>/cache)
     cache_text_encoder_outputs: bool = False  # only when the text encoders are frozen and captions fixed
 
 
 @dataclass
 class OptimizerSection:
-    type: str = field(default="adamw", metadata=_choice(*OPTIMIZERS))
+    type: str = field(default="adamw", metadata=choice(*OPTIMIZERS))
     unet_lr: float = 1e-4
     text_encoder_lr: float = 5e-5  # SD1/SD2 text encoder, and SDXL's first
     text_encoder_lr2: float = -1.0  # SDXL's second text encoder (-1: same as text_encoder_lr)
@@ -108,7 +101,7 @@ class OptimizerSection:
 
 @dataclass
 class SchedulerSection:
-    type: str = field(default="constant", metadata=_choice(*SCHEDULERS))
+    type: str = field(default="constant", metadata=choice(*SCHEDULERS))
     warmup_steps: float = 0.0  # below 1: a fraction of the total steps
     num_cycles: int = 1  # cosine_with_restarts
     power: float = 1.0  # polynomial
@@ -119,14 +112,14 @@ class TrainingSection:
     max_train_steps: int = 0  # 0: decided by max_train_epochs
     max_train_epochs: int = 1
     gradient_accumulation_steps: int = 1
-    mixed_precision: str = field(default="no", metadata=_choice(*PRECISIONS))
+    mixed_precision: str = field(default="no", metadata=choice(*PRECISIONS))
     vae_fp32: bool = True  # keep the VAE in float32 (the SDXL fp16 VAE gives NaN)
     gradient_checkpointing: bool = False
     seed: int = 42
     noise_offset: float = 0.0
     min_snr_gamma: float = 0.0  # 0: off (the paper-recommended value is 5)
-    prediction_type: str = field(default="auto", metadata=_choice(*PREDICTIONS))
-    loss_type: str = field(default="l2", metadata=_choice(*LOSS_TYPES))
+    prediction_type: str = field(default="auto", metadata=choice(*PREDICTIONS))
+    loss_type: str = field(default="l2", metadata=choice(*LOSS_TYPES))
     huber_c: float = 0.1
     max_norm: float = 0.0  # scale down modules whose ‖ΔW‖ exceeds this (kohya's --scale_weight_norms)
     clip_skip: int = 1  # use the output of the n-th last text-encoder layer (SD1: 2 for anime models)
@@ -142,7 +135,7 @@ class SaveSection:
     every_n_epochs: int = 1
     keep_last: int = 0  # keep only the last K intermediate files and states (0: keep all)
     save_state: bool = True  # also save a resumable state (optimizer, scheduler, step) with each file
-    dtype: str = field(default="fp16", metadata=_choice(*SAVE_DTYPES))
+    dtype: str = field(default="fp16", metadata=choice(*SAVE_DTYPES))
     trigger_phrase: str = ""  # written to modelspec.trigger_phrase
 
 
@@ -161,7 +154,7 @@ class SampleSection:
 
 @dataclass
 class LoggingSection:
-    log_with: str = field(default="tensorboard", metadata=_choice("tensorboard", "none"))
+    log_with: str = field(default="tensorboard", metadata=choice("tensorboard", "none"))
     logging_dir: str = ""  # default: <output_dir>/logs
 
 
@@ -183,20 +176,7 @@ class TrainConfig:
     # ------------------------------------------------------------------ building
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "config") -> TrainConfig:
-        sections = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
-        if not isinstance(data, dict):
-            raise ConfigError(f"{where}: expected a table of sections")
-        values: dict[str, Any] = {}
-        for name, value in data.items():
-            if name not in sections:
-                # a field written at the top level instead of in its section, or a misspelt section
-                owners = [s for s, f in sections.items() if name in _field_names(f.default_factory)]
-                hint = f" (it belongs in [{owners[0]}])" if owners else nearest(name, sections)
-                raise ConfigError(f"{where}: unknown section [{name}]{hint}")
-            if not isinstance(value, dict):
-                raise ConfigError(f"{where}: [{name}] must be a table, got {value!r}")
-            values[name] = _build_section(sections[name].default_factory, value, f"{where}: {name}")
-        config = cls(**values, source=where)
+        config = cls(**build_sections(cls, data, where), source=where)
         config.validate()
         return config
 
@@ -208,15 +188,10 @@ class TrainConfig:
         if path is not None:
             path = Path(path)
             where = str(path)
-            try:
-                data = tomllib.loads(path.read_text(encoding="utf-8"))
-            except FileNotFoundError:
-                raise ConfigError(f"{path}: no such config file") from None
-            except tomllib.TOMLDecodeError as exc:
-                raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+            data = load_toml(path)
             _resolve_paths(data, path.parent)
         for item in overrides:
-            _apply_override(data, item)
+            apply_override(data, item)
         return cls.from_dict(data, where)
 
     def to_dict(self) -> dict[str, Any]:
@@ -226,13 +201,7 @@ class TrainConfig:
 
     def to_toml(self) -> str:
         """The resolved configuration as TOML (every field, defaults included)."""
-        lines: list[str] = []
-        for section, values in self.to_dict().items():
-            lines.append(f"[{section}]")
-            for key, value in values.items():
-                lines.append(f"{key} = {_toml_value(value)}")
-            lines.append("")
-        return "\n".join(lines)
+        return sections_to_toml(self.to_dict())
 
     # ------------------------------------------------------------------ checks
     def validate(self) -> None:
@@ -315,49 +284,6 @@ class TrainConfig:
 
 
 # ---------------------------------------------------------------------------- helpers
-_SECTION_TYPES = {f.name: f.default_factory for f in dataclasses.fields(TrainConfig) if f.name != "source"}
-
-
-def _field_names(cls: type) -> set[str]:
-    return {f.name for f in dataclasses.fields(cls)}
-
-
-def _build_section(cls: type, data: dict[str, Any], where: str) -> Any:
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    values = {}
-    for key, value in data.items():
-        if key not in fields:
-            hint = nearest(key, fields)
-            if not hint:
-                owners = [f.name for f in dataclasses.fields(TrainConfig) if f.name != "source"]
-                owners = [o for o in owners if key in _field_names(_SECTION_TYPES[o])]
-                hint = f" (it belongs in [{owners[0]}])" if owners else ""
-            raise ConfigError(f"{where}.{key}: unknown key{hint}")
-        values[key] = _check_value(value, hints[key], fields[key], f"{where}.{key}")
-    return cls(**values)
-
-
-def _check_value(value: Any, hint: Any, spec: dataclasses.Field, where: str) -> Any:
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if hint is list and isinstance(value, int) and not isinstance(value, bool):
-        value = [value]
-    expected = hint if isinstance(hint, type) else None
-    if isinstance(hint, types.UnionType):
-        expected = tuple(a for a in typing.get_args(hint) if isinstance(a, type))
-    ok = isinstance(value, expected) if expected else True
-    if ok and isinstance(value, bool) and hint in (int, float):
-        ok = False
-    if not ok:
-        name = getattr(hint, "__name__", str(hint))
-        raise ConfigError(f"{where}: expected {name}, got {value!r}")
-    choices = spec.metadata.get("choices")
-    if choices and value not in choices:
-        raise ConfigError(f"{where}: {value!r} is not one of {', '.join(choices)}{nearest(str(value), choices)}")
-    return value
-
-
 _PATH_FIELDS = {
     "model": ("pretrained", "config"),
     "network": ("network_weights",),
@@ -371,48 +297,7 @@ _PATH_FIELDS = {
 
 def _resolve_paths(data: dict[str, Any], root: Path) -> None:
     """Relative paths in a config file are relative to the file's folder (as in kohya's dataset TOML)."""
-    for section, keys in _PATH_FIELDS.items():
-        table = data.get(section)
-        if not isinstance(table, dict):
-            continue
-        for key in keys:
-            value = table.get(key)
-            if isinstance(value, str) and value and not Path(value).is_absolute():
-                table[key] = str(root / value)
+    resolve_paths(data, root, _PATH_FIELDS)
     preset = data.get("network", {}).get("preset") if isinstance(data.get("network"), dict) else None
     if isinstance(preset, str) and preset.endswith(".toml") and not Path(preset).is_absolute():
         data["network"]["preset"] = str(root / preset)
-
-
-def _apply_override(data: dict[str, Any], item: str) -> None:
-    """``section.key=value``; the value is a TOML literal, or a bare string when it is not one."""
-    item = item.removeprefix("--")
-    key, sep, raw = item.partition("=")
-    if not sep or "." not in key:
-        raise ConfigError(f"override {item!r}: expected section.key=value (e.g. training.max_train_steps=100)")
-    try:
-        value = tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = raw
-    section, _, name = key.partition(".")
-    table = data.setdefault(section, {})
-    if not isinstance(table, dict):
-        raise ConfigError(f"override {item!r}: [{section}] is not a table")
-    *inner, last = name.split(".")
-    for part in inner:
-        table = table.setdefault(part, {})
-    table[last] = value
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value, ensure_ascii=False)
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{json.dumps(str(k))} = {_toml_value(v)}" for k, v in value.items()) + "}"
-    raise ConfigError(f"cannot write {value!r} to TOML")

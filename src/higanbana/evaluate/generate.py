@@ -1,0 +1,141 @@
+"""Generate the evaluation images: the same prompts and seeds for the base and every fine-tuned model.
+
+Images are written one file per :class:`~higanbana.evaluate.prompts.PromptItem`
+(``<root>/<model>/<concept>/<prompt_type>/<index>.png``, atomically), so a re-run skips every image
+that exists and a killed run loses at most one batch. The settings that decide the pixels (sampler,
+steps, CFG, size, the adapter file's hash and strength) are recorded in ``<root>/<model>/settings.json``;
+a re-run with other settings is refused rather than mixing images (pass a new output folder or
+``overwrite``). Work is split across processes by item index (``index % processes``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import HiganbanaError
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """What decides the pixels besides prompt and seed (DESIGN.md §5 defaults)."""
+
+    sampler: str = "ddim"
+    steps: int = 25
+    cfg_scale: float = 7.0
+    width: int = 512
+    height: int = 512
+    negative_prompt: str = ""
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """sha256 of a file (the adapter's identity in the settings record)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def image_path(root: str | os.PathLike, model: str, item: Any) -> Path:
+    return Path(root) / model / item.concept / item.prompt_type / f"{item.index:04d}.png"
+
+
+def _check_settings(folder: Path, record: dict[str, Any], overwrite: bool) -> None:
+    path = folder / "settings.json"
+    if path.is_file() and not overwrite:
+        old = json.loads(path.read_text(encoding="utf-8"))
+        if old != record:
+            changed = sorted(k for k in {*old, *record} if old.get(k) != record.get(k))
+            raise HiganbanaError(
+                f"{folder}: images there were generated with other settings ({', '.join(changed)} differ); "
+                "use another output folder or pass overwrite"
+            )
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".settings.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(record, indent=1, sort_keys=True), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _save_png(image: Any, path: Path, item: Any) -> None:
+    from PIL import PngImagePlugin
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", f"{item.prompt}\nSeed: {item.seed}")
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
+    image.save(tmp, pnginfo=info)
+    os.replace(tmp, path)
+
+
+@torch.no_grad()
+def generate_images(
+    pipeline: Any,
+    items: Sequence[Any],
+    root: str | os.PathLike,
+    model: str,
+    settings: GenerationSettings,
+    *,
+    adapter: dict[str, Any] | None = None,
+    batch_size: int = 4,
+    device: str | torch.device | None = None,
+    process_index: int = 0,
+    num_processes: int = 1,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> list[Path]:
+    """Generate the missing images of ``items`` for ``model`` (a pipeline with its adapter, if any,
+    already attached); returns the paths of this process's share (existing and new)."""
+    from tqdm.auto import tqdm
+
+    from ..models.pipeline import canonical_sampler, make_scheduler
+
+    folder = Path(root) / model
+    record = {**asdict(settings), "sampler": canonical_sampler(settings.sampler), "adapter": adapter or None}
+    if process_index == 0:
+        _check_settings(folder, record, overwrite)
+    mine = [it for i, it in enumerate(items) if i % num_processes == process_index]
+    paths = [image_path(root, model, it) for it in mine]
+    todo = [(it, p) for it, p in zip(mine, paths, strict=True) if overwrite or not p.is_file()]
+    if not todo:
+        return paths
+    original = pipeline.scheduler
+    pipeline.scheduler = make_scheduler(settings.sampler, dict(original.config))
+    device = torch.device(device) if device is not None else pipeline.unet.device
+    bar = tqdm(total=len(todo), desc=f"generate {model}", unit="img", disable=not progress)
+    try:
+        for start in range(0, len(todo), batch_size):
+            chunk = todo[start : start + batch_size]
+            generators = [torch.Generator("cpu").manual_seed(it.seed) for it, _ in chunk]
+            shape = (
+                len(chunk),
+                pipeline.unet.config.in_channels,
+                settings.height // pipeline.vae_scale_factor,
+                settings.width // pipeline.vae_scale_factor,
+            )
+            # initial noise drawn per image on the CPU: the same image for a seed whatever the batch or device
+            latents = torch.stack([torch.randn(shape[1:], generator=g) for g in generators]).to(device)
+            out = pipeline(
+                prompt=[it.prompt for it, _ in chunk],
+                negative_prompt=[settings.negative_prompt] * len(chunk) if settings.negative_prompt else None,
+                num_inference_steps=settings.steps,
+                guidance_scale=settings.cfg_scale,
+                width=settings.width,
+                height=settings.height,
+                latents=latents.to(pipeline.unet.dtype),
+                output_type="pil",
+            )
+            for (it, path), image in zip(chunk, out.images, strict=True):
+                _save_png(image, path, it)
+            bar.update(len(chunk))
+    finally:
+        pipeline.scheduler = original
+        bar.close()
+    return paths
