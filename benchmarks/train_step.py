@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
+import gc
 import json
 import os
 import platform
@@ -270,6 +271,9 @@ def run_ours(args: argparse.Namespace, options: dict[str, Any]) -> dict[str, Any
     with tempfile.TemporaryDirectory(prefix="train-step-") as tmp:
         for label, steps in (("warmup", n1), ("n1", n1), ("n2", n2)):
             config = ours_config(args, options, steps, Path(tmp) / label)
+            # the previous run's model sits in reference cycles until a collection: without this the
+            # peak RSS would hold two models at once
+            gc.collect()
             if label == "n2" and args.device.startswith("cuda"):
                 torch.cuda.reset_peak_memory_stats()
             if label == "n2" and args.profile:

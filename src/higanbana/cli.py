@@ -80,16 +80,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_extract_parser(sub)
     add_resize_parser(sub)
     add_convert_parser(sub)
+    from .evaluate.command import add_evaluate_parser
     from .train.command import add_train_parser
 
     add_train_parser(sub)
+    add_evaluate_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     overrides: list[str] = []
-    if argv[:1] == ["train"]:
+    if argv[:1] in (["train"], ["evaluate"]):
         from .train.command import is_override
 
         # `[--]section.key=value` overrides may stand anywhere after the config file

@@ -20,6 +20,7 @@ Decisions that make runs reproducible and resumable:
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import math
@@ -788,6 +789,11 @@ def train(
     if run.accelerator.is_main_process:
         log(plan)
     run.prepare()
-    result = run.run()
+    try:
+        result = run.run()
+    finally:
+        # adapters and the layers they wrap reference each other: free the model now, not at the next GC
+        del run
+        gc.collect()
     result.plan = plan
     return result

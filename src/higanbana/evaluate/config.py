@@ -1,0 +1,194 @@
+"""The evaluation's configuration: a TOML file validated like the trainer's (``higanbana.schema``).
+
+```toml
+[model]                      # the base model every checkpoint was trained from
+pretrained = "sd15"          # a diffusers folder or a single .safetensors file
+[concepts]
+file = "concepts.toml"       # [[concept]] tables (higanbana.evaluate.prompts.concepts_from_toml)
+[prompts]
+types = ["train", "trigger", "alter", "style"]
+n_images = 100
+[encoders]
+dinov2 = "models/dinov2-large"    # local folders / files only
+clip = "models/clip-vit-large"
+vgg19 = "models/vgg19.safetensors"
+[output]
+dir = "eval"
+
+[[checkpoints]]              # one table per fine-tuned model
+name = "lora-lr5e-4-e10"
+path = "runs/lora/adapter-000010.safetensors"
+params = { algo = "lora", lr = 5e-4, epoch = 10, seed = 1 }   # for the ranking and importance
+```
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError, nearest
+from ..schema import apply_override, build_section, build_sections, choice, load_toml, resolve_paths, sections_to_toml
+
+
+@dataclass
+class ModelSection:
+    pretrained: str = ""  # the base model (required)
+    kind: str = field(default="auto", metadata=choice("auto", "sd1", "sd2", "sdxl"))
+    config: str = ""  # a local diffusers folder with configs, for single files
+    dtype: str = field(default="fp32", metadata=choice("fp32", "fp16", "bf16"))
+
+
+@dataclass
+class ConceptsSection:
+    file: str = ""  # a TOML of [[concept]] tables (required)
+    clip_rules: dict = field(default_factory=dict)  # category -> trigger rule for CLIP texts
+
+
+@dataclass
+class PromptsSection:
+    types: list = field(default_factory=lambda: ["train", "trigger", "alter", "style"])
+    n_images: int = 100  # per concept and prompt type
+    seed_start: int = 1000
+
+
+@dataclass
+class GenerationSection:
+    sampler: str = "ddim"
+    steps: int = 25
+    cfg_scale: float = 7.0
+    width: int = 512
+    height: int = 512
+    negative_prompt: str = ""
+    batch_size: int = 4
+
+
+@dataclass
+class EncodersSection:
+    dinov2: str = ""  # a local transformers Dinov2Model folder (fidelity, diversity)
+    clip: str = ""  # a local transformers CLIPModel folder with its tokenizer (controllability)
+    vgg19: str = ""  # a VGG-19 state dict file, torchvision key names (base-model preservation)
+    image_size: int = 224
+    letterbox: bool = True  # letterbox dataset images (the paper's choice); False: plain resize
+    batch_size: int = 32
+
+
+@dataclass
+class OutputSection:
+    dir: str = "eval-output"
+    overwrite: bool = False  # regenerate images even when they exist (or settings changed)
+    grid_images: int = 8  # images per model × prompt type in the report's grids
+
+
+@dataclass
+class ReportSection:
+    title: str = "higanbana evaluation"
+    group_by: str = "algo"  # the checkpoint parameter the tentative ranking compares
+    features: list = field(default_factory=list)  # parameters for the importance analysis
+    device: str = ""  # "cpu", "cuda"; default: what accelerate picks
+
+
+@dataclass
+class Checkpoint:
+    name: str = ""
+    path: str = ""
+    strength: float = 1.0
+    params: dict = field(default_factory=dict)
+
+
+@dataclass
+class EvalConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    concepts: ConceptsSection = field(default_factory=ConceptsSection)
+    prompts: PromptsSection = field(default_factory=PromptsSection)
+    generation: GenerationSection = field(default_factory=GenerationSection)
+    encoders: EncodersSection = field(default_factory=EncodersSection)
+    output: OutputSection = field(default_factory=OutputSection)
+    report: ReportSection = field(default_factory=ReportSection)
+    checkpoints: list[Checkpoint] = field(default_factory=list)
+    source: str = field(default="", compare=False)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "config") -> EvalConfig:
+        data = dict(data)
+        raw_checkpoints = data.pop("checkpoints", [])
+        if not isinstance(raw_checkpoints, list):
+            raise ConfigError(f"{where}: checkpoints must be an array of tables ([[checkpoints]])")
+        checkpoints = [
+            build_section(Checkpoint, c, f"{where}: checkpoints[{i}]") if isinstance(c, dict) else None
+            for i, c in enumerate(raw_checkpoints)
+        ]
+        if None in checkpoints:
+            raise ConfigError(f"{where}: every [[checkpoints]] entry must be a table")
+        config = cls(**build_sections(cls, data, where), checkpoints=checkpoints, source=where)
+        config.validate()
+        return config
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> EvalConfig:
+        path = Path(path)
+        data = load_toml(path)
+        resolve_paths(
+            data,
+            path.parent,
+            {
+                "model": ("pretrained", "config"),
+                "concepts": ("file",),
+                "encoders": ("dinov2", "clip", "vgg19"),
+                "output": ("dir",),
+            },
+        )
+        for c in data.get("checkpoints", []) if isinstance(data.get("checkpoints"), list) else []:
+            if isinstance(c, dict) and isinstance(c.get("path"), str) and not Path(c["path"]).is_absolute():
+                c["path"] = str(path.parent / c["path"])
+        for item in overrides:
+            apply_override(data, item)
+        return cls.from_dict(data, str(path))
+
+    def validate(self) -> None:
+        from .prompts import PROMPT_TYPES
+
+        where = self.source or "config"
+        if not self.model.pretrained:
+            raise ConfigError(f"{where}: model.pretrained is required (the base model)")
+        if not self.concepts.file:
+            raise ConfigError(f"{where}: concepts.file is required (a TOML of [[concept]] tables)")
+        for t in self.prompts.types:
+            if t not in PROMPT_TYPES:
+                raise ConfigError(f"{where}: prompts.types: unknown type {t!r}{nearest(str(t), PROMPT_TYPES)}")
+        for key in ("n_images",):
+            if getattr(self.prompts, key) < 1:
+                raise ConfigError(f"{where}: prompts.{key} must be at least 1")
+        if self.generation.steps < 1 or self.generation.batch_size < 1:
+            raise ConfigError(f"{where}: generation.steps and generation.batch_size must be at least 1")
+        from ..models.pipeline import canonical_sampler
+
+        try:
+            canonical_sampler(self.generation.sampler)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: generation.sampler: {exc}") from None
+        names = set()
+        for i, c in enumerate(self.checkpoints):
+            if not c.name or not c.path:
+                raise ConfigError(f"{where}: checkpoints[{i}] needs a name and a path")
+            if not re.fullmatch(r"[A-Za-z0-9._+=-]+", c.name) or c.name == "base":
+                raise ConfigError(
+                    f"{where}: checkpoints[{i}].name {c.name!r} must be a plain file name "
+                    "([A-Za-z0-9._+=-]) other than 'base'"
+                )
+            if c.name in names:
+                raise ConfigError(f"{where}: checkpoint name {c.name!r} is used twice")
+            names.add(c.name)
+
+    def to_toml(self) -> str:
+        data = dataclasses.asdict(self)
+        data.pop("source")
+        checkpoints = data.pop("checkpoints")
+        text = sections_to_toml(data)
+        for c in checkpoints:
+            text += "\n" + sections_to_toml({"checkpoints": c}).replace("[checkpoints]", "[[checkpoints]]", 1)
+        return text

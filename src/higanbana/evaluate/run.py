@@ -1,0 +1,331 @@
+"""``evaluate(config)``: generate, encode, measure, aggregate, report — each step cached on disk.
+
+Phases (a re-run skips what is done):
+
+1. **Generate** the prompt set of every concept with the base model and with each checkpoint
+   attached at its strength — same prompts and seeds for all (:mod:`.generate`; split across
+   processes by accelerate).
+2. **Encode** (main process): DINOv2 features of generated and training images, CLIP image and
+   text features, cached per (encoder, model, concept, prompt type) and invalidated when the
+   images change.
+3. **Measure** per (model, concept, prompt type): fidelity (cosine and SCD vs the concept's
+   training images), controllability (CLIP image–text), diversity (Vendi; per prompt for
+   ``<alter>``) and, for ``<style>``, base-model preservation (VGG-19 style loss against the base
+   model's image of the same prompt and seed).
+4. **Aggregate and report**: ``raw_metrics.csv``, rank-normalised scores, the tentative ranking,
+   correlations, importance, and a self-contained ``report.html``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import HiganbanaError
+from .config import EvalConfig
+
+BASE = "base"
+
+
+@dataclass
+class EvalResult:
+    """Where everything went."""
+
+    out_dir: Path
+    raw: Any  # pandas DataFrame (long format)
+    report: Path | None
+    ranking: Any = None
+
+
+# ------------------------------------------------------------------------------ feature cache
+def _images_digest(paths: list[Path]) -> str:
+    h = hashlib.sha1()
+    for p in paths:
+        st = p.stat()
+        h.update(f"{p}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()
+
+
+def cached_features(cache: Path, paths: list[Path], compute: Callable[[list[Path]], torch.Tensor]) -> torch.Tensor:
+    """Features of ``paths`` from ``cache`` (a .safetensors file) when it was made from the same files
+    (names, sizes, modification times); otherwise computed and stored atomically."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    digest = _images_digest(paths)
+    if cache.is_file():
+        try:
+            with safe_open(str(cache), "pt") as f:
+                if (f.metadata() or {}).get("images") == digest:
+                    return f.get_tensor("features")
+        except (OSError, ValueError):
+            pass  # unreadable: recompute
+    features = compute(paths).to(torch.float32).contiguous()
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_name(f".{cache.stem}.{os.getpid()}.tmp")
+    save_file({"features": features}, str(tmp), metadata={"images": digest, "count": str(len(paths))})
+    os.replace(tmp, cache)
+    return features
+
+
+def _open(paths: list[Path]) -> list[Any]:
+    from PIL import Image
+
+    out = []
+    for p in paths:
+        with Image.open(p) as im:
+            out.append(im.convert("RGB"))
+    return out
+
+
+# ------------------------------------------------------------------------------ phases
+def _device(config: EvalConfig) -> torch.device:
+    if config.report.device:
+        return torch.device(config.report.device)
+    from accelerate import PartialState
+
+    return PartialState().device
+
+
+def generate_all(config: EvalConfig, items: list[Any], *, progress: bool = True) -> dict[str, list[Path]]:
+    """Phase 1: images of every model; returns ``{model: [path per item]}`` (all processes' paths)."""
+    from accelerate import PartialState
+
+    from ..models.pipeline import build_pipeline, read_scheduler_config
+    from ..models.sd import load_sd
+    from ..stable_diffusion import load_sd_network
+    from .generate import GenerationSettings, file_digest, generate_images, image_path
+
+    state = PartialState()
+    device = _device(config)
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[config.model.dtype]
+    m = config.model
+    parts = load_sd(m.pretrained, None if m.kind == "auto" else m.kind, dtype, config=m.config or None)
+    for module in (parts.unet, parts.vae, *parts.text_encoders):
+        module.to(device).eval()
+    scheduler_config = read_scheduler_config(m.pretrained) or (read_scheduler_config(m.config) if m.config else None)
+    pipeline = build_pipeline(parts, sampler=config.generation.sampler, scheduler_config=scheduler_config)
+    g = config.generation
+    settings = GenerationSettings(g.sampler, g.steps, g.cfg_scale, g.width, g.height, g.negative_prompt)
+    root = Path(config.output.dir) / "images"
+    models = [(BASE, None, 1.0)] + [(c.name, c.path, c.strength) for c in config.checkpoints]
+    for name, path, strength in models:
+        net = None
+        adapter = None
+        if path is not None:
+            if not Path(path).is_file():
+                raise HiganbanaError(f"checkpoint {name}: {path} does not exist")
+            net = load_sd_network(path, parts).attach()
+            net.to(device)
+            net.set_multiplier(strength)
+            net.eval()
+            adapter = {"sha256": file_digest(path), "strength": strength}
+        try:
+            generate_images(
+                pipeline,
+                items,
+                root,
+                name,
+                settings,
+                adapter=adapter,
+                batch_size=g.batch_size,
+                device=device,
+                process_index=state.process_index,
+                num_processes=state.num_processes,
+                overwrite=config.output.overwrite,
+                progress=progress and state.is_main_process,
+            )
+        finally:
+            if net is not None:
+                net.detach()
+    state.wait_for_everyone()
+    return {name: [image_path(root, name, it) for it in items] for name, _p, _s in models}
+
+
+def _load_encoders(config: EvalConfig, device: torch.device) -> dict[str, Any]:
+    from .encoders import load_encoder
+
+    e = config.encoders
+    needed = {"dinov2": e.dinov2, "clip": e.clip, "vgg19": e.vgg19}
+    types = set(config.prompts.types)
+    missing = [k for k, v in needed.items() if not v and (k != "vgg19" or "style" in types)]
+    if missing:
+        raise HiganbanaError(
+            "encoders."
+            + ", encoders.".join(missing)
+            + " not set: give local paths (DINOv2: a transformers Dinov2Model folder; CLIP: a transformers "
+            "CLIPModel folder with its tokenizer; VGG-19: a torchvision-format state dict file)"
+        )
+    out = {
+        "dinov2": load_encoder("dinov2", e.dinov2, device=device, image_size=e.image_size, letterbox=e.letterbox),
+        "clip": load_encoder("clip", e.clip, device=device, letterbox=e.letterbox),
+    }
+    if "style" in types:
+        out["vgg19"] = load_encoder("vgg19", e.vgg19, device=device)
+    return out
+
+
+def measure(
+    config: EvalConfig,
+    concepts: list[Any],
+    items: list[Any],
+    images: dict[str, list[Path]],
+    *,
+    progress: bool = True,
+) -> Any:
+    """Phases 2–3: the raw metrics table (long format)."""
+    import pandas as pd
+    from tqdm.auto import tqdm
+
+    from . import metrics as M
+
+    device = _device(config)
+    enc = _load_encoders(config, device)
+    bs = config.encoders.batch_size
+    cache = Path(config.output.dir) / "features"
+    by_concept = {c.name: c for c in concepts}
+    groups: dict[tuple[str, str], list[int]] = {}
+    for i, it in enumerate(items):
+        groups.setdefault((it.concept, it.prompt_type), []).append(i)
+
+    def dino(paths: list[Path]) -> torch.Tensor:
+        return enc["dinov2"].encode_images(_open(paths), batch_size=bs)
+
+    def clip(paths: list[Path]) -> torch.Tensor:
+        return enc["clip"].encode_images(_open(paths), batch_size=bs)
+
+    train_features = {}
+    for c in concepts:
+        paths = [Path(p) for p in c.train_images]
+        if not paths:
+            raise HiganbanaError(f"concept {c.name}: no training images, so fidelity cannot be measured")
+        train_features[c.name] = cached_features(cache / "dinov2" / "_train" / f"{c.name}.safetensors", paths, dino)
+    rows = []
+    work = [(model, key) for model in images for key in groups]
+    for model, (concept, ptype) in tqdm(work, desc="metrics", unit="set", disable=not progress):
+        idx = groups[(concept, ptype)]
+        paths = [images[model][i] for i in idx]
+        sub = [items[i] for i in idx]
+        c = by_concept[concept]
+        stem = f"{model}/{concept}/{ptype}.safetensors"
+        z = cached_features(cache / "dinov2" / stem, paths, dino)
+        zi = cached_features(cache / "clip" / stem, paths, clip)
+        zt = enc["clip"].encode_texts([it.clip_text for it in sub], batch_size=bs)
+        values = M.fidelity(z, train_features[concept])
+        values["text_alignment"] = M.text_alignment(zi, zt)
+        if ptype == "alter":
+            values["vendi"] = M.vendi_per_group(z, [it.prompt_index for it in sub])
+        else:
+            values["vendi"] = M.vendi(z)
+        if ptype == "style" and model != BASE:
+            base_paths = [images[BASE][i] for i in idx]
+            losses = []
+            for start in range(0, len(paths), 8):
+                ga = enc["vgg19"].gram_matrices(_open(paths[start : start + 8]))
+                gb = enc["vgg19"].gram_matrices(_open(base_paths[start : start + 8]))
+                losses.append(M.style_loss(ga, gb, per_pair=True))
+            values["style_loss"] = float(torch.cat(losses).mean())
+        for metric, value in values.items():
+            rows.append(
+                {
+                    "model": model,
+                    "concept": concept,
+                    "category": c.category,
+                    "subclass": c.subclass,
+                    "prompt_type": ptype,
+                    "metric": metric,
+                    "value": float(value),
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def _models_table(config: EvalConfig) -> Any:
+    import pandas as pd
+
+    rows = [{"model": BASE, "algo": BASE}]
+    for c in config.checkpoints:
+        rows.append({"model": c.name, **{k: v for k, v in c.params.items()}})
+    frame = pd.DataFrame(rows)
+    if "algo" not in frame:
+        frame["algo"] = frame["model"]
+    frame["algo"] = frame["algo"].fillna(frame["model"])
+    return frame
+
+
+def report(config: EvalConfig, raw: Any, images: dict[str, list[Path]], items: list[Any]) -> tuple[Path, Any]:
+    """Phase 4: aggregate and write the report (with image grids per model × prompt type)."""
+    from . import aggregate as A
+    from .report import write_report
+
+    out = Path(config.output.dir)
+    A.save_table(raw, out / "raw_metrics.csv")
+    models = _models_table(config)
+    scores = A.rank_normalize(raw)
+    ranking = A.tentative_ranking(scores, models, group_by=config.report.group_by) if len(scores) else None
+    corr = A.correlations(scores) if len(scores) else None
+    features = [f for f in config.report.features if f in models]
+    imp = A.importance(scores, models, features) if features else None
+    grids: dict[tuple[str, str], list[Path]] = {}
+    for model, paths in images.items():
+        for ptype in config.prompts.types:
+            chosen = [p for p, it in zip(paths, items, strict=True) if it.prompt_type == ptype]
+            if chosen:
+                grids[(model, ptype)] = chosen[: config.output.grid_images]
+    notes = [
+        f"{len(config.checkpoints)} checkpoint(s) and the base model; {len(items)} images per model "
+        f"({config.prompts.n_images} per concept and prompt type); sampler {config.generation.sampler}, "
+        f"{config.generation.steps} steps, CFG {config.generation.cfg_scale}",
+    ]
+    path = write_report(
+        out,
+        raw=raw,
+        scores=scores,
+        models=models,
+        ranking=ranking,
+        corr=corr,
+        importance=imp,
+        image_grids=grids,
+        title=config.report.title,
+        notes=notes,
+    )
+    return path, ranking
+
+
+def evaluate(config: EvalConfig, *, progress: bool = True, log: Callable[[str], None] = print) -> EvalResult:
+    """Run the whole evaluation ``config`` describes (see the module docstring)."""
+    from accelerate import PartialState
+
+    from .prompts import build_all, concepts_from_toml
+
+    out = Path(config.output.dir)
+    concepts = concepts_from_toml(config.concepts.file)
+    items = build_all(
+        concepts,
+        tuple(config.prompts.types),
+        n_images=config.prompts.n_images,
+        seed_start=config.prompts.seed_start,
+        clip_rules=config.concepts.clip_rules or None,
+    )
+    state = PartialState()
+    if state.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.toml").write_text(config.to_toml(), encoding="utf-8")
+        (out / "prompts.json").write_text(
+            json.dumps([{**it.__dict__, "key": it.key} for it in items], indent=1), encoding="utf-8"
+        )
+    log(f"{len(concepts)} concept(s), {len(items)} prompt items, {1 + len(config.checkpoints)} model(s)")
+    images = generate_all(config, items, progress=progress)
+    if not state.is_main_process:
+        return EvalResult(out, None, None)
+    raw = measure(config, concepts, items, images, progress=progress)
+    path, ranking = report(config, raw, images, items)
+    log(f"report: {path}")
+    return EvalResult(out, raw, path, ranking)

@@ -1,0 +1,122 @@
+"""``higanbana evaluate`` end to end on a tiny random SD1 pipeline and tiny random encoders of the
+real architectures (DINOv2, CLIP, VGG-19), with a trained-looking LoRA checkpoint."""
+
+from __future__ import annotations
+
+import os
+
+import pandas as pd
+import pytest
+import torch
+
+from higanbana.errors import ConfigError, HiganbanaError
+from higanbana.evaluate.config import EvalConfig
+from higanbana.evaluate.encoders import save_tiny_encoders
+from higanbana.evaluate.run import evaluate
+from higanbana.models.tiny import save_tiny_sd, tiny_sd_parts
+from higanbana.stable_diffusion import save_sd_network, sd_network
+from tests.train.test_trainer import make_images
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    parts = tiny_sd_parts("sd1", seed=0, with_vae=True)
+    save_tiny_sd(parts, root / "sd1")
+    encoders = save_tiny_encoders(root / "encoders")
+    make_images(root / "toy", count=3, caption="sks stuffed toy, red")
+    make_images(root / "paint", count=2, caption="zkz style, a house")
+    (root / "concepts.toml").write_text(
+        '[[concept]]\nname = "toy"\ntrigger = "sks"\nclass_word = "stuffed toy"\ncategory = "object"\nimages = "toy"\n'
+        '[[concept]]\nname = "paint"\ntrigger = "zkz"\nclass_word = "style"\ncategory = "style"\nimages = "paint"\n',
+        encoding="utf-8",
+    )
+    checkpoints = []
+    for i, (algo, opts) in enumerate([("lora", {"rank": 2}), ("lokr", {"rank": 2, "factor": 4})]):
+        net = sd_network(tiny_sd_parts("sd1", seed=0), "attn-mlp", algo, **opts)
+        torch.manual_seed(i)
+        with torch.no_grad():
+            for p in net.parameters():
+                p.normal_(0, 0.2)
+        path = save_sd_network(net, root / f"{algo}.safetensors", "sd1")
+        checkpoints.append(
+            f'[[checkpoints]]\nname = "{algo}"\npath = "{path.name}"\nparams = {{ algo = "{algo}", lr = {i + 1} }}\n'
+        )
+    config = root / "eval.toml"
+    config.write_text(
+        f'[model]\npretrained = "sd1"\n[concepts]\nfile = "concepts.toml"\n'
+        f"[prompts]\nn_images = 3\n"
+        f"[generation]\nsteps = 2\nwidth = 32\nheight = 32\nbatch_size = 2\n"
+        f'[encoders]\ndinov2 = "{encoders["dinov2"]}"\nclip = "{encoders["clip"]}"\nvgg19 = "{encoders["vgg19"]}"\n'
+        f"image_size = 56\nbatch_size = 4\n"
+        f'[output]\ndir = "out"\n[report]\ndevice = "cpu"\nfeatures = ["algo", "lr"]\n' + "".join(checkpoints),
+        encoding="utf-8",
+    )
+    return root, config
+
+
+def test_evaluate_produces_every_artefact_and_caches(world):
+    root, config_path = world
+    config = EvalConfig.load(config_path)
+    result = evaluate(config, progress=False, log=lambda _m: None)
+    out = root / "out"
+    raw = pd.read_csv(out / "raw_metrics.csv")
+    assert set(raw["model"]) == {"base", "lora", "lokr"}
+    assert set(raw["prompt_type"]) == {"train", "trigger", "alter", "style"}
+    # the style concept has no <style> prompts (as in the paper); style loss only for fine-tuned models
+    style = raw[raw["metric"] == "style_loss"]
+    assert set(style["model"]) == {"lora", "lokr"} and set(style["concept"]) == {"toy"}
+    assert (style["value"] > 0).all()
+    for metric in ("fidelity_cos", "fidelity_scd", "text_alignment", "vendi"):
+        assert raw[raw["metric"] == metric]["value"].notna().all(), metric
+    vendi = raw[raw["metric"] == "vendi"]["value"]
+    assert ((vendi >= 1 - 1e-6) & (vendi <= 3 + 1e-6)).all()  # between 1 and the number of images
+    html = (out / "report.html").read_text(encoding="utf-8")
+    assert "data:image/png;base64" in html and "http://" not in html.replace("http://www.w3.org", "")
+    assert result.ranking is not None and set(result.ranking.columns) == {"lora", "lokr"}
+    images = sorted((out / "images" / "lora").rglob("*.png"))
+    assert len(images) == 3 * (4 + 3)  # toy: 4 prompt types, paint: 3 (no <style>)
+    # base and fine-tuned images pair by prompt and seed: the same file layout
+    assert {p.relative_to(out / "images" / "lora") for p in images} == {
+        p.relative_to(out / "images" / "base") for p in (out / "images" / "base").rglob("*.png")
+    }
+    # a re-run generates nothing and reads the cached features
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "images").rglob("*.png")}
+    features = {p: p.stat().st_mtime_ns for p in (out / "features").rglob("*.safetensors")}
+    again = evaluate(EvalConfig.load(config_path), progress=False, log=lambda _m: None)
+    assert {p: p.stat().st_mtime_ns for p in (out / "images").rglob("*.png")} == stamps
+    assert {p: p.stat().st_mtime_ns for p in (out / "features").rglob("*.safetensors")} == features
+    pd.testing.assert_frame_equal(again.raw.reset_index(drop=True), result.raw.reset_index(drop=True))
+    # other generation settings in the same folder are refused, not mixed in
+    with pytest.raises(HiganbanaError, match="other settings .*steps"):
+        evaluate(EvalConfig.load(config_path, ["generation.steps=3"]), progress=False, log=lambda _m: None)
+
+
+def test_fine_tuned_model_changes_the_images(world):
+    root, _ = world
+    out = root / "out" / "images"
+    if not out.is_dir():
+        pytest.skip("runs after the end-to-end test")
+    import numpy as np
+    from PIL import Image
+
+    a = np.asarray(Image.open(out / "base" / "toy" / "trigger" / "0000.png"), dtype=float)
+    b = np.asarray(Image.open(out / "lora" / "toy" / "trigger" / "0000.png"), dtype=float)
+    assert np.abs(a - b).mean() > 0.5
+
+
+def test_config_errors(world, tmp_path):
+    _root, config_path = world
+    with pytest.raises(ConfigError, match=r"prompts.types: unknown type 'alt' \(did you mean 'alter'\?\)"):
+        EvalConfig.load(config_path, ['prompts.types=["alt"]'])
+    with pytest.raises(ConfigError, match=r"generation.step: unknown key \(did you mean 'steps'\?\)"):
+        EvalConfig.load(config_path, ["generation.step=3"])
+    text = config_path.read_text(encoding="utf-8").replace('name = "lokr"', 'name = "lora"')
+    dup = tmp_path / "dup.toml"
+    dup.write_text(text, encoding="utf-8")
+    with pytest.raises(ConfigError, match="used twice"):
+        EvalConfig.load(dup)
+    config = EvalConfig.load(config_path, ['encoders.dinov2=""', f'output.dir="{tmp_path / "o"}"'])
+    with pytest.raises(HiganbanaError, match="encoders.dinov2 not set"):
+        evaluate(config, progress=False, log=lambda _m: None)
+    assert os.path.isdir(tmp_path / "o")
