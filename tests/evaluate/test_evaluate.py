@@ -80,6 +80,13 @@ def test_evaluate_produces_every_artefact_and_caches(world):
     assert {p.relative_to(out / "images" / "lora") for p in images} == {
         p.relative_to(out / "images" / "base") for p in (out / "images" / "base").rglob("*.png")
     }
+    # the adapter changes what the model draws
+    import numpy as np
+    from PIL import Image
+
+    a = np.asarray(Image.open(out / "images" / "base" / "toy" / "trigger" / "0000.png"), dtype=float)
+    b = np.asarray(Image.open(out / "images" / "lora" / "toy" / "trigger" / "0000.png"), dtype=float)
+    assert np.abs(a - b).mean() > 0.5
     # a re-run generates nothing and reads the cached features
     stamps = {p: p.stat().st_mtime_ns for p in (out / "images").rglob("*.png")}
     features = {p: p.stat().st_mtime_ns for p in (out / "features").rglob("*.safetensors")}
@@ -90,19 +97,6 @@ def test_evaluate_produces_every_artefact_and_caches(world):
     # other generation settings in the same folder are refused, not mixed in
     with pytest.raises(HiganbanaError, match="other settings .*steps"):
         evaluate(EvalConfig.load(config_path, ["generation.steps=3"]), progress=False, log=lambda _m: None)
-
-
-def test_fine_tuned_model_changes_the_images(world):
-    root, _ = world
-    out = root / "out" / "images"
-    if not out.is_dir():
-        pytest.skip("runs after the end-to-end test")
-    import numpy as np
-    from PIL import Image
-
-    a = np.asarray(Image.open(out / "base" / "toy" / "trigger" / "0000.png"), dtype=float)
-    b = np.asarray(Image.open(out / "lora" / "toy" / "trigger" / "0000.png"), dtype=float)
-    assert np.abs(a - b).mean() > 0.5
 
 
 def test_config_errors(world, tmp_path):
@@ -120,3 +114,48 @@ def test_config_errors(world, tmp_path):
     with pytest.raises(HiganbanaError, match="encoders.dinov2 not set"):
         evaluate(config, progress=False, log=lambda _m: None)
     assert os.path.isdir(tmp_path / "o")
+
+
+class Brightness:
+    """A test quality scorer plugged in by name (higher = brighter)."""
+
+    name = "brightness"
+
+    def __init__(self, device=None):
+        self.device = device
+
+    def score(self, images):
+        import numpy as np
+
+        return torch.tensor([float(np.asarray(im, dtype=float).mean()) for im in images])
+
+
+def test_quality_scorer_plugs_in_and_trigger_processing_reaches_clip(world, tmp_path):
+    root, config_path = world
+    config = EvalConfig.load(
+        config_path,
+        [
+            f'output.dir="{root / "out"}"',
+            'encoders.quality="tests.evaluate.test_evaluate:Brightness"',
+            'prompts.types=["trigger"]',
+        ],
+    )
+    result = evaluate(config, progress=False, log=lambda _m: None)
+    quality = result.raw[result.raw["metric"] == "quality"]
+    assert len(quality) == 3 * 2 and (quality["value"] > 0).all()
+    # CLIP reads the processed prompt: the object's trigger is replaced by its class word
+    import json
+
+    items = json.loads((root / "out" / "prompts.json").read_text(encoding="utf-8"))
+    toy = next(it for it in items if it["concept"] == "toy")
+    assert toy["prompt"] == "sks stuffed toy" and toy["clip_text"] == "stuffed toy"
+    from higanbana.evaluate.encoders import load_encoder
+    from higanbana.evaluate.prompts import Concept, build_prompt_set
+
+    clip = load_encoder("clip", config.encoders.clip)
+    a = build_prompt_set(Concept("a", "sks", "stuffed toy", "object"), "alter", n_images=3)
+    b = build_prompt_set(Concept("b", "qwv", "stuffed toy", "object"), "alter", n_images=3)
+    assert [x.prompt for x in a] != [x.prompt for x in b]
+    ta = clip.encode_texts([x.clip_text for x in a])
+    tb = clip.encode_texts([x.clip_text for x in b])
+    assert torch.equal(ta, tb)  # text similarity does not depend on the trigger word

@@ -72,6 +72,7 @@ class EncodersSection:
     dinov2: str = ""  # a local transformers Dinov2Model folder (fidelity, diversity)
     clip: str = ""  # a local transformers CLIPModel folder with its tokenizer (controllability)
     vgg19: str = ""  # a VGG-19 state dict file, torchvision key names (base-model preservation)
+    quality: str = ""  # optional image-quality scorer, a plug-in "package.module:factory"
     image_size: int = 224
     letterbox: bool = True  # letterbox dataset images (the paper's choice); False: plain resize
     batch_size: int = 32

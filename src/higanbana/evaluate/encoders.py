@@ -155,6 +155,30 @@ class TextImageEncoder(ImageEncoder):
         raise NotImplementedError
 
 
+class QualityScorer:
+    """Maps images to one quality score each (higher is better); optional, pluggable."""
+
+    name: str = "quality"
+
+    def score(self, images: list[Image.Image]) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def load_plugin(spec: str, **kw: Any) -> Any:
+    """``"package.module:factory"`` → ``factory(**kw)``: how another encoder (ConvNeXt, an image-quality
+    scorer) plugs in without changing this package. The factory receives ``device`` (and may ignore it)."""
+    import importlib
+
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise HiganbanaError(f"plug-in {spec!r}: expected 'package.module:factory'")
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise HiganbanaError(f"plug-in {spec!r} cannot be imported ({exc})") from exc
+    return factory(**kw)
+
+
 class StyleEncoder:
     """Maps images to per-layer Gram matrices (one (n, c_i, c_i) tensor per layer)."""
 

@@ -149,8 +149,12 @@ def generate_all(config: EvalConfig, items: list[Any], *, progress: bool = True)
     return {name: [image_path(root, name, it) for it in items] for name, _p, _s in models}
 
 
+def _is_plugin(value: str) -> bool:
+    return ":" in value and not Path(value).exists()
+
+
 def _load_encoders(config: EvalConfig, device: torch.device) -> dict[str, Any]:
-    from .encoders import load_encoder
+    from .encoders import load_encoder, load_plugin
 
     e = config.encoders
     needed = {"dinov2": e.dinov2, "clip": e.clip, "vgg19": e.vgg19}
@@ -163,12 +167,23 @@ def _load_encoders(config: EvalConfig, device: torch.device) -> dict[str, Any]:
             + " not set: give local paths (DINOv2: a transformers Dinov2Model folder; CLIP: a transformers "
             "CLIPModel folder with its tokenizer; VGG-19: a torchvision-format state dict file)"
         )
+    # a "package.module:factory" value plugs in another encoder with the same interface
     out = {
-        "dinov2": load_encoder("dinov2", e.dinov2, device=device, image_size=e.image_size, letterbox=e.letterbox),
-        "clip": load_encoder("clip", e.clip, device=device, letterbox=e.letterbox),
+        "dinov2": load_plugin(e.dinov2, device=device)
+        if _is_plugin(e.dinov2)
+        else load_encoder("dinov2", e.dinov2, device=device, image_size=e.image_size, letterbox=e.letterbox),
+        "clip": load_plugin(e.clip, device=device)
+        if _is_plugin(e.clip)
+        else load_encoder("clip", e.clip, device=device, letterbox=e.letterbox),
     }
     if "style" in types:
-        out["vgg19"] = load_encoder("vgg19", e.vgg19, device=device)
+        out["vgg19"] = (
+            load_plugin(e.vgg19, device=device)
+            if _is_plugin(e.vgg19)
+            else load_encoder("vgg19", e.vgg19, device=device)
+        )
+    if e.quality:
+        out["quality"] = load_plugin(e.quality, device=device)
     return out
 
 
@@ -224,6 +239,8 @@ def measure(
             values["vendi"] = M.vendi_per_group(z, [it.prompt_index for it in sub])
         else:
             values["vendi"] = M.vendi(z)
+        if "quality" in enc:
+            values["quality"] = float(enc["quality"].score(_open(paths)).float().mean())
         if ptype == "style" and model != BASE:
             base_paths = [images[BASE][i] for i in idx]
             losses = []
