@@ -159,3 +159,19 @@ def test_quality_scorer_plugs_in_and_trigger_processing_reaches_clip(world, tmp_
     ta = clip.encode_texts([x.clip_text for x in a])
     tb = clip.encode_texts([x.clip_text for x in b])
     assert torch.equal(ta, tb)  # text similarity does not depend on the trigger word
+
+
+def test_every_config_field_is_documented():
+    import dataclasses
+    from pathlib import Path
+
+    from higanbana.evaluate.config import Checkpoint
+    from higanbana.schema import sections_of
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "evaluation.md").read_text(encoding="utf-8")
+    for section, cls in sections_of(EvalConfig).items():
+        assert f"`[{section}]`" in text, section
+        for f in dataclasses.fields(cls):
+            assert f"`{f.name}`" in text, f"{section}.{f.name}"
+    for f in dataclasses.fields(Checkpoint):
+        assert f"`{f.name}`" in text, f"checkpoints.{f.name}"
