@@ -219,3 +219,23 @@ def test_two_processes_split_generation(world, tmp_path):
     raw_two = pd.read_csv(tmp_path / "two" / "raw_metrics.csv")
     assert len(raw_one) == len(raw_two)
     assert np.allclose(raw_one["value"], raw_two["value"], rtol=1e-2, atol=1e-3)
+
+
+def test_sdxl_base_model(world, tmp_path):
+    """The same evaluation on an SDXL base (two text encoders, its own pipeline)."""
+    root, config_path = world
+    save_tiny_sd(tiny_sd_parts("sdxl", seed=0, with_vae=True), tmp_path / "sdxl")
+    net = sd_network(tiny_sd_parts("sdxl", seed=0), "attn-mlp", "lora", rank=2)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0, 0.2)
+    lora = save_sd_network(net, tmp_path / "xl-lora.safetensors", "sdxl")
+    text = config_path.read_text(encoding="utf-8").split("[[checkpoints]]")[0]
+    text = text.replace('pretrained = "sd1"', f'pretrained = "{tmp_path / "sdxl"}"')
+    text += f'[[checkpoints]]\nname = "xl"\npath = "{lora}"\nparams = {{ algo = "lora" }}\n'
+    path = root / "xl.toml"
+    path.write_text(text, encoding="utf-8")
+    config = EvalConfig.load(path, [f'output.dir="{tmp_path / "out"}"', 'prompts.types=["trigger","style"]'])
+    result = evaluate(config, progress=False, log=lambda _m: None)
+    assert set(result.raw["model"]) == {"base", "xl"}
+    assert (result.raw[result.raw["metric"] == "style_loss"]["value"] > 0).all()

@@ -223,6 +223,7 @@ def measure(
             raise HiganbanaError(f"concept {c.name}: no training images, so fidelity cannot be measured")
         train_features[c.name] = cached_features(cache / "dinov2" / "_train" / f"{c.name}.safetensors", paths, dino)
     rows = []
+    base_grams: dict[str, list[torch.Tensor]] = {}
     work = [(model, key) for model in images for key in groups]
     for model, (concept, ptype) in tqdm(work, desc="metrics", unit="set", disable=not progress):
         idx = groups[(concept, ptype)]
@@ -242,11 +243,15 @@ def measure(
         if "quality" in enc:
             values["quality"] = float(enc["quality"].score(_open(paths)).float().mean())
         if ptype == "style" and model != BASE:
-            base_paths = [images[BASE][i] for i in idx]
+            base = base_grams.get(concept)
+            if base is None:  # the base model's Grams, once per concept (float32 to halve the memory)
+                base_paths = [images[BASE][i] for i in idx]
+                chunks = [enc["vgg19"].gram_matrices(_open(base_paths[s : s + 8])) for s in range(0, len(idx), 8)]
+                base = base_grams[concept] = [torch.cat(layer).float() for layer in zip(*chunks, strict=True)]
             losses = []
             for start in range(0, len(paths), 8):
                 ga = enc["vgg19"].gram_matrices(_open(paths[start : start + 8]))
-                gb = enc["vgg19"].gram_matrices(_open(base_paths[start : start + 8]))
+                gb = [layer[start : start + 8] for layer in base]
                 losses.append(M.style_loss(ga, gb, per_pair=True))
             values["style_loss"] = float(torch.cat(losses).mean())
         for metric, value in values.items():

@@ -779,7 +779,7 @@ def train(
     log: Callable[[str], None] = print,
 ) -> TrainResult:
     """Train the adapter ``config`` describes; with ``dry_run`` only print the plan (data, buckets,
-    captions, steps, wrapped modules) and return it without loading images or training."""
+    captions, steps, wrapped modules) and return it, without encoding latents or training."""
     run = _Run(config, progress=progress, log=log)
     plan = run.setup(dry_run)
     if dry_run:
