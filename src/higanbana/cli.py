@@ -52,6 +52,21 @@ def _presets(args: argparse.Namespace) -> int:
     return 0
 
 
+def _experiment(args: argparse.Namespace) -> int:
+    from .errors import HiganbanaError
+    from .experiment import run_experiment
+
+    try:
+        result = run_experiment(args.grid, progress=not args.no_progress)
+    except HiganbanaError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if result.ranking is not None:
+        print(result.ranking.to_string())
+    print(f"report: {result.report}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="higanbana", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -85,6 +100,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_train_parser(sub)
     add_evaluate_parser(sub)
+    experiment = sub.add_parser(
+        "experiment",
+        help="configurations × seeds × epochs: train, evaluate together, report (docs/evaluation.md)",
+        description="Run an experiment grid: train every (configuration, seed), evaluate every epoch's "
+        "checkpoint with the same prompts and seeds, aggregate and report. Finished work is skipped.",
+    )
+    experiment.add_argument("grid", help="the grid file (.toml)")
+    experiment.add_argument("--no-progress", action="store_true", help="no progress bars")
+    experiment.set_defaults(func=_experiment)
     return parser
 
 

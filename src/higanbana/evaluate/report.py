@@ -117,7 +117,9 @@ def pair_points(
     gcols = _group_columns(models, group_without)
     xy = xy.merge(models, on="model", how="left")
     if gcols:
-        xy["group"] = xy[gcols].astype(str).agg(", ".join, axis=1)
+        # parameters some models lack are NaN (pandas 3 keeps NaN through astype(str)): show them as ""
+        labels = xy[gcols].map(_text)
+        xy["group"] = labels.agg(", ".join, axis=1)
     else:
         xy["group"] = xy["model"]
     agg = xy.groupby("group", sort=False).agg(
@@ -130,6 +132,11 @@ def pair_points(
     for c in gcols:
         agg[c] = first[c]
     return agg.reset_index()
+
+
+def _text(value: object) -> str:
+    """A parameter value as a label ("" for a missing one; pandas 3 keeps NaN through astype(str))."""
+    return "" if pd.isna(value) else str(value)
 
 
 def scatter_pairs(
@@ -158,10 +165,10 @@ def scatter_pairs(
     rows = math.ceil(len(pairs) / cols)
     fig = _new_figure(4.6 * cols + 1.8, 4.2 * rows)
     shown = models.loc[models["model"].isin(scores["model"].astype(str).unique())]
-    color_values = sorted(shown[color_by].astype(str).unique()) if color_by else ["all"]
+    color_values = sorted(shown[color_by].map(_text).unique()) if color_by else ["all"]
     cmap = colormaps["tab10"]
     colors = {v: cmap(i % 10) for i, v in enumerate(color_values)}
-    marker_values = sorted(shown[marker_by].astype(str).unique()) if marker_by else []
+    marker_values = sorted(shown[marker_by].map(_text).unique()) if marker_by else []
     markers = {v: MARKERS[i % len(MARKERS)] for i, v in enumerate(marker_values)}
     for k, pair in enumerate(pairs):
         ax = fig.add_subplot(rows, cols, k + 1)
@@ -173,8 +180,8 @@ def scatter_pairs(
             ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes, color="gray")
             continue
         for _, p in pts.iterrows():
-            c = colors[str(p[color_by])] if color_by and color_by in pts else colors["all"]
-            m = markers.get(str(p[marker_by]), "o") if marker_by and marker_by in pts else "o"
+            c = colors[_text(p[color_by])] if color_by and color_by in pts else colors["all"]
+            m = markers.get(_text(p[marker_by]), "o") if marker_by and marker_by in pts else "o"
             ax.errorbar(p["x"], p["y"], xerr=p["x_se"], yerr=p["y_se"], fmt=m, color=c, ms=6, capsize=2, lw=1)
         ax.grid(alpha=0.3)
     handles = []
