@@ -38,7 +38,6 @@ Run: ``python benchmarks/evaluate.py --threads 2`` (about 10 minutes on 2 CPU co
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as dt
 import gc
 import os
@@ -48,8 +47,9 @@ import shlex
 import statistics
 import sys
 import time
-from pathlib import Path
 from typing import Any
+
+from _machine import cpu_name, device_label
 
 SETS = 149  # sets of 100 images per paper checkpoint
 SET_SIZE = 100
@@ -275,15 +275,8 @@ def bench_generation(args: argparse.Namespace) -> dict[str, Any]:
 def machine_line(args: argparse.Namespace) -> str:
     import torch
 
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    device = args.device
-    if device.startswith("cuda") and torch.cuda.is_available():
-        device = f"{device} ({torch.cuda.get_device_name(torch.device(device))})"
+    cpu = cpu_name()
+    device = device_label(args.device)
     return (
         f"- machine: {cpu}, {os.cpu_count()} logical cores, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads, device {device}, {args.dtype}, Python {platform.python_version()}"

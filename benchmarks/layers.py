@@ -41,6 +41,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from _machine import cpu_name, device_label
 from higanbana.algorithms import accepted_options, algorithm_class, list_algorithms, make_adapter
 
 RANK = 8
@@ -632,15 +633,8 @@ def table_for_shape(results: list[Result], timed: bool) -> list[str]:
 
 
 def machine_lines(args: argparse.Namespace, peers: dict[str, str | None]) -> list[str]:
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    device = args.device
-    if device.startswith("cuda") and torch.cuda.is_available():
-        device = f"{device} ({torch.cuda.get_device_name(torch.device(device))})"
+    cpu = cpu_name()
+    device = device_label(args.device)
     peer_text = ", ".join(f"{k} {v}" if v else f"{k} not installed" for k, v in peers.items())
     timing = "op counts and memory only"
     if not args.ops_only:

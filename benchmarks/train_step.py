@@ -47,6 +47,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from _machine import cpu_name, device_label
+
 RANK = 4
 ALPHA = 4
 SEED = 7
@@ -366,15 +368,8 @@ def have_peft() -> str | None:
 def machine_line(args: argparse.Namespace, threads: int | None) -> str:
     import torch
 
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    device = args.device
-    if device.startswith("cuda") and torch.cuda.is_available():
-        device = f"{device} ({torch.cuda.get_device_name(torch.device(device))})"
+    cpu = cpu_name()
+    device = device_label(args.device)
     return (
         f"- machine: {cpu}, {os.cpu_count()} logical cores, torch {torch.__version__}, "
         f"{threads if threads is not None else torch.get_num_threads()} threads, device {device}, fp32, "
