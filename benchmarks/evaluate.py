@@ -47,8 +47,10 @@ import shlex
 import statistics
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _machine.py beside this script, however it is loaded
 from _machine import cpu_name, device_label
 
 SETS = 149  # sets of 100 images per paper checkpoint

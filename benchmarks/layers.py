@@ -41,8 +41,10 @@ import torch
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from _machine import cpu_name, device_label
 from higanbana.algorithms import accepted_options, algorithm_class, list_algorithms, make_adapter
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _machine.py beside this script, however it is loaded
+from _machine import cpu_name, device_label
 
 RANK = 8
 MARK_START = "<!-- layers:start -->"

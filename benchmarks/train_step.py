@@ -47,6 +47,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _machine.py beside this script, however it is loaded
 from _machine import cpu_name, device_label
 
 RANK = 4
