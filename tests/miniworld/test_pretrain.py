@@ -30,7 +30,7 @@ from higanbana.miniworld.tokenizer import MAX_LENGTH, base_words, world_tokenize
 MICRO_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
 MICRO_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, patch_size=8)
 MICRO_VAE = dict(block_out_channels=(8, 16), norm_num_groups=8)
-MICRO_UNET = dict(block_out_channels=(16, 32), norm_num_groups=8, attention_head_dim=8)
+MICRO_UNET = dict(block_out_channels=(16, 32, 32), norm_num_groups=8, attention_head_dim=8)
 
 
 # ---------------------------------------------------------------------------------------------

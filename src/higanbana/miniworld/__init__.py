@@ -1,6 +1,7 @@
 """The embedded miniature world (DESIGN.md §2): a deterministic synthetic world of small captioned
-images with held-out concepts, and its attribute checker."""
+images with held-out concepts, its attribute checker and the shipped tiny models trained on it."""
 
+from .shipped import WEIGHTS_DIR, shipped_model
 from .world import (
     BACKGROUNDS,
     COLOURS,
@@ -37,6 +38,7 @@ __all__ = [
     "SHAPES",
     "SIZES",
     "STYLES",
+    "WEIGHTS_DIR",
     "Scene",
     "WorldConcept",
     "colours_compatible",
@@ -46,5 +48,6 @@ __all__ = [
     "evaluation_concept",
     "render",
     "sample_scene",
+    "shipped_model",
     "write_concept_folder",
 ]

@@ -95,21 +95,23 @@ VAE: dict[str, Any] = dict(
     latent_channels=4,
     norm_num_groups=32,
 )
-#: UNet2DConditionModel on the 16 x 16 latents: cross-attention at the 8 x 8 level and in the middle.
+#: UNet2DConditionModel on the 16 x 16 latents: three levels (16, 8, 4), cross-attention at 8 x 8,
+#: 4 x 4 and in the middle (the shipped model; the two-level variant learned shapes far more slowly).
 UNET: dict[str, Any] = dict(
     sample_size=16,
     in_channels=4,
     out_channels=4,
-    block_out_channels=(64, 128),
+    block_out_channels=(64, 128, 128),
     layers_per_block=1,
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
     cross_attention_dim=CLIP_TEXT["hidden_size"],
     attention_head_dim=8,
     norm_num_groups=32,
 )
 
-#: Named run sizes: ``tiny`` is a seconds-long smoke run; ``full`` fits ~25 min on 2 CPU cores.
+#: Named run sizes: ``tiny`` is a seconds-long smoke run; ``full`` fits ~25 min on 2 CPU cores;
+#: ``gpu`` is the plan of the shipped models (one accelerator, wall-clock budgets per stage).
 SCALES: dict[str, dict[str, Any]] = {
     "tiny": dict(
         n_images=128,
@@ -124,6 +126,14 @@ SCALES: dict[str, dict[str, Any]] = {
         vae=dict(steps=400, batch_size=32),
         unet=dict(steps=1700, batch_size=32),
         eval=dict(n=100, steps=20),
+    ),
+    # one accelerator, minutes (the stages stop at their ``max_seconds``): the shipped models' plan
+    "gpu": dict(
+        n_images=50000,
+        clip=dict(steps=4000, batch_size=256, max_seconds=45),
+        vae=dict(steps=4000, batch_size=128, max_seconds=75),
+        unet=dict(steps=40000, batch_size=256, lr=1e-3, max_seconds=270),
+        eval=dict(n=200, steps=20),
     ),
 }
 
@@ -153,18 +163,46 @@ def _progress(steps: int, desc: str, progress: bool):
     return tqdm(range(steps), desc=desc, unit="step", disable=not progress, mininterval=2.0)
 
 
-def _optimizer(params, lr: float, steps: int, warmup: int = 100, weight_decay: float = 0.01):
-    """AdamW with linear warm-up and a cosine decay to 10 % of ``lr``."""
+def _optimizer(params, lr: float, steps: int, warmup: int = 100, weight_decay: float = 0.01, total=None):
+    """AdamW with linear warm-up and a cosine decay to 10 % of ``lr`` at step ``total[0]`` (a
+    one-item list, default ``[steps]``, that a time budget may shorten while training)."""
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     warmup = max(1, min(warmup, steps // 10))
+    total = total if total is not None else [steps]
 
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
-        t = (step - warmup) / max(1, steps - warmup)
+        t = (step - warmup) / max(1, total[0] - warmup)
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
 
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+class _Budget:
+    """Shortens a run of ``steps`` steps to what fits ``max_seconds`` of wall-clock time: the step
+    rate is measured after a warm-up and every ``every`` steps, and ``total[0]`` (the cosine
+    schedule's end) is lowered to the steps that fit. ``None`` keeps ``steps`` (deterministic)."""
+
+    def __init__(self, steps: int, max_seconds: float | None, every: int = 250) -> None:
+        if max_seconds is not None and max_seconds <= 0:
+            raise ConfigError(f"max_seconds must be > 0, got {max_seconds}")
+        self.total, self.max_seconds, self.every = [steps], max_seconds, every
+        self.start = time.perf_counter()
+
+    def done(self, step: int) -> bool:
+        """Whether step ``step`` (0-based) should not run."""
+        if step >= self.total[0]:
+            return True
+        if self.max_seconds is None or step == 0 or step % self.every:
+            return False
+        elapsed = time.perf_counter() - self.start
+        if elapsed >= self.max_seconds:
+            self.total[0] = step
+            return True
+        fits = int(step * self.max_seconds / elapsed)
+        self.total[0] = max(step + 1, min(self.total[0], fits))
+        return False
 
 
 def _check_steps(steps: int, batch_size: int, n: int) -> None:
@@ -186,8 +224,20 @@ def _batches(n: int, batch_size: int, steps: int, gen: torch.Generator):
 
 
 def _finite(loss: torch.Tensor, stage: str, step: int) -> None:
-    if not torch.isfinite(loss):
+    """Stop on a non-finite loss. On an accelerator this reads the loss back every 50 steps only
+    (each read waits for the device), so a bad step is caught within 50 steps."""
+    if (loss.device.type == "cpu" or step % 50 == 0) and not torch.isfinite(loss):
         raise FloatingPointError(f"{stage}: the loss became {loss.item()} at step {step}")
+
+
+def _to_floats(log: list | None) -> None:
+    """Losses are logged as detached tensors (no device sync per step); turn them into floats."""
+    if log:
+        values = torch.stack([torch.as_tensor(v).float() for v in log]).cpu()
+        if not torch.isfinite(values).all():
+            bad = int((~torch.isfinite(values)).nonzero()[0, 0])
+            raise FloatingPointError(f"the loss became {values[bad].item()} at step {bad}")
+        log[:] = values.tolist()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -208,9 +258,12 @@ def train_clip(
     projection_dim: int = 64,
     progress: bool = True,
     log: list | None = None,
+    device: str | torch.device = "cpu",
+    max_seconds: float | None = None,
 ):
     """A ``CLIPModel`` trained with CLIP's symmetric InfoNCE loss (learnable temperature) on
-    ``images`` ((n, 3, 32, 32) in [-1, 1]) and their ``captions``. Returns it in eval mode."""
+    ``images`` ((n, 3, 32, 32) in [-1, 1]) and their ``captions``, on ``device`` (``max_seconds``: as in
+    :func:`train_unet`). Returns it on the CPU, in eval mode."""
     from transformers import CLIPConfig, CLIPModel
 
     _check_steps(steps, batch_size, len(captions))
@@ -220,22 +273,23 @@ def train_clip(
     vision_cfg = {**CLIP_VISION, **(vision_config or {})}
     tok = tokenizer(captions, padding="max_length", max_length=text_cfg["max_position_embeddings"],
                     truncation=True, return_tensors="pt")  # fmt: skip
-    pixels = _clip_pixels(images)
+    dev = torch.device(device)
+    pixels = _clip_pixels(images).to(dev)
+    ids, mask = tok["input_ids"].to(dev), tok["attention_mask"].to(dev)
     with torch.random.fork_rng(**_FORK):
         torch.manual_seed(seed)
         model = CLIPModel(CLIPConfig(text_config=text_cfg, vision_config=vision_cfg, projection_dim=projection_dim))
-        model.train()
-        opt, sched = _optimizer(model.parameters(), lr, steps)
+        model.to(dev).train()
+        budget = _Budget(steps, max_seconds)
+        opt, sched = _optimizer(model.parameters(), lr, steps, total=budget.total)
         gen = torch.Generator().manual_seed(seed)
         for step, idx in zip(
             _progress(steps, "clip", progress), _batches(len(captions), batch_size, steps, gen), strict=True
         ):
-            out = model(
-                input_ids=tok["input_ids"][idx],
-                attention_mask=tok["attention_mask"][idx],
-                pixel_values=pixels[idx],
-                return_loss=True,
-            )
+            if budget.done(step):
+                break
+            idx = idx.to(dev)
+            out = model(input_ids=ids[idx], attention_mask=mask[idx], pixel_values=pixels[idx], return_loss=True)
             _finite(out.loss, "clip", step)
             opt.zero_grad(set_to_none=True)
             out.loss.backward()
@@ -245,8 +299,9 @@ def train_clip(
             with torch.no_grad():
                 model.logit_scale.clamp_(0, math.log(100))
             if log is not None:
-                log.append(out.loss.item())
-    return model.eval()
+                log.append(out.loss.detach())
+    _to_floats(log)
+    return model.cpu().eval()
 
 
 def text_encoder_of(clip):
@@ -266,7 +321,7 @@ def encode_texts(text_encoder, tokenizer, captions: list[str], batch_size: int =
     for i in range(0, len(captions), batch_size):
         ids = tokenizer(captions[i : i + batch_size], padding="max_length", max_length=tokenizer.model_max_length,
                         truncation=True, return_tensors="pt").input_ids  # fmt: skip
-        out.append(text_encoder(input_ids=ids).last_hidden_state)
+        out.append(text_encoder(input_ids=ids.to(text_encoder.device)).last_hidden_state)
     return torch.cat(out)
 
 
@@ -285,24 +340,33 @@ def train_vae(
     config: dict | None = None,
     progress: bool = True,
     log: list | None = None,
+    device: str | torch.device = "cpu",
+    max_seconds: float | None = None,
 ):
     """An ``AutoencoderKL`` trained with L1 + MSE reconstruction and a tiny KL term on ``images``
-    ((n, 3, h, w) in [-1, 1]); its ``scaling_factor`` is set to 1/std of the training latents."""
+    ((n, 3, h, w) in [-1, 1]) on ``device`` (``max_seconds``: as in :func:`train_unet`); its
+    ``scaling_factor`` is set to 1/std of the training latents. Returned on the CPU, in eval mode."""
     from diffusers import AutoencoderKL
 
     _check_steps(steps, batch_size, len(images))
+    dev = torch.device(device)
+    data = images.to(dev)
     with torch.random.fork_rng(**_FORK):
         torch.manual_seed(seed)
         vae = AutoencoderKL(**{**VAE, "sample_size": int(images.shape[-1]), **(config or {})})
-        vae.train()
-        opt, sched = _optimizer(vae.parameters(), lr, steps)
+        vae.to(dev).train()
+        budget = _Budget(steps, max_seconds)
+        opt, sched = _optimizer(vae.parameters(), lr, steps, total=budget.total)
         gen = torch.Generator().manual_seed(seed)
+        noise_gen = torch.Generator(dev).manual_seed(seed)
         for step, idx in zip(
             _progress(steps, "vae", progress), _batches(len(images), batch_size, steps, gen), strict=True
         ):
-            x = images[idx]
+            if budget.done(step):
+                break
+            x = data[idx.to(dev)]
             posterior = vae.encode(x).latent_dist
-            z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen)
+            z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=noise_gen, device=dev)
             rec = vae.decode(z).sample
             loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + kl_weight * posterior.kl().mean()
             _finite(loss, "vae", step)
@@ -312,8 +376,9 @@ def train_vae(
             opt.step()
             sched.step()
             if log is not None:
-                log.append(loss.item())
-    vae.eval()
+                log.append(loss.detach())
+    _to_floats(log)
+    vae.cpu().eval()
     latents = encode_latents(vae, images[:2048], scaled=False)
     vae.register_to_config(scaling_factor=float(1.0 / latents.std().clamp_min(1e-6)))
     return vae
@@ -322,8 +387,9 @@ def train_vae(
 @torch.no_grad()
 def encode_latents(vae, images: torch.Tensor, *, scaled: bool = True, batch_size: int = 256) -> torch.Tensor:
     """The posterior means of ``images`` (deterministic), times ``scaling_factor`` when ``scaled``."""
-    out = [vae.encode(images[i : i + batch_size]).latent_dist.mean for i in range(0, len(images), batch_size)]
-    z = torch.cat(out)
+    dev = vae.device
+    chunks = [images[i : i + batch_size].to(dev) for i in range(0, len(images), batch_size)]
+    z = torch.cat([vae.encode(x).latent_dist.mean.cpu() for x in chunks])
     return z * vae.config.scaling_factor if scaled else z
 
 
@@ -411,11 +477,15 @@ def train_unet(
     config: dict | None = None,
     progress: bool = True,
     log: list | None = None,
+    device: str | torch.device = "cpu",
+    max_seconds: float | None = None,
 ):
     """A ``UNet2DConditionModel`` trained to predict the noise of ``latents`` (scaled, (n, 4, s, s))
     given ``text_states`` ((n, L, d) frozen text-encoder outputs); with probability ``caption_dropout``
     a sample sees ``empty_state`` (the empty caption's states) instead, for classifier-free guidance.
-    Returns the EMA weights (``ema_decay`` 0 returns the raw ones), in eval mode."""
+    ``max_seconds`` shortens the run (and its cosine schedule) to what fits that wall-clock time;
+    the steps run are ``len(log)``. Returns the EMA weights (``ema_decay`` 0 returns the raw ones)
+    on the CPU, in eval mode."""
     from diffusers import UNet2DConditionModel
 
     _check_steps(steps, batch_size, len(latents))
@@ -423,24 +493,32 @@ def train_unet(
         raise ConfigError(f"train_unet: {len(latents)} latents but {len(text_states)} text states")
     cfg = {**UNET, "sample_size": int(latents.shape[-1]), "cross_attention_dim": int(text_states.shape[-1])}
     cfg.update(config or {})
+    dev = torch.device(device)
     scheduler = make_noise_scheduler()
-    alphas = scheduler.alphas_cumprod
-    empty = empty_state.reshape(1, *text_states.shape[1:])
+    alphas = scheduler.alphas_cumprod.to(dev)
+    latents, text_states = latents.to(dev), text_states.to(dev)
+    empty = empty_state.reshape(1, *text_states.shape[1:]).to(dev)
+    budget = _Budget(steps, max_seconds)
     with torch.random.fork_rng(**_FORK):
         torch.manual_seed(seed)
         unet = UNet2DConditionModel(**cfg)
-        unet.train()
+        unet.to(dev).train()
         ema = copy.deepcopy(unet).eval().requires_grad_(False) if ema_decay > 0 else None
-        opt, sched = _optimizer(unet.parameters(), lr, steps, weight_decay=0.0)
+        opt, sched = _optimizer(unet.parameters(), lr, steps, weight_decay=0.0, total=budget.total)
+        params = list(unet.parameters())
+        ema_params = list(ema.parameters()) if ema is not None else []
         gen = torch.Generator().manual_seed(seed)
-        for step, idx in zip(
-            _progress(steps, "unet", progress), _batches(len(latents), batch_size, steps, gen), strict=True
-        ):
+        noise_gen = torch.Generator(dev).manual_seed(seed)
+        bar = _progress(steps, "unet", progress)
+        for step, idx in zip(bar, _batches(len(latents), batch_size, steps, gen), strict=False):
+            if budget.done(step):
+                break
+            drop = (torch.rand(len(idx), generator=gen) < caption_dropout).to(dev)
+            idx = idx.to(dev)
             z0, ctx = latents[idx], text_states[idx]
-            drop = torch.rand(len(idx), generator=gen) < caption_dropout
             ctx = torch.where(drop[:, None, None], empty, ctx)
-            noise = torch.randn(z0.shape, generator=gen)
-            t = torch.randint(0, len(alphas), (len(idx),), generator=gen)
+            noise = torch.randn(z0.shape, generator=noise_gen, device=dev)
+            t = torch.randint(0, len(alphas), (len(idx),), generator=noise_gen, device=dev)
             a = alphas[t].view(-1, 1, 1, 1)
             zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
             loss = F.mse_loss(unet(zt, t, encoder_hidden_states=ctx).sample, noise)
@@ -453,11 +531,12 @@ def train_unet(
             if ema is not None:
                 d = min(ema_decay, (1 + step) / (10 + step))
                 with torch.no_grad():
-                    for pe, p in zip(ema.parameters(), unet.parameters(), strict=True):
-                        pe.lerp_(p, 1 - d)
+                    torch._foreach_lerp_(ema_params, params, 1 - d)
             if log is not None:
-                log.append(loss.item())
-    return (ema if ema is not None else unet).eval()
+                log.append(loss.detach())
+        bar.close()
+    _to_floats(log)
+    return (ema if ema is not None else unet).cpu().eval()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -534,11 +613,42 @@ def _count(m: torch.nn.Module) -> int:
     return sum(p.numel() for p in m.parameters())
 
 
+def _stage(folder: Path, name: str, key: dict, train, load, save):
+    """Stage ``name`` from its checkpoint ``folder/stages/name`` when that was made with the same
+    ``key`` (plan, seed, data), else trained by ``train()`` and checkpointed (written atomically:
+    a partial folder is never taken for a finished stage). Returns (model, trained_now)."""
+    import shutil
+
+    path = folder / "stages" / name
+    marker = path / "stage.json"
+    if marker.is_file() and json.loads(marker.read_text(encoding="utf-8")) == key:
+        return load(path), False
+    model = train()
+    tmp = path.with_name(name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save(model, tmp)
+    (tmp / "stage.json").write_text(json.dumps(key, indent=2) + "\n", encoding="utf-8")
+    shutil.rmtree(path, ignore_errors=True)
+    tmp.rename(path)
+    return model, True
+
+
 def pretrain(out, scale: str = "full", seed: int = 0, *, progress: bool = True, overrides: dict | None = None,
-             cfg: float = 4.0) -> dict[str, Any]:  # fmt: skip
-    """Run all stages at ``SCALES[scale]`` (merged with ``overrides``), save to ``out`` (see
-    :func:`save_miniworld`), reload the SD folder, measure prompt following and write
-    ``out/training.json`` (sizes, steps, seeds, times, losses, accuracies). Returns that record."""
+             cfg: float | list[float] = 4.0, device: str | torch.device = "cpu", workers: int = 1,
+             stages_only: bool = False) -> dict[str, Any]:  # fmt: skip
+    """Run all stages at ``SCALES[scale]`` (merged with ``overrides``) on ``device``, save to ``out``
+    (see :func:`save_miniworld`), reload the SD folder, measure prompt following and write
+    ``out/training.json`` (sizes, steps, seeds, times, losses, accuracies). Returns that record.
+
+    The CLIP and VAE stages are checkpointed under ``out/stages/`` and reused by a later call with
+    the same plan, seed and data (so a UNet can be retrained, or several UNet variants trained in
+    copies of ``out``, without retraining them); ``stages_only`` stops after them. ``workers``
+    renders the data in that many processes. With several ``cfg`` values prompt following is
+    measured at each (``prompt_following_by_cfg``); ``prompt_following`` is the first.
+    """
+    from diffusers import AutoencoderKL
+    from transformers import CLIPModel
+
     from ..models.pipeline import build_pipeline, read_scheduler_config
     from ..models.sd import load_sd
 
@@ -546,42 +656,69 @@ def pretrain(out, scale: str = "full", seed: int = 0, *, progress: bool = True, 
         raise ConfigError(f"unknown scale {scale!r}; expected one of {sorted(SCALES)}")
     plan = copy.deepcopy(SCALES[scale])
     for key, value in (overrides or {}).items():
+        if key not in plan:
+            raise ConfigError(f"unknown pretraining plan entry {key!r}; expected one of {sorted(plan)}")
         plan[key] = {**plan[key], **value} if isinstance(value, dict) else value
+    dev = torch.device(device)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     times: dict[str, float] = {}
-    record: dict[str, Any] = {"scale": scale, "seed": seed, "plan": plan, "torch_threads": torch.get_num_threads()}
+    record: dict[str, Any] = {"scale": scale, "seed": seed, "plan": plan, "device": str(dev),
+                              "torch_threads": torch.get_num_threads()}  # fmt: skip
 
     t0 = time.perf_counter()
-    data = dataset(plan["n_images"], seed=seed)
+    data = dataset(plan["n_images"], seed=seed, workers=workers)
     images = images_to_tensor([im for im, _, _ in data])
     captions = [c for _, c, _ in data]
     tokenizer = world_tokenizer()
     times["data"] = time.perf_counter() - t0
 
     losses: dict[str, list] = {"clip": [], "vae": [], "unet": []}
+    data_key = {"n_images": plan["n_images"], "seed": seed}
     t = time.perf_counter()
-    clip = train_clip(images, captions, tokenizer, seed=seed, progress=progress, log=losses["clip"], **plan["clip"])
+    clip, clip_trained = _stage(
+        out, "clip", {**data_key, "plan": plan["clip"]},
+        lambda: train_clip(images, captions, tokenizer, seed=seed, progress=progress, log=losses["clip"],
+                           device=dev, **plan["clip"]),
+        lambda path: CLIPModel.from_pretrained(path, dtype=torch.float32).eval(),
+        lambda model, path: model.save_pretrained(path),
+    )  # fmt: skip
     times["clip"] = time.perf_counter() - t
     t = time.perf_counter()
-    vae = train_vae(images, seed=seed + 1, progress=progress, log=losses["vae"], **plan["vae"])
+    vae, vae_trained = _stage(
+        out, "vae", {**data_key, "plan": plan["vae"]},
+        lambda: train_vae(images, seed=seed + 1, progress=progress, log=losses["vae"], device=dev, **plan["vae"]),
+        lambda path: AutoencoderKL.from_pretrained(path, dtype=torch.float32).eval(),
+        lambda model, path: model.save_pretrained(path),
+    )  # fmt: skip
     times["vae"] = time.perf_counter() - t
+    if stages_only:
+        record.update(steps_run={k: len(v) for k, v in losses.items()},
+                      final_loss={k: float(np.mean(v[-50:])) for k, v in losses.items() if v},
+                      times_s={k: round(v, 1) for k, v in times.items()})  # fmt: skip
+        (out / "stages.json").write_text(json.dumps(record, indent=2, default=str) + "\n", encoding="utf-8")
+        return record
 
     t = time.perf_counter()
-    te = text_encoder_of(clip)
-    latents = encode_latents(vae, images)
-    states = encode_texts(te, tokenizer, captions)
-    empty = encode_texts(te, tokenizer, [""])[0]
+    te = text_encoder_of(clip).to(dev)
+    latents = encode_latents(vae.to(dev), images)
+    vae.cpu()
+    states = encode_texts(te, tokenizer, captions).cpu()
+    empty = encode_texts(te, tokenizer, [""])[0].cpu()
+    te.cpu()
     times["cache"] = time.perf_counter() - t
     t = time.perf_counter()
-    unet = train_unet(latents, states, empty, seed=seed + 2, progress=progress, log=losses["unet"], **plan["unet"])
+    unet = train_unet(latents, states, empty, seed=seed + 2, progress=progress, log=losses["unet"], device=dev,
+                      **plan["unet"])  # fmt: skip
     times["unet"] = time.perf_counter() - t
 
     paths = save_miniworld(out, clip, vae, unet, tokenizer)
     t = time.perf_counter()
     parts = load_sd(paths["sd"])
-    pipeline = build_pipeline(parts, sampler="ddim", scheduler_config=read_scheduler_config(paths["sd"]))
-    accuracy = prompt_following(pipeline, seed=seed, cfg=cfg, **plan["eval"])
+    pipeline = build_pipeline(parts, sampler="ddim", scheduler_config=read_scheduler_config(paths["sd"])).to(dev)
+    cfgs = [float(c) for c in (cfg if isinstance(cfg, list | tuple) else [cfg])]
+    by_cfg = {str(c): prompt_following(pipeline, seed=seed, cfg=c, **plan["eval"]) for c in cfgs}
+    accuracy = by_cfg[str(cfgs[0])]
     recon = reconstruction_accuracy(vae, n=plan["eval"]["n"], seed=seed)
     times["eval"] = time.perf_counter() - t
     times["total"] = time.perf_counter() - t0
@@ -594,9 +731,12 @@ def pretrain(out, scale: str = "full", seed: int = 0, *, progress: bool = True, 
         configs={"clip": clip.config.to_dict(), "vae": dict(vae.config), "unet": dict(unet.config)},
         vocab_size=len(tokenizer),
         vae_scaling_factor=float(vae.config.scaling_factor),
+        steps_run={k: len(v) for k, v in losses.items()},
+        stages_reused=[name for name, trained in (("clip", clip_trained), ("vae", vae_trained)) if not trained],
         final_loss={k: tail(v) for k, v in losses.items()},
         times_s={k: round(v, 1) for k, v in times.items()},
         prompt_following=accuracy,
+        prompt_following_by_cfg=by_cfg,
         vae_reconstruction=recon,
         size_mb={"sd": round(folder_size_mb(paths["sd"]), 2), "clip": round(folder_size_mb(paths["clip"]), 2)},
     )

@@ -520,28 +520,44 @@ def _mosaic(hires: np.ndarray, size: int, rng: np.random.Generator) -> Image.Ima
 # the base-training distribution
 
 
+def _dataset_item(i: int, seed: int, size: int, exclude_concepts: bool) -> tuple[Image.Image, str, Scene]:
+    """Item ``i`` of :func:`dataset` (its own RNG stream, so items are independent of each other)."""
+    rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, i, 7])
+    scene = sample_scene(rng)
+    if not exclude_concepts:
+        extra = rng.random(2)
+        if extra[0] < 1 / (len(SHAPES) + 1):
+            scene = replace(scene, shape="crescent")
+        if extra[1] < 1 / (len(STYLES) + 1):
+            scene = replace(scene, style="mosaic")
+    image_seed = int(rng.integers(0, 2**31 - 1))
+    return render(scene, size, image_seed), scene.caption(), scene
+
+
+def _dataset_range(start: int, stop: int, seed: int, size: int, exclude_concepts: bool) -> list:
+    return [_dataset_item(i, seed, size, exclude_concepts) for i in range(start, stop)]
+
+
 def dataset(
-    n: int, seed: int = 0, *, size: int = 32, exclude_concepts: bool = True
+    n: int, seed: int = 0, *, size: int = 32, exclude_concepts: bool = True, workers: int = 1
 ) -> list[tuple[Image.Image, str, Scene]]:
     """``n`` (image, caption, scene) triples of the base world, deterministic in (n, seed, size):
     the first k items of ``dataset(n)`` are ``dataset(k)``. With ``exclude_concepts=False`` the
     held-out shape (``crescent``) and style (``mosaic``) are mixed in under their plain names
-    (never the trigger words): an "oracle" base that already knows the concepts."""
+    (never the trigger words): an "oracle" base that already knows the concepts. ``workers`` > 1
+    renders in that many processes (the same items: each has its own RNG stream)."""
     if n < 0:
         raise ConfigError(f"dataset: n must be >= 0, got {n}")
-    out = []
-    for i in range(n):
-        rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, i, 7])
-        scene = sample_scene(rng)
-        if not exclude_concepts:
-            extra = rng.random(2)
-            if extra[0] < 1 / (len(SHAPES) + 1):
-                scene = replace(scene, shape="crescent")
-            if extra[1] < 1 / (len(STYLES) + 1):
-                scene = replace(scene, style="mosaic")
-        image_seed = int(rng.integers(0, 2**31 - 1))
-        out.append((render(scene, size, image_seed), scene.caption(), scene))
-    return out
+    if workers < 1:
+        raise ConfigError(f"dataset: workers must be >= 1, got {workers}")
+    if workers == 1 or n < 1000:
+        return _dataset_range(0, n, seed, size, exclude_concepts)
+    from concurrent.futures import ProcessPoolExecutor
+
+    starts = range(0, n, 1000)
+    with ProcessPoolExecutor(workers) as pool:
+        futures = [pool.submit(_dataset_range, a, min(a + 1000, n), seed, size, exclude_concepts) for a in starts]
+        return [item for f in futures for item in f.result()]
 
 
 # ---------------------------------------------------------------------------------------------
