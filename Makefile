@@ -40,4 +40,4 @@ bench: $(PEERS_STAMP)
 	$(PEERS_VENV)/bin/python benchmarks/layers.py
 
 clean:
-	rm -rf $(VENV) $(PEERS_VENV) demo-output .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(PEERS_VENV) demo-output selfcheck-output .pytest_cache .ruff_cache

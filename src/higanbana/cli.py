@@ -7,9 +7,21 @@ import sys
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .demo import format_table, run_demo
+    from .errors import HiganbanaError
+    from .miniworld.demo import run_demo
 
-    rows = run_demo(args.out, steps=args.steps, only=args.algos)
+    try:
+        run_demo(args.out, args.plan, progress=not args.no_progress)
+    except HiganbanaError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _selfcheck(args: argparse.Namespace) -> int:
+    from .selfcheck import format_table, run_selfcheck
+
+    rows = run_selfcheck(args.out, steps=args.steps, only=args.algos)
     print(format_table(rows))
     print(f"\nadapter files written to {args.out}/")
     worse = [r.label for r in rows if not r.loss_after < r.loss_before]
@@ -70,11 +82,19 @@ def _experiment(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="higanbana", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="train, save and reload every algorithm on a tiny SD UNet")
-    demo.add_argument("--out", default="demo-output", help="folder for the adapter files (default: demo-output)")
-    demo.add_argument("--steps", type=int, default=40, help="Adam steps per algorithm (default: 40)")
-    demo.add_argument("--algos", nargs="*", help="only these setups (e.g. lora lokr)")
+    demo = sub.add_parser(
+        "demo", help="the paper's experiment in the miniature world: fine-tune, evaluate, rank (CPU, minutes)"
+    )
+    demo.add_argument("--out", default="demo-output", help="output folder (default: demo-output)")
+    plans = "full: 3 concepts x 4 algorithms x 2 learning rates; quick: a one-minute smoke run"
+    demo.add_argument("--plan", default="full", choices=("full", "quick"), help=plans)
+    demo.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     demo.set_defaults(func=_demo)
+    check = sub.add_parser("selfcheck", help="train, save and reload every algorithm on a tiny SD UNet")
+    check.add_argument("--out", default="selfcheck-output", help="folder for the adapter files")
+    check.add_argument("--steps", type=int, default=40, help="Adam steps per algorithm (default: 40)")
+    check.add_argument("--algos", nargs="*", help="only these setups (e.g. lora lokr)")
+    check.set_defaults(func=_selfcheck)
     algos = sub.add_parser("algorithms", help="list the algorithms and the options each takes")
     algos.set_defaults(func=_algorithms)
     presets = sub.add_parser("presets", help="list the built-in presets (which layers a network adapts)")

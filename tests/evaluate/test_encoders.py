@@ -247,3 +247,102 @@ def test_missing_models_name_what_to_provide(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(HiganbanaError, match="DINOv2 could not be loaded from"):
         load_encoder("dinov2", tmp_path / "empty")
+
+
+# ---------------------------------------------------------------------------------------------- miniature world
+
+
+@pytest.fixture(scope="module")
+def tiny_sd(tmp_path_factory):
+    from higanbana.models.tiny import save_tiny_sd, tiny_sd_parts
+
+    return save_tiny_sd(tiny_sd_parts("sd1", seed=0, with_vae=True), tmp_path_factory.mktemp("sd") / "sd")
+
+
+def test_encoder_kind_detection(tiny, tiny_sd, tmp_path):
+    kind = enc.encoder_kind_of
+    assert kind("dinov2", tiny["dinov2"]) == "dinov2"
+    assert kind("dinov2", tiny["clip"]) == "clip"  # a CLIP folder stands in for DINOv2
+    assert kind("dinov2", str(tiny["clip"])) == "clip"
+    assert kind("clip", tiny["clip"]) == "clip"
+    assert kind("vgg19", tiny["vgg19"]) == "vgg19"
+    assert kind("vgg19", tiny_sd) == "vae_gram"  # an SD folder: its vae/
+    assert kind("vgg19", tiny_sd / "vae") == "vae_gram"  # a bare AutoencoderKL folder
+    assert kind("vgg19", tiny_sd / "unet") == "vgg19"  # not an AutoencoderKL: left to the VGG-19 loader
+    assert kind("dinov2", tiny_sd) == "dinov2"
+    # the offline-cache defaults keep their slot's kind
+    assert kind("dinov2", None) == "dinov2" and kind("clip", enc.DEFAULT_MODELS["clip"]) == "clip"
+    with pytest.raises(HiganbanaError, match=r"encoders\.vgg19: .*nope.* does not exist"):
+        kind("vgg19", tmp_path / "nope")
+    with pytest.raises(HiganbanaError, match=r"encoders\.dinov2: .*nope.* does not exist"):
+        kind("dinov2", tmp_path / "nope")
+    with pytest.raises(HiganbanaError, match="unknown encoder slot"):
+        kind("quality", tiny["clip"])
+
+
+def test_vae_gram_encoder(tiny_sd):
+    vae = load_encoder("vae_gram", tiny_sd)
+    assert isinstance(vae, enc.VaeStyleEncoder) and vae.image_size == 32
+    grams = vae.gram_matrices(_images(3), batch_size=2)
+    assert [tuple(g.shape) for g in grams] == [(3, 32, 32)] * 3  # conv_in and two down blocks
+    for g in grams:
+        assert g.dtype == torch.float32 and torch.isfinite(g).all()
+        assert torch.allclose(g, g.transpose(1, 2), atol=1e-6)
+    again = load_encoder("vae_gram", tiny_sd / "vae").gram_matrices(_images(3), batch_size=3)
+    for ga, gb in zip(grams, again, strict=True):
+        assert torch.allclose(ga, gb, atol=1e-6, rtol=1e-5)
+    with pytest.raises(HiganbanaError, match="AutoencoderKL"):
+        load_encoder("vae_gram", tiny_sd / "unet")
+    with pytest.raises(HiganbanaError, match="needs a path"):
+        load_encoder("vae_gram")
+
+
+def test_clip_image_kind(tiny, clip):
+    encoder = load_encoder("clip_image", tiny["clip"])
+    z = encoder.encode_images(_images(3))
+    assert z.shape == (3, 16) and z.dtype == torch.float32
+    assert torch.equal(z, clip.encode_images(_images(3)))
+
+
+def test_load_encoders_detects_miniworld_models(tiny, tiny_sd):
+    from types import SimpleNamespace
+
+    from higanbana.evaluate.run import _load_encoders
+
+    encoders = SimpleNamespace(
+        dinov2=str(tiny["clip"]), clip=str(tiny["clip"]), vgg19=str(tiny_sd), quality="", image_size=224,
+        letterbox=True,
+    )  # fmt: skip
+    config = SimpleNamespace(encoders=encoders, prompts=SimpleNamespace(types=["train", "style"]))
+    out = _load_encoders(config, torch.device("cpu"))
+    assert isinstance(out["dinov2"], enc.ClipEncoder) and out["dinov2"].image_size == 32  # not image_size=224
+    assert isinstance(out["clip"], enc.ClipEncoder)
+    assert isinstance(out["vgg19"], enc.VaeStyleEncoder)
+    encoders.dinov2, encoders.vgg19 = str(tiny["dinov2"]), str(tiny["vgg19"])
+    out = _load_encoders(config, torch.device("cpu"))
+    assert isinstance(out["dinov2"], enc.Dinov2Encoder) and out["dinov2"].image_size == 224
+    assert isinstance(out["vgg19"], enc.Vgg19StyleEncoder)
+
+
+def test_shipped_world_models_as_evaluation_encoders():
+    from higanbana.miniworld import shipped_model
+    from higanbana.miniworld.world import Scene, render
+
+    clip_dir, sd_dir = shipped_model("clip"), shipped_model("sd")
+    assert enc.encoder_kind_of("dinov2", clip_dir) == "clip"
+    assert enc.encoder_kind_of("vgg19", sd_dir) == "vae_gram"
+    image_encoder = load_encoder(enc.encoder_kind_of("dinov2", clip_dir), clip_dir)
+    style_encoder = load_encoder(enc.encoder_kind_of("vgg19", sd_dir), sd_dir)
+    assert isinstance(image_encoder, enc.ClipEncoder) and isinstance(style_encoder, enc.VaeStyleEncoder)
+
+    styles = ("flat", "outlined", "pencil")
+    images = [render(Scene(shape="circle", colour="red", style=s), 32, seed) for s in styles for seed in (0, 1)]
+    assert image_encoder.encode_images(images).shape[0] == len(images)
+    grams = style_encoder.gram_matrices(images)
+
+    def distance(i, j):
+        return sum(float(((g[i] - g[j]) ** 2).sum()) for g in grams)
+
+    same = [distance(2 * k, 2 * k + 1) for k in range(len(styles))]  # one style, two seeds
+    different = [distance(2 * a, 2 * b) for a in range(len(styles)) for b in range(a + 1, len(styles))]
+    assert max(same) < min(different)

@@ -110,6 +110,12 @@ def test_config_errors(world, tmp_path):
     dup.write_text(text, encoding="utf-8")
     with pytest.raises(ConfigError, match="used twice"):
         EvalConfig.load(dup)
+    with pytest.raises(ConfigError, match=r"alter_templates: unknown category 'objects' \(did you mean 'object'\?\)"):
+        EvalConfig.load(config_path, ['prompts.alter_templates={objects = ["{}, red"]}'])
+    with pytest.raises(ConfigError, match=r"prompts.style_templates must be a list of strings, each with exactly one"):
+        EvalConfig.load(config_path, ['prompts.style_templates=["red"]'])
+    ok = EvalConfig.load(config_path, ['prompts.alter_templates={object = ["{}, red"]}'])
+    assert ok.prompts.alter_templates == {"object": ["{}, red"]}
     config = EvalConfig.load(config_path, ['encoders.dinov2=""', f'output.dir="{tmp_path / "o"}"'])
     with pytest.raises(HiganbanaError, match="encoders.dinov2 not set"):
         evaluate(config, progress=False, log=lambda _m: None)

@@ -35,6 +35,11 @@ from ..errors import ConfigError, nearest
 from ..schema import apply_override, build_section, build_sections, choice, load_toml, resolve_paths, sections_to_toml
 
 
+def _check_templates(templates: Any, what: str) -> None:
+    if not isinstance(templates, list) or not all(isinstance(t, str) and t.count("{}") == 1 for t in templates):
+        raise ConfigError(f"{what} must be a list of strings, each with exactly one '{{}}' (the descriptor)")
+
+
 @dataclass
 class ModelSection:
     pretrained: str = ""  # the base model (required)
@@ -54,6 +59,9 @@ class PromptsSection:
     types: list = field(default_factory=lambda: ["train", "trigger", "alter", "style"])
     n_images: int = 100  # per concept and prompt type
     seed_start: int = 1000
+    # category -> templates with one "{}" (the descriptor); empty: the paper's 40 alter templates
+    alter_templates: dict = field(default_factory=dict)
+    style_templates: list = field(default_factory=list)  # templates with one "{}"; empty: the paper's 6
 
 
 @dataclass
@@ -69,9 +77,9 @@ class GenerationSection:
 
 @dataclass
 class EncodersSection:
-    dinov2: str = ""  # a local transformers Dinov2Model folder (fidelity, diversity)
+    dinov2: str = ""  # a Dinov2Model folder (fidelity, diversity); a CLIPModel folder: its image tower
     clip: str = ""  # a local transformers CLIPModel folder with its tokenizer (controllability)
-    vgg19: str = ""  # a VGG-19 state dict file, torchvision key names (base-model preservation)
+    vgg19: str = ""  # a torchvision VGG-19 state dict (base preservation); an AutoencoderKL/SD folder: VAE Grams
     quality: str = ""  # optional image-quality scorer, a plug-in "package.module:factory"
     image_size: int = 224
     letterbox: bool = True  # letterbox dataset images (the paper's choice); False: plain resize
@@ -164,6 +172,15 @@ class EvalConfig:
         for key in ("n_images",):
             if getattr(self.prompts, key) < 1:
                 raise ConfigError(f"{where}: prompts.{key} must be at least 1")
+        from .prompts import CATEGORIES
+
+        for category, templates in self.prompts.alter_templates.items():
+            if category not in CATEGORIES:
+                raise ConfigError(
+                    f"{where}: prompts.alter_templates: unknown category {category!r}{nearest(category, CATEGORIES)}"
+                )
+            _check_templates(templates, f"{where}: prompts.alter_templates.{category}")
+        _check_templates(self.prompts.style_templates, f"{where}: prompts.style_templates")
         if self.generation.steps < 1 or self.generation.batch_size < 1:
             raise ConfigError(f"{where}: generation.steps and generation.batch_size must be at least 1")
         from ..models.pipeline import canonical_sampler

@@ -1,5 +1,10 @@
 """Image and text encoders of the evaluation (DESIGN.md §5): DINOv2, CLIP and VGG-19 Gram matrices.
 
+The miniature world's tiny models stand in for them at its scale: a CLIP folder in the DINOv2 slot
+gives CLIP's projected image features, and an SD/``AutoencoderKL`` folder in the VGG-19 slot gives
+Gram matrices of the VAE encoder's conv features (:class:`VaeStyleEncoder`); see
+:func:`encoder_kind_of`.
+
 Models load only from local folders/files or an offline Hugging Face cache — nothing is downloaded; a
 missing model raises :class:`~higanbana.errors.HiganbanaError` naming what to provide. Preprocessing
 (letterbox/resize, normalisation) is our own, so neither torchvision nor image processors are needed.
@@ -8,6 +13,7 @@ transformers is imported lazily, when a model is loaded.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -18,7 +24,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from ..errors import HiganbanaError
+from ..errors import ConfigError, HiganbanaError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -125,6 +131,7 @@ CLIP_HINT = (
     "a local transformers CLIPModel folder with its tokenizer files (e.g. a snapshot of "
     f"{DEFAULT_MODELS['clip']}) or have that repo in the offline Hugging Face cache"
 )
+VAE_HINT = "a diffusers AutoencoderKL folder (config.json + weights) or a Stable Diffusion folder with a vae/ subfolder"
 VGG19_HINT = (
     "a torchvision vgg19 state dict file (.pth or .safetensors, keys features.0.weight … features.34.bias; "
     f"torchvision's IMAGENET1K_V1 weights are {VGG19_TORCHVISION_FILE})"
@@ -482,27 +489,161 @@ class Vgg19StyleEncoder(StyleEncoder):
 
 
 # ----------------------------------------------------------------------------------------------
+# the miniature world's VAE (Gram matrices for the style loss at the world's scale)
+
+
+def _vae_pixels(images: list[Image.Image]) -> torch.Tensor:
+    """(n, 3, h, w) float32 in [-1, 1] (the VAE's range) from same-sized RGB PIL images."""
+    arr = np.stack([np.asarray(_rgb(im), dtype=np.float32) for im in images])
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous() / 127.5 - 1.0
+
+
+def _read_config(folder: Path) -> dict[str, Any]:
+    """``folder/config.json`` as a dict; ``{}`` when it is missing or not a JSON object."""
+    try:
+        data = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _vae_folder(path: Path) -> Path | None:
+    """The folder holding an ``AutoencoderKL`` config: ``path`` itself or its ``vae/``; else ``None``."""
+    for folder in (path, path / "vae"):
+        if _read_config(folder).get("_class_name") == "AutoencoderKL":
+            return folder
+    return None
+
+
+class VaeStyleEncoder(StyleEncoder):
+    """Gram matrices of the miniature VAE encoder's conv features (``conv_in`` and each down block):
+    a conv net trained on the world stands in for VGG-19 in the style loss, at the world's scale.
+
+    ``vae_or_path`` is an ``AutoencoderKL`` or a diffusers folder holding one (an SD folder's
+    ``vae/`` or the SD folder itself). Images are resized to the VAE's ``sample_size``."""
+
+    name = "vae_gram"
+
+    def __init__(self, vae_or_path: Any, *, device: str | torch.device = "cpu") -> None:
+        if isinstance(vae_or_path, nn.Module):
+            vae = vae_or_path
+        else:
+            from diffusers import AutoencoderKL
+
+            path = Path(vae_or_path).expanduser()
+            folder = _vae_folder(path)
+            if folder is None:
+                raise ConfigError(
+                    f"{str(path)!r} holds no AutoencoderKL (no config.json naming it): provide {VAE_HINT}"
+                )
+            try:
+                vae = AutoencoderKL.from_pretrained(folder, dtype=torch.float32, local_files_only=True)
+            except (OSError, ValueError) as exc:
+                raise HiganbanaError(
+                    f"AutoencoderKL could not be loaded from {folder}: provide {VAE_HINT} ({exc})"
+                ) from exc
+        self.device = torch.device(device)
+        self.vae = vae.eval().to(self.device).requires_grad_(False)
+        if self.vae.dtype != torch.float32:
+            self.vae = self.vae.float()
+
+    @property
+    def image_size(self) -> int:
+        return int(self.vae.config.sample_size)
+
+    def _activations(self, x: torch.Tensor) -> list[torch.Tensor]:
+        enc = self.vae.encoder
+        x = enc.conv_in(x)
+        taps = [x]
+        for block in enc.down_blocks:
+            x = block(x)
+            taps.append(x)
+        return taps
+
+    @torch.no_grad()
+    def gram_matrices(self, images: list[Image.Image], *, batch_size: int = 8) -> list[torch.Tensor]:
+        """One (n, c_i, c_i) float32 CPU tensor per tapped layer, in the order of ``images``."""
+        images = list(images)
+        if not images:
+            raise ConfigError("gram_matrices needs at least one image")
+        batch_size = _check_batch(batch_size)
+        size = self.image_size
+        prepared = [_rgb(im).resize((size, size), Image.Resampling.BICUBIC) for im in images]
+        chunks = []
+        for i in range(0, len(prepared), batch_size):
+            x = _vae_pixels(prepared[i : i + batch_size]).to(self.device)
+            chunks.append([Vgg19StyleEncoder.gram(a.float()).cpu() for a in self._activations(x)])
+        return [torch.cat(per_layer) for per_layer in zip(*chunks, strict=True)]
+
+
+# ----------------------------------------------------------------------------------------------
 # factory and tiny models
 
-ENCODER_KINDS = ("dinov2", "clip", "vgg19")
+ENCODER_KINDS = ("dinov2", "clip", "clip_image", "vgg19", "vae_gram")
+#: The evaluation's encoder slots (``[encoders]`` keys) and what each one computes.
+ENCODER_SLOTS = ("dinov2", "clip", "vgg19")
 
 
 def load_encoder(kind: str, path: Any = None, **kw: Any) -> ImageEncoder | StyleEncoder:
-    """Build the ``kind`` encoder ("dinov2" | "clip" | "vgg19") from a local path (or offline cache).
+    """Build the ``kind`` encoder from a local path (or offline cache); ``kind`` is one of
+
+    - ``"dinov2"``: :class:`Dinov2Encoder` (a transformers ``Dinov2Model`` folder);
+    - ``"clip"``: :class:`ClipEncoder` (a transformers ``CLIPModel`` folder with its tokenizer);
+    - ``"clip_image"``: the same :class:`ClipEncoder`, used as a plain image encoder (its projected
+      image features stand in for DINOv2's, e.g. the miniature world's CLIP);
+    - ``"vgg19"``: :class:`Vgg19StyleEncoder` (a torchvision ``vgg19`` state dict file);
+    - ``"vae_gram"``: :class:`VaeStyleEncoder` (an ``AutoencoderKL`` folder or an SD folder with ``vae/``).
 
     ``path=None`` uses the paper's model: the default repo in the offline Hugging Face cache, or for
-    VGG-19 torchvision's file in the torch hub checkpoint folder.
+    VGG-19 torchvision's file in the torch hub checkpoint folder (``"vae_gram"`` needs a path).
+    :func:`encoder_kind_of` picks the kind for an evaluation slot from the files at a path.
     """
     key = kind.lower().replace("-", "").replace("_", "")
     if key == "dinov2":
         return Dinov2Encoder(path if path is not None else DEFAULT_MODELS["dinov2"], **kw)
-    if key == "clip":
+    if key in ("clip", "clipimage"):
         return ClipEncoder(path if path is not None else DEFAULT_MODELS["clip"], **kw)
     if key == "vgg19":
         if path is None and not kw.get("random_init"):
             path = Path(torch.hub.get_dir()) / "checkpoints" / VGG19_TORCHVISION_FILE
         return Vgg19StyleEncoder(path, **kw)
+    if key == "vaegram":
+        if path is None:
+            raise HiganbanaError(f"encoder kind {kind!r} needs a path: provide {VAE_HINT}")
+        return VaeStyleEncoder(path, **kw)
     raise HiganbanaError(f"unknown encoder kind {kind!r}: expected one of {ENCODER_KINDS}")
+
+
+def encoder_kind_of(slot: str, path: Any) -> str:
+    """The :func:`load_encoder` kind for the evaluation slot ``slot`` ("dinov2" | "clip" | "vgg19") at ``path``.
+
+    Reads only ``config.json`` files, never weights:
+
+    - ``dinov2`` slot: a folder whose ``config.json`` has ``"model_type": "clip"`` → ``"clip"`` (CLIP's
+      projected image features stand in for DINOv2's); otherwise ``"dinov2"``;
+    - ``clip`` slot: always ``"clip"``;
+    - ``vgg19`` slot: a folder holding an ``AutoencoderKL`` (its own ``config.json`` names it, or its
+      ``vae/`` subfolder's does) → ``"vae_gram"``; otherwise ``"vgg19"``.
+
+    ``path=None`` and Hugging Face repo ids ("org/name", looked up in the offline cache) keep the
+    slot's own kind; any other path that does not exist raises :class:`~higanbana.errors.HiganbanaError`.
+    """
+    if slot not in ENCODER_SLOTS:
+        raise HiganbanaError(f"unknown encoder slot {slot!r}: expected one of {ENCODER_SLOTS}")
+    if path is None:
+        return slot
+    p = Path(path).expanduser()
+    if not p.exists():
+        if slot != "vgg19" and _is_repo_id(str(path)):
+            return slot
+        hint = {"dinov2": f"{DINOV2_HINT}, or a CLIPModel folder", "clip": CLIP_HINT,
+                "vgg19": f"{VGG19_HINT}, or {VAE_HINT}"}[slot]  # fmt: skip
+        raise HiganbanaError(f"encoders.{slot}: {path} does not exist: provide {hint}")
+    if slot == "dinov2" and p.is_dir() and _read_config(p).get("model_type") == "clip":
+        return "clip"
+    if slot == "vgg19" and p.is_dir() and _vae_folder(p) is not None:
+        return "vae_gram"
+    return slot
 
 
 TINY_DINOV2: dict[str, Any] = dict(

@@ -154,7 +154,7 @@ def _is_plugin(value: str) -> bool:
 
 
 def _load_encoders(config: EvalConfig, device: torch.device) -> dict[str, Any]:
-    from .encoders import load_encoder, load_plugin
+    from .encoders import encoder_kind_of, load_encoder, load_plugin
 
     e = config.encoders
     needed = {"dinov2": e.dinov2, "clip": e.clip, "vgg19": e.vgg19}
@@ -164,24 +164,26 @@ def _load_encoders(config: EvalConfig, device: torch.device) -> dict[str, Any]:
         raise HiganbanaError(
             "encoders."
             + ", encoders.".join(missing)
-            + " not set: give local paths (DINOv2: a transformers Dinov2Model folder; CLIP: a transformers "
-            "CLIPModel folder with its tokenizer; VGG-19: a torchvision-format state dict file)"
+            + " not set: give local paths (DINOv2: a transformers Dinov2Model folder, or a CLIPModel folder "
+            "whose projected image features stand in; CLIP: a transformers CLIPModel folder with its tokenizer; "
+            "VGG-19: a torchvision-format state dict file, or an AutoencoderKL / Stable Diffusion folder whose "
+            "VAE encoder gives the Gram matrices), or a 'package.module:factory' plug-in"
         )
-    # a "package.module:factory" value plugs in another encoder with the same interface
-    out = {
-        "dinov2": load_plugin(e.dinov2, device=device)
-        if _is_plugin(e.dinov2)
-        else load_encoder("dinov2", e.dinov2, device=device, image_size=e.image_size, letterbox=e.letterbox),
-        "clip": load_plugin(e.clip, device=device)
-        if _is_plugin(e.clip)
-        else load_encoder("clip", e.clip, device=device, letterbox=e.letterbox),
-    }
+
+    def load(slot: str, value: str) -> Any:
+        # a "package.module:factory" value plugs in another encoder with the same interface
+        if _is_plugin(value):
+            return load_plugin(value, device=device)
+        kind = encoder_kind_of(slot, value)  # reads config.json files only: a CLIP / VAE folder stands in
+        if kind == "dinov2":
+            return load_encoder(kind, value, device=device, image_size=e.image_size, letterbox=e.letterbox)
+        if kind == "clip":  # the CLIP vision tower has its own fixed size: no image_size
+            return load_encoder(kind, value, device=device, letterbox=e.letterbox)
+        return load_encoder(kind, value, device=device)
+
+    out = {"dinov2": load("dinov2", e.dinov2), "clip": load("clip", e.clip)}
     if "style" in types:
-        out["vgg19"] = (
-            load_plugin(e.vgg19, device=device)
-            if _is_plugin(e.vgg19)
-            else load_encoder("vgg19", e.vgg19, device=device)
-        )
+        out["vgg19"] = load("vgg19", e.vgg19)
     if e.quality:
         out["quality"] = load_plugin(e.quality, device=device)
     return out
@@ -335,6 +337,8 @@ def evaluate(config: EvalConfig, *, progress: bool = True, log: Callable[[str], 
         n_images=config.prompts.n_images,
         seed_start=config.prompts.seed_start,
         clip_rules=config.concepts.clip_rules or None,
+        alter_templates=config.prompts.alter_templates or None,
+        style_templates=config.prompts.style_templates or None,
     )
     state = PartialState()
     if state.is_main_process:

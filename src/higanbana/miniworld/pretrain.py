@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..errors import ConfigError
-from ..evaluate.encoders import CLIP_MEAN, CLIP_STD, StyleEncoder, Vgg19StyleEncoder
+from ..evaluate.encoders import CLIP_MEAN, CLIP_STD, VaeStyleEncoder  # VaeStyleEncoder: re-exported
 from .checker import check
 from .tokenizer import MAX_LENGTH, world_tokenizer
 from .world import dataset, render, sample_scene
@@ -391,63 +391,6 @@ def encode_latents(vae, images: torch.Tensor, *, scaled: bool = True, batch_size
     chunks = [images[i : i + batch_size].to(dev) for i in range(0, len(images), batch_size)]
     z = torch.cat([vae.encode(x).latent_dist.mean.cpu() for x in chunks])
     return z * vae.config.scaling_factor if scaled else z
-
-
-class VaeStyleEncoder(StyleEncoder):
-    """Gram matrices of the miniature VAE encoder's conv features (``conv_in`` and each down block):
-    a conv net trained on the world stands in for VGG-19 in the style loss, at the world's scale.
-
-    ``vae_or_path`` is an ``AutoencoderKL`` or a diffusers folder holding one (an SD folder's
-    ``vae/`` or the SD folder itself). Images are resized to the VAE's ``sample_size``."""
-
-    name = "vae_gram"
-
-    def __init__(self, vae_or_path, *, device: str | torch.device = "cpu") -> None:
-        from diffusers import AutoencoderKL
-
-        if isinstance(vae_or_path, torch.nn.Module):
-            vae = vae_or_path
-        else:
-            path = Path(vae_or_path)
-            if (path / "vae").is_dir():
-                path = path / "vae"
-            config = path / "config.json"
-            if (
-                not config.is_file()
-                or json.loads(config.read_text(encoding="utf-8")).get("_class_name") != "AutoencoderKL"
-            ):
-                raise ConfigError(f"{str(path)!r} holds no AutoencoderKL (no config.json naming it)")
-            vae = AutoencoderKL.from_pretrained(path, dtype=torch.float32, local_files_only=True)
-        self.device = torch.device(device)
-        self.vae = vae.eval().to(self.device)
-        if self.vae.dtype != torch.float32:
-            self.vae = self.vae.float()
-
-    @property
-    def image_size(self) -> int:
-        return int(self.vae.config.sample_size)
-
-    def _activations(self, x: torch.Tensor) -> list[torch.Tensor]:
-        enc = self.vae.encoder
-        x = enc.conv_in(x)
-        taps = [x]
-        for block in enc.down_blocks:
-            x = block(x)
-            taps.append(x)
-        return taps
-
-    @torch.no_grad()
-    def gram_matrices(self, images: list[Image.Image], *, batch_size: int = 8) -> list[torch.Tensor]:
-        """One (n, c_i, c_i) float32 tensor per tapped layer, in the order of ``images``."""
-        if not images:
-            raise ConfigError("gram_matrices needs at least one image")
-        size = self.image_size
-        prepared = [im.convert("RGB").resize((size, size), Image.Resampling.BICUBIC) for im in images]
-        chunks = []
-        for i in range(0, len(prepared), max(1, batch_size)):
-            x = images_to_tensor(prepared[i : i + batch_size]).to(self.device)
-            chunks.append([Vgg19StyleEncoder.gram(a.float()).cpu() for a in self._activations(x)])
-        return [torch.cat(per_layer) for per_layer in zip(*chunks, strict=True)]
 
 
 # ---------------------------------------------------------------------------------------------

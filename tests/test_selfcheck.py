@@ -1,16 +1,16 @@
-"""The demo runs end to end (reduced) and its table reports what the README promises."""
+"""The selfcheck runs end to end (reduced) and its table reports what it promises."""
 
 from __future__ import annotations
 
 import pytest
 
 from higanbana.cli import main
-from higanbana.demo import format_table, run_demo
+from higanbana.selfcheck import format_table, run_selfcheck
 
 
 @pytest.mark.slow
-def test_reduced_demo_trains_saves_and_reloads(tmp_path):
-    rows = run_demo(tmp_path, steps=8, only=["lora", "oft"])
+def test_reduced_selfcheck_trains_saves_and_reloads(tmp_path):
+    rows = run_selfcheck(tmp_path, steps=8, only=["lora", "oft"])
     assert [r.label for r in rows] == ["lora", "oft"]
     for row in rows:
         assert row.loss_after < row.loss_before

@@ -1,9 +1,10 @@
-"""The embedded demo: every algorithm on a tiny SD UNet — train, save, reload, compare.
+"""``higanbana selfcheck``: every algorithm on a tiny SD UNet — train, save, reload, compare.
 
-Until the miniature world lands, ``higanbana demo`` wraps a tiny randomly initialised diffusers
-UNet with each algorithm, trains it a few dozen Adam steps toward a synthetic teacher (the same
-UNet with perturbed weights), saves the adapters to safetensors, reloads them on a fresh UNet and
-reports parameters, losses, file size, merged-vs-bypass error, reload error and time.
+Wraps a tiny randomly initialised diffusers UNet with each algorithm, trains it a few dozen Adam
+steps toward a synthetic teacher (the same UNet with perturbed weights), saves the adapters to
+safetensors, reloads them on a fresh UNet and reports parameters, losses, file size,
+merged-vs-bypass error, reload error and time: a one-minute check that an installation works.
+(The demo of the paper's experiment is ``higanbana demo``, in :mod:`higanbana.miniworld.demo`.)
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from .models.tiny import tiny_sd_unet, tiny_unet_inputs
 from .network import AdapterNetwork
 
 #: (label, algorithm, options, learning rate)
-DEMO_SETUPS: list[tuple[str, str, dict[str, Any], float]] = [
+SELFCHECK_SETUPS: list[tuple[str, str, dict[str, Any], float]] = [
     ("lora", "lora", {"rank": 4}, 3e-3),
     ("lora-tucker", "lora", {"rank": 4, "use_tucker": True}, 3e-3),
     ("dora", "lora", {"rank": 4, "weight_decompose": True}, 3e-3),
@@ -47,7 +48,7 @@ def select_layers(algo: str):
 
 
 @dataclass
-class DemoRow:
+class SelfcheckRow:
     label: str
     algo: str
     modules: int
@@ -76,7 +77,7 @@ def _loss(unet: nn.Module, batch: dict[str, torch.Tensor], target: torch.Tensor)
     return torch.nn.functional.mse_loss(unet(**batch).sample, target)
 
 
-def run_setup(label: str, algo: str, options: dict[str, Any], lr: float, steps: int, out_dir: Path) -> DemoRow:
+def run_setup(label: str, algo: str, options: dict[str, Any], lr: float, steps: int, out_dir: Path) -> SelfcheckRow:
     start = time.perf_counter()
     unet = tiny_sd_unet(seed=0).requires_grad_(False)
     teacher = make_teacher(unet)
@@ -109,7 +110,7 @@ def run_setup(label: str, algo: str, options: dict[str, Any], lr: float, steps: 
     AdapterNetwork.from_file(path, fresh).attach().eval()
     with torch.no_grad():
         reloaded = fresh(**probe).sample
-    return DemoRow(
+    return SelfcheckRow(
         label,
         algo,
         len(net.adapters),
@@ -123,20 +124,24 @@ def run_setup(label: str, algo: str, options: dict[str, Any], lr: float, steps: 
     )
 
 
-def run_demo(out_dir: str | Path = "demo-output", steps: int = 40, only: list[str] | None = None) -> list[DemoRow]:
-    """Run every demo setup (or those in ``only``) and return one row each."""
+def run_selfcheck(
+    out_dir: str | Path = "selfcheck-output", steps: int = 40, only: list[str] | None = None
+) -> list[SelfcheckRow]:
+    """Run every setup (or those in ``only``) and return one row each."""
     out = Path(out_dir)
-    setups = [s for s in DEMO_SETUPS if not only or s[0] in only]
-    unknown = set(only or ()) - {s[0] for s in DEMO_SETUPS}
+    setups = [s for s in SELFCHECK_SETUPS if not only or s[0] in only]
+    unknown = set(only or ()) - {s[0] for s in SELFCHECK_SETUPS}
     if unknown:
-        raise ConfigError(f"unknown demo setup(s) {sorted(unknown)}; choose from {[s[0] for s in DEMO_SETUPS]}")
+        raise ConfigError(
+            f"unknown selfcheck setup(s) {sorted(unknown)}; choose from {[s[0] for s in SELFCHECK_SETUPS]}"
+        )
     rows = []
-    for label, algo, options, lr in tqdm(setups, desc="demo", unit="algo"):
+    for label, algo, options, lr in tqdm(setups, desc="selfcheck", unit="algo"):
         rows.append(run_setup(label, algo, options, lr, steps, out))
     return rows
 
 
-def format_table(rows: list[DemoRow]) -> str:
+def format_table(rows: list[SelfcheckRow]) -> str:
     header = (
         f"{'algorithm':<12} {'modules':>7} {'trainable':>10} {'loss before':>12} {'loss after':>11} "
         f"{'file KiB':>9} {'merged-vs-bypass':>17} {'reload err':>11} {'seconds':>8}"

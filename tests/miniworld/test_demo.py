@@ -1,0 +1,76 @@
+"""``higanbana demo``: the paper's experiment in the miniature world. The quick plan (one concept,
+two algorithms, a few dozen steps) runs end to end here, and fine-tuning must raise fidelity on
+the ``<trigger>`` prompt above the base model's (the adapters learned the concept)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from higanbana.cli import build_parser
+from higanbana.errors import ConfigError
+from higanbana.evaluate.config import EvalConfig
+from higanbana.experiment import Grid
+from higanbana.miniworld.demo import PLANS, WORLD_ALTER_TEMPLATES, DemoPlan, run_demo, write_demo
+from higanbana.miniworld.tokenizer import world_tokenizer
+from higanbana.train import TrainConfig
+
+
+def test_full_plan_is_the_papers_table_1_grid(tmp_path):
+    grid = Grid.load(write_demo(tmp_path, PLANS["full"]))
+    assert len(grid.configs) == 8  # 4 algorithms x 2 learning rates
+    assert {o["network.algo"] for o in grid.configs.values()} == {"lora", "loha", "lokr", "full"}
+    assert len(grid.epochs) == 2
+    train = TrainConfig.load(grid.train)
+    assert train.data.resolution in (32, [32, 32])
+    evaluation = EvalConfig.load(grid.evaluate)
+    assert evaluation.prompts.types == ["train", "trigger", "alter", "style"]
+    assert evaluation.prompts.alter_templates == WORLD_ALTER_TEMPLATES
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["1_qarn scene", "1_vlek style", "1_zorb toy"]
+
+
+def test_world_templates_speak_the_world_language():
+    """Every template word but the descriptor is one token of the world tokenizer (a word the base
+    model was trained on)."""
+    tok = world_tokenizer()
+    for templates in WORLD_ALTER_TEMPLATES.values():
+        for t in templates:
+            for word in t.replace("{}", "").replace(",", " ").split():
+                assert len(tok(word, add_special_tokens=False).input_ids) == 1, (t, word)
+
+
+def test_plan_errors():
+    with pytest.raises(ConfigError, match="demo concepts must be among"):
+        DemoPlan(concepts=("dragon",))
+    with pytest.raises(ConfigError, match="demo algorithms must be among"):
+        DemoPlan(algorithms=("dreambooth",))
+    with pytest.raises(ConfigError, match="unknown demo plan 'huge'"):
+        run_demo("unused", "huge")
+
+
+def test_cli_parses_demo():
+    args = build_parser().parse_args(["demo", "--plan", "quick", "--out", "x"])
+    assert (args.plan, args.out) == ("quick", "x")
+
+
+@pytest.mark.slow
+def test_quick_demo_runs_end_to_end_and_learns_the_concept(tmp_path):
+    logs: list[str] = []
+    result = run_demo(tmp_path, "quick", progress=False, log=logs.append)
+    assert result.report is not None and result.report.is_file()
+    assert (tmp_path / "summary.txt").read_text(encoding="utf-8").startswith("Tentative ranking")
+    summary = json.loads((tmp_path / "summary.json").read_text(encoding="utf-8"))
+    assert set(summary) >= {"ranking", "criteria", "fidelity_correlations", "trigger_fidelity"}
+    assert list(result.ranking.columns) == ["lora", "lokr"]  # native would be one column per learning rate
+    assert list(result.ranking.index) == ["Fidelity", "Controllability", "Diversity", "Base preservation"]
+    assert len(result.fidelity_correlations) > 0
+    # the world's own prompts were used
+    prompts = {p["prompt"] for p in json.loads((tmp_path / "eval" / "prompts.json").read_text(encoding="utf-8"))}
+    assert "zorb toy, outlined style" in prompts and "zorb toy" in prompts
+    # the adapters learned the concept: fidelity on <trigger> above the base model's
+    fidelity = result.trigger_fidelity.loc["zorb_toy"]
+    tuned = [m for m in fidelity.index if m != "base"]
+    assert len(tuned) == 4
+    for model in tuned:
+        assert fidelity[model] > fidelity["base"] + 0.05, fidelity.to_dict()
