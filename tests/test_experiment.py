@@ -97,6 +97,31 @@ def test_experiment_grid_trains_evaluates_and_skips_finished_runs(tmp_path):
     assert sum("done, skipped" in m for m in logs) == 3 and not any(m.endswith(": training") for m in logs)
 
 
+def test_grid_labels_become_checkpoint_parameters(tmp_path):
+    grid_file = tmp_path / "g.toml"
+    grid_file.write_text(
+        'train = "t.toml"\nevaluate = "e.toml"\nseeds = [1, 2]\ngroup_by = "column"\n'
+        '[[configs]]\nname = "native"\nset = { "network.algo" = "full" }\nlabels = { column = "native lr 1e-6" }\n'
+        '[[vary]]\nfrom = "native"\nkey = "optimizer.unet_lr"\nvalues = [5e-6]\n',
+        encoding="utf-8",
+    )
+    grid = Grid.load(grid_file)
+    params = {(r.config, r.seed): r.params for r in grid.runs()}
+    assert params[("native", 2)] == {"config": "native", "algo": "full", "column": "native lr 1e-6", "seed": 2}
+    assert "column" not in params[("native-unet_lr=5e-06", 1)]  # a variation is not described by its base's labels
+    assert grid.group_by == "column"
+    grid_file.write_text(
+        'train = "t.toml"\nevaluate = "e.toml"\n[[configs]]\nname = "a"\nlabels = { seed = 3 }\n', encoding="utf-8"
+    )
+    with pytest.raises(ConfigError, match=r"configs\[0\].labels: 'seed' is set by the grid itself"):
+        Grid.load(grid_file)
+    grid_file.write_text(
+        'train = "t.toml"\nevaluate = "e.toml"\n[[configs]]\nname = "a"\nlabels = { x = [1] }\n', encoding="utf-8"
+    )
+    with pytest.raises(ConfigError, match=r"labels must be a table of numbers, strings or booleans"):
+        Grid.load(grid_file)
+
+
 def test_grid_errors(tmp_path):
     bad = tmp_path / "g.toml"
     bad.write_text('train = "t.toml"\nevaluate = "e.toml"\nseed = [1]\n', encoding="utf-8")

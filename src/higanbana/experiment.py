@@ -11,6 +11,7 @@ epochs = [10, 30, 50]                  # the checkpoints evaluated (every run tr
 [[configs]]                            # a configuration = overrides of the training config
 name = "lora"
 set = { "network.algo" = "lora", "network.options" = { rank = 8, alpha = 4 }, "optimizer.unet_lr" = 5e-4 }
+labels = { column = "LoRA" }           # optional: extra checkpoint parameters (e.g. for group_by)
 
 [[vary]]                               # one factor at a time around a configuration
 from = "lora"
@@ -66,6 +67,7 @@ class Grid:
     configs: dict[str, dict[str, Any]]  # name -> overrides
     group_by: str = "algo"
     source: str = "grid"
+    labels: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> extra checkpoint parameters
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Grid:
@@ -91,13 +93,21 @@ class Grid:
         if min(epochs) < 1:
             raise ConfigError(f"{where}: epochs must be at least 1")
         configs: dict[str, dict[str, Any]] = {}
+        labels: dict[str, dict[str, Any]] = {}
         for i, entry in enumerate(data.get("configs", [])):
-            if not isinstance(entry, dict) or set(entry) - {"name", "set"} or "name" not in entry:
-                raise ConfigError(f"{where}: configs[{i}] must be a table with name and set")
+            if not isinstance(entry, dict) or set(entry) - {"name", "set", "labels"} or "name" not in entry:
+                raise ConfigError(f"{where}: configs[{i}] must be a table with name and set (and optional labels)")
             name = entry["name"]
             if not re.fullmatch(r"[A-Za-z0-9._+=-]+", str(name)) or name in configs:
                 raise ConfigError(f"{where}: configs[{i}].name {name!r} must be a unique plain file name")
             configs[name] = dict(entry.get("set", {}))
+            extra = entry.get("labels", {})
+            if not isinstance(extra, dict) or not all(isinstance(v, int | float | str | bool) for v in extra.values()):
+                raise ConfigError(f"{where}: configs[{i}].labels must be a table of numbers, strings or booleans")
+            reserved = sorted(set(extra) & {"config", "seed", "epoch"})
+            if reserved:
+                raise ConfigError(f"{where}: configs[{i}].labels: {reserved[0]!r} is set by the grid itself")
+            labels[name] = dict(extra)
         for i, entry in enumerate(data.get("vary", [])):
             if not isinstance(entry, dict) or set(entry) - {"from", "key", "values", "names"}:
                 raise ConfigError(f"{where}: vary[{i}] takes from, key, values (and optional names)")
@@ -126,6 +136,7 @@ class Grid:
             configs=configs,
             group_by=str(data.get("group_by", "algo")),
             source=where,
+            labels=labels,
         )
 
     def runs(self) -> list[RunSpec]:
@@ -138,6 +149,7 @@ class Grid:
                     params.update({k: v for k, v in value.items() if isinstance(v, (int, float, str, bool))})
                 elif isinstance(value, (int, float, str, bool)):
                     params[short] = value
+            params.update(self.labels.get(name, {}))
             for seed in self.seeds:
                 out.append(RunSpec(name, seed, overrides, {**params, "seed": seed}))
         return out
@@ -217,7 +229,8 @@ def run_experiment(
     config.checkpoints = checkpoints
     if grid.group_by:
         config.report.group_by = grid.group_by
-    params = sorted({k for c in checkpoints for k in c.params} - {"config"})
+    labels = {k for extra in grid.labels.values() for k in extra}  # descriptions, not factors
+    params = sorted({k for c in checkpoints for k in c.params} - {"config"} - labels)
     config.report.features = config.report.features or params
     config.validate()
     grid.out.mkdir(parents=True, exist_ok=True)

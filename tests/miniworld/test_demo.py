@@ -10,6 +10,7 @@ import pytest
 
 from higanbana.cli import build_parser
 from higanbana.errors import ConfigError
+from higanbana.evaluate.aggregate import load_table
 from higanbana.evaluate.config import EvalConfig
 from higanbana.experiment import Grid
 from higanbana.miniworld.demo import PLANS, WORLD_ALTER_TEMPLATES, DemoPlan, run_demo, write_demo
@@ -68,6 +69,10 @@ def test_quick_demo_runs_end_to_end_and_learns_the_concept(tmp_path):
     # the world's own prompts were used
     prompts = {p["prompt"] for p in json.loads((tmp_path / "eval" / "prompts.json").read_text(encoding="utf-8"))}
     assert "zorb toy, outlined style" in prompts and "zorb toy" in prompts
+    # alter diversity is a Vendi score per prompt: some prompt has two images, so it is not pinned to 1
+    raw = load_table(tmp_path / "eval" / "raw_metrics.csv")
+    vendi = raw[(raw["metric"] == "vendi") & (raw["prompt_type"] == "alter")]["value"]
+    assert (vendi > 1.0 + 1e-6).any(), vendi.tolist()
     # the adapters learned the concept: fidelity on <trigger> above the base model's
     fidelity = result.trigger_fidelity.loc["zorb_toy"]
     tuned = [m for m in fidelity.index if m != "base"]

@@ -37,35 +37,29 @@ __all__ = [
     "DemoPlan",
     "DemoResult",
     "format_summary",
+    "ranking_column",
     "run_demo",
     "write_demo",
 ]
 
 #: Content changes in the world's language, per concept category (one ``{}`` = the descriptor).
+#: Three per category, so the demo's 6 images per prompt type give 2 per prompt: the alter
+#: diversity is a Vendi score *per prompt*, which one image would pin to 1.
 WORLD_ALTER_TEMPLATES: dict[str, list[str]] = {
     "object": [
         "{}, red, large, in the center, plain white background",
         "{}, blue, medium, on the left, striped yellow background",
-        "{}, green, large, on the right, dotted pink background",
-        "{}, yellow, medium, at the top, checkered blue background",
         "{}, purple, large, at the bottom, orange gradient background",
-        "{}, orange, medium, in the center, plain cyan background",
     ],
     "style": [
         "{}, a large red circle in the center, plain white background",
         "{}, two medium blue squares on the left, striped yellow background",
         "{}, three small green stars at the top, dotted pink background",
-        "{}, a large yellow heart on the right, checkered blue background",
-        "{}, two small purple crosses at the bottom, orange gradient background",
-        "{}, a medium orange ring in the center, plain cyan background",
     ],
     "scene": [
         "{}, a small red circle on the left",
         "{}, a medium blue square in the center",
         "{}, a small yellow star on the right",
-        "{}, a medium green heart on the left",
-        "{}, a small white diamond in the center",
-        "{}, a medium black cross on the right",
     ],
 }
 #: Style changes in the world's language (the base world's rendering styles other than flat).
@@ -213,7 +207,7 @@ device = "cpu"
         'evaluate = "eval.toml"',
         f"seeds = {_toml(list(plan.seeds))}",
         f"epochs = {_toml(list(plan.epochs))}",
-        'group_by = "algo"',
+        "group_by = \"column\"  # the ranking's columns, as in the paper's Table 1 (see labels below)",
         "",
     ]
     for algo in plan.algorithms:
@@ -224,6 +218,7 @@ device = "cpu"
                 "[[configs]]",
                 f'name = "{algo}-lr{lr:g}"',
                 "set = {" + ", ".join(f"{_toml(k)} = {_toml(v)}" for k, v in overrides.items()) + "}",
+                f"labels = {{ column = {_toml(ranking_column(algo, lr))} }}",
                 "",
             ]
     path = out / "grid.toml"
@@ -245,13 +240,10 @@ class DemoResult:
     summary: str = ""
 
 
-def _column_of(model: Any) -> str:
-    """The ranking column of a model, as in the paper's Table 1: the LyCORIS algorithms over both
+def ranking_column(algo: str, lr: float) -> str:
+    """A run's column in the ranking, as in the paper's Table 1: each LyCORIS algorithm over both
     learning rates, native fine-tuning per learning rate (its two columns differ most)."""
-    algo = str(model["algo"])
-    if algo == "full":
-        return f"native lr {float(model['lr']):g}"
-    return algo
+    return f"native lr {lr:g}" if algo == "full" else algo
 
 
 def _analyse(raw: Any, models: Any) -> tuple[Any, Any, Any, Any]:
@@ -259,11 +251,11 @@ def _analyse(raw: Any, models: Any) -> tuple[Any, Any, Any, Any]:
 
     scores = A.rank_normalize(raw)
     per_model = A.criterion_scores(scores)
-    groups = models.set_index("model").apply(_column_of, axis=1).reindex(per_model.index)
-    tuned = groups != "base"
+    groups = models.set_index("model")["column"].reindex(per_model.index)
+    tuned = groups.notna() & (groups != "base")
     means = per_model[tuned].groupby(groups[tuned], sort=False).mean().T
     ranking = means.rank(axis=1, method="min").astype("Int64")
-    ranking.index.name, ranking.columns.name = "criterion", "algo"
+    ranking.index.name, ranking.columns.name = "criterion", "column"
     fid = A.fidelity_correlations(A.correlations(scores))
     trig = raw[(raw["metric"] == "fidelity_cos") & (raw["prompt_type"] == "trigger")]
     trigger_fidelity = trig.pivot_table(index="concept", columns="model", values="value", aggfunc="mean")
