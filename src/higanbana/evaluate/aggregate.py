@@ -73,7 +73,7 @@ def _umask() -> int:
 _UMASK = _umask()
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
     """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it over ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -100,14 +100,14 @@ def save_table(df: pd.DataFrame, path: str | os.PathLike) -> Path:
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix == ".csv":
-        _atomic_write(path, lambda tmp: df.to_csv(tmp, index=False))
+        atomic_write(path, lambda tmp: df.to_csv(tmp, index=False))
     elif suffix == ".json":
         records = json.loads(df.to_json(orient="records", double_precision=15))
         text = json.dumps(records, indent=1)
-        _atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+        atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     elif suffix == ".parquet":
         engine = _parquet_engine()
-        _atomic_write(path, lambda tmp: df.to_parquet(tmp, index=False, engine=engine))
+        atomic_write(path, lambda tmp: df.to_parquet(tmp, index=False, engine=engine))
     else:
         raise ConfigError(f"{path}: unknown table format {suffix!r}; use .csv, .json or .parquet")
     return path

@@ -25,8 +25,8 @@ from higanbana.errors import ConfigError, HiganbanaError
 from higanbana.evaluate.aggregate import (
     METRICS,
     PROMPT_TYPES,
-    _atomic_write,
     _require,
+    atomic_write,
     average_hierarchy,
     label,
     models_frame,
@@ -56,7 +56,7 @@ def _new_figure(width: float, height: float) -> Figure:
 
 def _save_figure(fig: Figure, path: str | os.PathLike) -> Path:
     path = Path(path)
-    _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", bbox_inches="tight"))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", bbox_inches="tight"))
     return path
 
 
@@ -438,7 +438,7 @@ def write_report(
     parts.append("</body></html>\n")
     text = "\n".join(parts)
     path = out / "report.html"
-    _atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     return path
 
 

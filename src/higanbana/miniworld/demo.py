@@ -246,20 +246,15 @@ def ranking_column(algo: str, lr: float) -> str:
     return f"native lr {lr:g}" if algo == "full" else algo
 
 
-def _analyse(raw: Any, models: Any) -> tuple[Any, Any, Any, Any]:
+def _analyse(raw: Any) -> tuple[Any, Any, Any]:
+    """Per-model criterion scores, fidelity correlations and fidelity on <trigger> of ``raw``."""
     from ..evaluate import aggregate as A
 
     scores = A.rank_normalize(raw)
-    per_model = A.criterion_scores(scores)
-    groups = models.set_index("model")["column"].reindex(per_model.index)
-    tuned = groups.notna() & (groups != "base")
-    means = per_model[tuned].groupby(groups[tuned], sort=False).mean().T
-    ranking = means.rank(axis=1, method="min").astype("Int64")
-    ranking.index.name, ranking.columns.name = "criterion", "column"
     fid = A.fidelity_correlations(A.correlations(scores))
     trig = raw[(raw["metric"] == "fidelity_cos") & (raw["prompt_type"] == "trigger")]
     trigger_fidelity = trig.pivot_table(index="concept", columns="model", values="value", aggfunc="mean")
-    return ranking, per_model, fid, trigger_fidelity
+    return A.criterion_scores(scores), fid, trigger_fidelity
 
 
 def format_summary(result: DemoResult) -> str:
@@ -291,7 +286,7 @@ def run_demo(
     the tables also written to ``out/summary.txt`` and ``out/summary.json``."""
     import torch
 
-    from ..evaluate.run import _models_table
+    from ..evaluate.aggregate import atomic_write
     from ..experiment import run_experiment
 
     if isinstance(plan, str):
@@ -303,35 +298,19 @@ def run_demo(
     log(f"demo: {grid.parent} ({len(plan.concepts)} concept(s), algorithms {', '.join(plan.algorithms)})")
     with torch.random.fork_rng(devices=[]):
         result = run_experiment(grid, progress=progress, log=log)
-    from ..evaluate.config import EvalConfig
-
-    config = EvalConfig.load(grid.parent / "eval" / "config.toml")
-    checkpoints = json.loads((grid.parent / "checkpoints.json").read_text(encoding="utf-8"))
-    models = _models_table(_with_checkpoints(config, checkpoints))
-    ranking, per_model, fid, trig = _analyse(result.raw, models)
+    # the grid groups by the "column" label, so the evaluation's ranking has the paper's columns
+    ranking = result.ranking
+    per_model, fid, trig = _analyse(result.raw)
     demo = DemoResult(grid.parent, result.report, ranking, per_model, fid, trig, time.perf_counter() - start)
     demo.summary = format_summary(demo)
-    (grid.parent / "summary.txt").write_text(demo.summary + "\n", encoding="utf-8")
-    (grid.parent / "summary.json").write_text(
-        json.dumps(
-            {
-                "ranking": json.loads(ranking.astype(float).to_json()),
-                "criteria": json.loads(per_model.to_json()),
-                "fidelity_correlations": {f"{a} ~ {b}": v for (a, b), v in fid.items()},
-                "trigger_fidelity": json.loads(trig.to_json()),
-                "seconds": round(demo.seconds, 1),
-            },
-            indent=1,
-        )
-        + "\n",
-        encoding="utf-8",
-    )
+    summary = {
+        "ranking": json.loads(ranking.astype(float).to_json()),
+        "criteria": json.loads(per_model.to_json()),
+        "fidelity_correlations": {f"{a} ~ {b}": v for (a, b), v in fid.items()},
+        "trigger_fidelity": json.loads(trig.to_json()),
+        "seconds": round(demo.seconds, 1),
+    }
+    for name, text in (("summary.txt", demo.summary), ("summary.json", json.dumps(summary, indent=1))):
+        atomic_write(grid.parent / name, lambda tmp, text=text: Path(tmp).write_text(text + "\n", encoding="utf-8"))
     log(demo.summary)
     return demo
-
-
-def _with_checkpoints(config: Any, checkpoints: list[dict[str, Any]]) -> Any:
-    from ..evaluate.config import Checkpoint
-
-    config.checkpoints = [Checkpoint(**c) for c in checkpoints]
-    return config
