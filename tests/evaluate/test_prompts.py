@@ -13,6 +13,7 @@ from higanbana.evaluate.prompts import (
     RULES,
     STYLE_TEMPLATES,
     Concept,
+    alter_diversity_warnings,
     build_all,
     build_prompt_set,
     clip_rule_for,
@@ -329,3 +330,13 @@ def test_concepts_from_toml_file_errors(tmp_path):
     dup.write_text('[[concept]]\nname="x"\ntrigger="s"\ncategory="scene"\n' * 2)
     with pytest.raises(ConfigError, match="duplicate"):
         concepts_from_toml(dup)
+
+
+def test_alter_diversity_warning_when_a_prompt_gets_one_image():
+    templates = {"object": ["{}, red", "{}, blue", "{}, green"]}
+    ok = build_all([toy()], ("alter", "trigger"), n_images=6, alter_templates=templates)
+    assert alter_diversity_warnings(ok) == []  # 2 images per alter prompt
+    thin = build_all([toy()], ("alter", "trigger"), n_images=4, alter_templates=templates)  # 2, 1, 1
+    (warning,) = alter_diversity_warnings(thin)
+    assert "'toy_bunny': 2 of 3 alter prompts get one image" in warning and "prompts.n_images" in warning
+    assert alter_diversity_warnings(build_all([toy()], ("trigger",), n_images=1)) == []

@@ -290,6 +290,27 @@ def build_all(concepts: Iterable[Concept], prompt_types: Sequence[str] = PROMPT_
     return [item for c in concepts for t in prompt_types for item in build_prompt_set(c, t, **kw)]
 
 
+def alter_diversity_warnings(items: Iterable[PromptItem]) -> list[str]:
+    """Warnings for concepts whose ``alter`` prompts get a single image each: the alter diversity
+    is a Vendi score *per prompt* (averaged over prompts), and one image scores exactly 1, so the
+    criterion would say nothing. Raise ``n_images`` or use fewer alter templates."""
+    counts: dict[str, dict[int, int]] = {}
+    for it in items:
+        if it.prompt_type == "alter":
+            per_prompt = counts.setdefault(it.concept, {})
+            per_prompt[it.prompt_index] = per_prompt.get(it.prompt_index, 0) + 1
+    out = []
+    for concept, per_prompt in counts.items():
+        single = sum(1 for n in per_prompt.values() if n < 2)
+        if single:
+            out.append(
+                f"concept {concept!r}: {single} of {len(per_prompt)} alter prompts get one image, so their "
+                "diversity (Vendi per prompt) is pinned to 1: raise prompts.n_images to at least twice the "
+                "number of alter templates, or use fewer templates (prompts.alter_templates)"
+            )
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # trigger processing before CLIP text encoding
 

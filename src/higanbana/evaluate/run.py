@@ -327,7 +327,7 @@ def evaluate(config: EvalConfig, *, progress: bool = True, log: Callable[[str], 
     """Run the whole evaluation ``config`` describes (see the module docstring)."""
     from accelerate import PartialState
 
-    from .prompts import build_all, concepts_from_toml
+    from .prompts import alter_diversity_warnings, build_all, concepts_from_toml
 
     out = Path(config.output.dir)
     concepts = concepts_from_toml(config.concepts.file)
@@ -348,6 +348,8 @@ def evaluate(config: EvalConfig, *, progress: bool = True, log: Callable[[str], 
             json.dumps([{**it.__dict__, "key": it.key} for it in items], indent=1), encoding="utf-8"
         )
     log(f"{len(concepts)} concept(s), {len(items)} prompt items, {1 + len(config.checkpoints)} model(s)")
+    for warning in alter_diversity_warnings(items):
+        log(f"warning: {warning}")
     images = generate_all(config, items, progress=progress)
     if not state.is_main_process:
         return EvalResult(out, None, None)

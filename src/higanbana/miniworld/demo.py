@@ -112,7 +112,7 @@ PLANS: dict[str, DemoPlan] = {
         algorithms=("lora", "lokr"),
         both_learning_rates=False,
         epochs=(8, 16),
-        n_images=4,
+        n_images=6,
         sampler_steps=10,
         prompt_types=("trigger", "alter", "style"),
     ),
