@@ -262,8 +262,8 @@ def tiny_sd(tmp_path_factory):
 def test_encoder_kind_detection(tiny, tiny_sd, tmp_path):
     kind = enc.encoder_kind_of
     assert kind("dinov2", tiny["dinov2"]) == "dinov2"
-    assert kind("dinov2", tiny["clip"]) == "clip"  # a CLIP folder stands in for DINOv2
-    assert kind("dinov2", str(tiny["clip"])) == "clip"
+    assert kind("dinov2", tiny["clip"]) == "clip_image"  # a CLIP folder stands in for DINOv2
+    assert kind("dinov2", str(tiny["clip"])) == "clip_image"
     assert kind("clip", tiny["clip"]) == "clip"
     assert kind("vgg19", tiny["vgg19"]) == "vgg19"
     assert kind("vgg19", tiny_sd) == "vae_gram"  # an SD folder: its vae/
@@ -329,7 +329,7 @@ def test_shipped_world_models_as_evaluation_encoders():
     from higanbana.miniworld.world import Scene, render
 
     clip_dir, sd_dir = shipped_model("clip"), shipped_model("sd")
-    assert enc.encoder_kind_of("dinov2", clip_dir) == "clip"
+    assert enc.encoder_kind_of("dinov2", clip_dir) == "clip_image"
     assert enc.encoder_kind_of("vgg19", sd_dir) == "vae_gram"
     image_encoder = load_encoder(enc.encoder_kind_of("dinov2", clip_dir), clip_dir)
     style_encoder = load_encoder(enc.encoder_kind_of("vgg19", sd_dir), sd_dir)

@@ -35,11 +35,6 @@ from ..errors import ConfigError, nearest
 from ..schema import apply_override, build_section, build_sections, choice, load_toml, resolve_paths, sections_to_toml
 
 
-def _check_templates(templates: Any, what: str) -> None:
-    if not isinstance(templates, list) or not all(isinstance(t, str) and t.count("{}") == 1 for t in templates):
-        raise ConfigError(f"{what} must be a list of strings, each with exactly one '{{}}' (the descriptor)")
-
-
 @dataclass
 class ModelSection:
     pretrained: str = ""  # the base model (required)
@@ -172,15 +167,15 @@ class EvalConfig:
         for key in ("n_images",):
             if getattr(self.prompts, key) < 1:
                 raise ConfigError(f"{where}: prompts.{key} must be at least 1")
-        from .prompts import CATEGORIES
+        from .prompts import CATEGORIES, check_templates
 
         for category, templates in self.prompts.alter_templates.items():
             if category not in CATEGORIES:
                 raise ConfigError(
                     f"{where}: prompts.alter_templates: unknown category {category!r}{nearest(category, CATEGORIES)}"
                 )
-            _check_templates(templates, f"{where}: prompts.alter_templates.{category}")
-        _check_templates(self.prompts.style_templates, f"{where}: prompts.style_templates")
+            check_templates(templates, f"{where}: prompts.alter_templates.{category}")
+        check_templates(self.prompts.style_templates, f"{where}: prompts.style_templates")
         if self.generation.steps < 1 or self.generation.batch_size < 1:
             raise ConfigError(f"{where}: generation.steps and generation.batch_size must be at least 1")
         from ..models.pipeline import canonical_sampler

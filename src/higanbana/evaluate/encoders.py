@@ -492,8 +492,8 @@ class Vgg19StyleEncoder(StyleEncoder):
 # the miniature world's VAE (Gram matrices for the style loss at the world's scale)
 
 
-def _vae_pixels(images: list[Image.Image]) -> torch.Tensor:
-    """(n, 3, h, w) float32 in [-1, 1] (the VAE's range) from same-sized RGB PIL images."""
+def images_to_tensor(images: list[Image.Image]) -> torch.Tensor:
+    """(n, 3, h, w) float32 in [-1, 1] (the VAE's range) from same-sized PIL images (as RGB)."""
     arr = np.stack([np.asarray(_rgb(im), dtype=np.float32) for im in images])
     return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous() / 127.5 - 1.0
 
@@ -571,7 +571,7 @@ class VaeStyleEncoder(StyleEncoder):
         prepared = [_rgb(im).resize((size, size), Image.Resampling.BICUBIC) for im in images]
         chunks = []
         for i in range(0, len(prepared), batch_size):
-            x = _vae_pixels(prepared[i : i + batch_size]).to(self.device)
+            x = images_to_tensor(prepared[i : i + batch_size]).to(self.device)
             chunks.append([Vgg19StyleEncoder.gram(a.float()).cpu() for a in self._activations(x)])
         return [torch.cat(per_layer) for per_layer in zip(*chunks, strict=True)]
 
@@ -619,8 +619,8 @@ def encoder_kind_of(slot: str, path: Any) -> str:
 
     Reads only ``config.json`` files, never weights:
 
-    - ``dinov2`` slot: a folder whose ``config.json`` has ``"model_type": "clip"`` → ``"clip"`` (CLIP's
-      projected image features stand in for DINOv2's); otherwise ``"dinov2"``;
+    - ``dinov2`` slot: a folder whose ``config.json`` has ``"model_type": "clip"`` → ``"clip_image"``
+      (CLIP's projected image features stand in for DINOv2's); otherwise ``"dinov2"``;
     - ``clip`` slot: always ``"clip"``;
     - ``vgg19`` slot: a folder holding an ``AutoencoderKL`` (its own ``config.json`` names it, or its
       ``vae/`` subfolder's does) → ``"vae_gram"``; otherwise ``"vgg19"``.
@@ -640,7 +640,7 @@ def encoder_kind_of(slot: str, path: Any) -> str:
                 "vgg19": f"{VGG19_HINT}, or {VAE_HINT}"}[slot]  # fmt: skip
         raise HiganbanaError(f"encoders.{slot}: {path} does not exist: provide {hint}")
     if slot == "dinov2" and p.is_dir() and _read_config(p).get("model_type") == "clip":
-        return "clip"
+        return "clip_image"
     if slot == "vgg19" and p.is_dir() and _vae_folder(p) is not None:
         return "vae_gram"
     return slot

@@ -192,15 +192,20 @@ def _check_type(prompt_type: str) -> None:
         )
 
 
-def _fill(templates: Sequence[str], descriptor: str, what: str) -> list[str]:
-    if isinstance(templates, str):
-        raise ConfigError(f"{what} must be a list of templates, not a single string")
-    out = []
+def check_templates(templates: object, what: str) -> None:
+    """Refuse anything but a list of strings with exactly one ``{}`` (the descriptor) each."""
+    if not isinstance(templates, list | tuple):
+        raise ConfigError(f"{what} must be a list of strings, each with exactly one '{{}}' (the descriptor)")
     for t in templates:
         if not isinstance(t, str) or t.count("{}") != 1:
-            raise ConfigError(f"{what}: every template needs exactly one '{{}}', got {t!r}")
-        out.append(t.replace("{}", descriptor))
-    return out
+            raise ConfigError(
+                f"{what} must be a list of strings, each with exactly one '{{}}' (the descriptor), got {t!r}"
+            )
+
+
+def _fill(templates: Sequence[str], descriptor: str, what: str) -> list[str]:
+    check_templates(templates, what)
+    return [t.replace("{}", descriptor) for t in templates]
 
 
 def prompts_for(

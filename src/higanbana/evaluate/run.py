@@ -177,7 +177,7 @@ def _load_encoders(config: EvalConfig, device: torch.device) -> dict[str, Any]:
         kind = encoder_kind_of(slot, value)  # reads config.json files only: a CLIP / VAE folder stands in
         if kind == "dinov2":
             return load_encoder(kind, value, device=device, image_size=e.image_size, letterbox=e.letterbox)
-        if kind == "clip":  # the CLIP vision tower has its own fixed size: no image_size
+        if kind in ("clip", "clip_image"):  # the CLIP vision tower has its own fixed size: no image_size
             return load_encoder(kind, value, device=device, letterbox=e.letterbox)
         return load_encoder(kind, value, device=device)
 

@@ -34,7 +34,12 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..errors import ConfigError
-from ..evaluate.encoders import CLIP_MEAN, CLIP_STD, VaeStyleEncoder  # VaeStyleEncoder: re-exported
+from ..evaluate.encoders import (  # images_to_tensor and VaeStyleEncoder: re-exported
+    CLIP_MEAN,
+    CLIP_STD,
+    VaeStyleEncoder,
+    images_to_tensor,
+)
 from .checker import check
 from .tokenizer import MAX_LENGTH, world_tokenizer
 from .world import dataset, render, sample_scene
@@ -144,12 +149,6 @@ _FORK = dict(devices=[])
 # helpers
 
 
-def images_to_tensor(images: list[Image.Image]) -> torch.Tensor:
-    """(n, 3, h, w) float32 in [-1, 1] (the VAE's range) from RGB PIL images."""
-    arr = np.stack([np.asarray(im.convert("RGB"), np.float32) for im in images])
-    return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous() / 127.5 - 1.0
-
-
 def _clip_pixels(x: torch.Tensor) -> torch.Tensor:
     """[-1, 1] images to CLIP's normalisation, exactly what ``ClipEncoder`` feeds at 32 px."""
     mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
@@ -223,6 +222,19 @@ def _batches(n: int, batch_size: int, steps: int, gen: torch.Generator):
         pos += batch_size
 
 
+def _training_steps(stage: str, n: int, batch_size: int, budget: _Budget, gen: torch.Generator, progress: bool):
+    """(step, index batch) pairs of a stage's loop, under its progress bar, until ``budget`` says stop."""
+    steps = budget.total[0]
+    bar = _progress(steps, stage, progress)
+    try:
+        for step, idx in zip(bar, _batches(n, batch_size, steps, gen), strict=True):
+            if budget.done(step):
+                return
+            yield step, idx
+    finally:
+        bar.close()
+
+
 def _finite(loss: torch.Tensor, stage: str, step: int) -> None:
     """Stop on a non-finite loss. On an accelerator this reads the loss back every 50 steps only
     (each read waits for the device), so a bad step is caught within 50 steps."""
@@ -283,11 +295,7 @@ def train_clip(
         budget = _Budget(steps, max_seconds)
         opt, sched = _optimizer(model.parameters(), lr, steps, total=budget.total)
         gen = torch.Generator().manual_seed(seed)
-        for step, idx in zip(
-            _progress(steps, "clip", progress), _batches(len(captions), batch_size, steps, gen), strict=True
-        ):
-            if budget.done(step):
-                break
+        for step, idx in _training_steps("clip", len(captions), batch_size, budget, gen, progress):
             idx = idx.to(dev)
             out = model(input_ids=ids[idx], attention_mask=mask[idx], pixel_values=pixels[idx], return_loss=True)
             _finite(out.loss, "clip", step)
@@ -359,11 +367,7 @@ def train_vae(
         opt, sched = _optimizer(vae.parameters(), lr, steps, total=budget.total)
         gen = torch.Generator().manual_seed(seed)
         noise_gen = torch.Generator(dev).manual_seed(seed)
-        for step, idx in zip(
-            _progress(steps, "vae", progress), _batches(len(images), batch_size, steps, gen), strict=True
-        ):
-            if budget.done(step):
-                break
+        for step, idx in _training_steps("vae", len(images), batch_size, budget, gen, progress):
             x = data[idx.to(dev)]
             posterior = vae.encode(x).latent_dist
             z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=noise_gen, device=dev)
@@ -452,10 +456,7 @@ def train_unet(
         ema_params = list(ema.parameters()) if ema is not None else []
         gen = torch.Generator().manual_seed(seed)
         noise_gen = torch.Generator(dev).manual_seed(seed)
-        bar = _progress(steps, "unet", progress)
-        for step, idx in zip(bar, _batches(len(latents), batch_size, steps, gen), strict=False):
-            if budget.done(step):
-                break
+        for step, idx in _training_steps("unet", len(latents), batch_size, budget, gen, progress):
             drop = (torch.rand(len(idx), generator=gen) < caption_dropout).to(dev)
             idx = idx.to(dev)
             z0, ctx = latents[idx], text_states[idx]
@@ -477,7 +478,6 @@ def train_unet(
                     torch._foreach_lerp_(ema_params, params, 1 - d)
             if log is not None:
                 log.append(loss.detach())
-        bar.close()
     _to_floats(log)
     return (ema if ema is not None else unet).cpu().eval()
 
