@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Any
 
 EPILOG = """examples:
@@ -16,16 +15,11 @@ A re-run skips the images and features that exist. docs/evaluation.md lists ever
 
 
 def _run(args: Any) -> int:
-    from ..errors import HiganbanaError
     from .config import EvalConfig
     from .run import evaluate
 
-    try:
-        config = EvalConfig.load(args.config, list(args.overrides))
-        result = evaluate(config, progress=not args.no_progress)
-    except HiganbanaError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    config = EvalConfig.load(args.config, list(args.overrides))
+    result = evaluate(config, progress=not args.no_progress)
     if result.ranking is not None:
         print(result.ranking.to_string())
     return 0

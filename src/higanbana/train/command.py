@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Any
 
 EPILOG = """examples:
@@ -26,19 +25,15 @@ def is_override(arg: str) -> bool:
 
 
 def _run(args: Any) -> int:
-    from ..errors import HiganbanaError
+    from ..schema import toml_value
     from .config import TrainConfig
     from .trainer import train
 
     overrides = list(args.overrides)
     if args.resume:
-        overrides.append(f'training.resume="{args.resume}"')
-    try:
-        config = TrainConfig.load(args.config, overrides)
-        result = train(config, dry_run=args.dry_run, progress=not args.no_progress)
-    except HiganbanaError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        overrides.append(f"training.resume={toml_value(args.resume)}")
+    config = TrainConfig.load(args.config, overrides)
+    result = train(config, dry_run=args.dry_run, progress=not args.no_progress)
     if not args.dry_run:
         print(f"\ntrained {result.steps} step(s), {result.epochs} epoch(s); adapter written to {result.output}")
     return 0
