@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import warnings
 
 import pytest
 import torch
 from safetensors import safe_open
 
 from higanbana.cli import main
-from higanbana.errors import HiganbanaError, NonFiniteWarning
+from higanbana.errors import HiganbanaError
 from higanbana.formats import load_tensors, save_tensors
 from higanbana.formats.inspect import file_info
 from higanbana.formats.metadata import model_hashes
@@ -192,17 +191,18 @@ def test_truncated_corrupt_and_empty_files_are_named(good_file, tmp_path, sd1):
         load_sd_network(no_tensors, sd1)
 
 
-def test_nan_and_inf_warn_naming_the_modules(good_file, tmp_path, sd1):
+def test_nan_and_inf_are_refused_naming_the_modules(good_file, tmp_path, sd1):
     tensors, meta = load_tensors(good_file)
     key = next(k for k in tensors if k.endswith("lora_up.weight"))
     tensors[key] = tensors[key].clone()
     tensors[key][0, 0] = float("nan")
     path = save_tensors(tensors, tmp_path / "nan.safetensors", meta)
-    with pytest.warns(NonFiniteWarning, match=key.partition(".")[0]):
+    module = key.partition(".")[0]
+    with pytest.raises(HiganbanaError, match=f"NaN/Inf values in 1 module.*{module}"):
         load_sd_network(path, sd1)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", NonFiniteWarning)
-        assert file_info(path)["non_finite_modules"] == [key.partition(".")[0]]
+    info = file_info(path)  # info describes the file, and says why every reader refuses it
+    assert info["non_finite_modules"] == [module]
+    assert main(["info", str(path)]) == 1
 
 
 def test_wrong_shapes_strict_and_non_strict(good_file, tmp_path, sd1):

@@ -3,18 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .errors import HiganbanaError
     from .miniworld.demo import run_demo
 
-    try:
-        run_demo(args.out, args.plan, progress=not args.no_progress)
-    except HiganbanaError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    run_demo(args.out, args.plan, progress=not args.no_progress)
     return 0
 
 
@@ -44,16 +40,11 @@ def _algorithms(args: argparse.Namespace) -> int:
 def _info(args: argparse.Namespace) -> int:
     import json
 
-    from .errors import HiganbanaError
     from .formats.inspect import file_info, format_info
 
-    try:
-        info = file_info(args.file, unsafe_pickle=args.unsafe_pickle)
-    except HiganbanaError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    info = file_info(args.file, unsafe_pickle=args.unsafe_pickle)
     print(json.dumps(info, indent=2) if args.json else format_info(info))
-    return 0
+    return 1 if info["non_finite_modules"] else 0  # a damaged file: described, but no reader takes it
 
 
 def _presets(args: argparse.Namespace) -> int:
@@ -65,14 +56,9 @@ def _presets(args: argparse.Namespace) -> int:
 
 
 def _experiment(args: argparse.Namespace) -> int:
-    from .errors import HiganbanaError
     from .experiment import run_experiment
 
-    try:
-        result = run_experiment(args.grid, progress=not args.no_progress)
-    except HiganbanaError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    result = run_experiment(args.grid, progress=not args.no_progress)
     if result.ranking is not None:
         print(result.ranking.to_string())
     print(f"report: {result.report}")
@@ -132,8 +118,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+#: what Ctrl-C leaves behind, per command (the default: writes are atomic, so nothing)
+INTERRUPTED = {
+    "train": "interrupted; `higanbana train CONFIG --resume latest` continues from the last saved state",
+    "evaluate": "interrupted; a re-run skips the images and features already done",
+    "experiment": "interrupted; a re-run skips the runs and evaluations already done",
+    "demo": "interrupted; a re-run of the demo skips the work already done",
+}
+
+
+def _one_line(text: str) -> str:
+    return "; ".join(line.strip() for line in str(text).splitlines() if line.strip())
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
     overrides: list[str] = []
     if argv[:1] in (["train"], ["evaluate"]):
         from .train.command import is_override
@@ -144,7 +142,44 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if overrides:
         args.overrides = overrides
-    return args.func(args)
+    return args
+
+
+def _quiet_stdout() -> None:
+    """After a closed pipe, point stdout at /dev/null so the interpreter's final flush is silent."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse and run one command; every failure becomes one line on stderr and an exit code.
+
+    ``HiganbanaError`` and ``OSError`` → ``error: …`` (2), Ctrl-C → one line saying what a re-run
+    does (130), a closed output pipe (``higanbana info F | head``) → a quiet exit (141).
+    """
+    from .errors import HiganbanaError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv[0] if argv else ""
+    try:
+        args = _parse(argv)
+        return args.func(args)
+    except HiganbanaError as exc:
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\n{INTERRUPTED.get(command, 'interrupted; nothing was written')}", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        _quiet_stdout()
+        return 141
+    except OSError as exc:
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"error: {where}{exc.strerror or _one_line(exc)}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -24,5 +24,5 @@ def nearest(name: str, candidates: Iterable[str]) -> str:
     return f" (did you mean {match[0]!r}?)" if match else ""
 
 
-class NonFiniteWarning(UserWarning):
-    """A file holds NaN or Inf values (the warning names the modules)."""
+class RankClampedWarning(UserWarning):
+    """A requested rank exceeded what a layer can use and was clamped (the warning names the modules)."""

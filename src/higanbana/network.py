@@ -19,6 +19,7 @@ import json
 import math
 import os
 import re
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -26,8 +27,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .algorithms import Adapter, accepted_options, algorithm_class, list_algorithms, make_adapter
-from .errors import ConfigError, HiganbanaError, nearest
+from .algorithms import (
+    Adapter,
+    accepted_options,
+    algorithm_class,
+    check_keys_read,
+    layer_spec,
+    list_algorithms,
+    make_adapter,
+)
+from .errors import ConfigError, HiganbanaError, RankClampedWarning, nearest
 from .formats import FORMAT_VERSION, save_tensors
 from .presets import load_preset
 
@@ -337,15 +346,22 @@ def _ancestors(root: nn.Module, path: str) -> list[nn.Module]:
     return out
 
 
-def _resolve(config: NetworkConfig, part: Part, path: str, layer: nn.Module) -> tuple[str, dict[str, Any]]:
-    """The algorithm and options of one layer: defaults, then every matching rule in order."""
+def _resolve(
+    config: NetworkConfig, part: Part, path: str, layer: nn.Module, used: set[int] | None = None
+) -> tuple[str, dict[str, Any]]:
+    """The algorithm and options of one layer: defaults, then every matching rule in order.
+
+    The indices of the rules that matched are added to ``used``.
+    """
     algo, options = config.algo, dict(config.options)
     if _layer_kind(layer) == "norm":
         algo, options = "norm", {k: v for k, v in options.items() if k in COMMON_OPTIONS}
     ancestors = _ancestors(part.module, path)
-    for rule in config.rules:
+    for index, rule in enumerate(config.rules):
         if not _rule_matches(rule, part, path, layer, ancestors):
             continue
+        if used is not None:
+            used.add(index)
         if rule.algo and rule.algo != algo:
             algo, options = rule.algo, {k: v for k, v in options.items() if k in COMMON_OPTIONS}
         options.update(rule.options)
@@ -356,6 +372,31 @@ def _resolve(config: NetworkConfig, part: Part, path: str, layer: nn.Module) -> 
         if conv_alpha is not None:
             options["alpha"] = conv_alpha
     return algo, options
+
+
+def _clamp_rank(algo: str, layer: nn.Module, options: dict[str, Any]) -> tuple[dict[str, Any], int | None]:
+    """Options with ``rank`` clamped to what the layer can use (the scale α/r kept); and the request
+    when it was clamped. A rank of 100000 on a 320-wide layer would allocate factors of 100000 rows."""
+    rank = options.get("rank")
+    if not isinstance(rank, int) or isinstance(rank, bool):
+        return options, None
+    cls = algorithm_class(algo)
+    full = cls.full_rank(layer_spec(layer, cls.algo), options) if _layer_kind(layer) == "weight" else None
+    if full is None or rank <= full:
+        return options, None
+    options = {**options, "rank": full}
+    alpha = options.get("alpha")
+    if alpha not in (None, 0):  # α/r (rs-LoRA: α/√r) stays what the user asked for
+        ratio = full / rank
+        options["alpha"] = float(alpha) * (math.sqrt(ratio) if options.get("rs_lora") else ratio)
+    return options, rank
+
+
+def _describe_rule(rule: Rule) -> str:
+    what = [f"{k}={list(v)}" for k in ("blocks", "layers", "names") if (v := getattr(rule.match, k))]
+    if rule.parts:
+        what.append(f"parts={list(rule.parts)}")
+    return ", ".join(what)
 
 
 # --------------------------------------------------------------------------- the network
@@ -392,6 +433,8 @@ class AdapterNetwork(nn.Module):
         self.records: dict[str, ModuleRecord] = {}
         per_module_options = per_module_options or {}
         per_module_algos = per_module_algos or {}
+        used_rules: set[int] = set()
+        clamped: list[str] = []
         for part in parts:
             if select is not None:
                 chosen = [(p, m) for p, m in part.module.named_modules() if _layer_kind(m) and select(p, m)]
@@ -401,18 +444,38 @@ class AdapterNetwork(nn.Module):
                 name = part.file_name(path)
                 if name in self.adapters:
                     raise ConfigError(f"module name {name!r} is produced by two layers")
-                algo_here, opts = _resolve(cfg, part, path, layer)
+                algo_here, opts = _resolve(cfg, part, path, layer, used_rules)
                 if name in per_module_options:
                     opts = dict(per_module_options[name])
                 algo_here = per_module_algos.get(name, algo_here)
                 try:
+                    opts, requested = _clamp_rank(algo_here, layer, opts)
                     self.adapters[name] = make_adapter(algo_here, layer, **opts)
                 except HiganbanaError as exc:
                     raise type(exc)(f"module {name} ({type(layer).__name__} {path}): {exc}") from exc
+                if requested is not None:
+                    clamped.append(
+                        f"{name} ({type(layer).__name__} {tuple(layer.weight.shape)}: {requested} → {opts['rank']})"
+                    )
                 self.records[name] = ModuleRecord(name, part.prefix, path, self.adapters[name].algo, opts)
         if not self.adapters:
             what = ", ".join(f"{p.prefix} ({type(p.module).__name__}, {p.kind})" for p in parts)
             raise ConfigError(f"the network's rules matched no module of {what}: check the preset/targets")
+        unused = [i for i in range(len(cfg.rules)) if i not in used_rules]
+        if unused:
+            i = unused[0]
+            raise ConfigError(
+                f"rules[{i}] ({_describe_rule(cfg.rules[i])}) matches none of the {len(self.adapters)} adapted "
+                "module(s); a rule only changes modules the targets select — check its names/blocks/layers/parts"
+            )
+        if clamped:
+            more = f" and {len(clamped) - 3} more" if len(clamped) > 3 else ""
+            warnings.warn(
+                f"rank larger than the layer can use, clamped to its full rank (scale α/r kept) for "
+                f"{len(clamped)} module(s): {'; '.join(clamped[:3])}{more}",
+                RankClampedWarning,
+                stacklevel=2,
+            )
 
     # ------------------------------------------------------------------ access
     def __iter__(self) -> Iterator[tuple[str, Adapter]]:
@@ -738,13 +801,14 @@ class AdapterNetwork(nn.Module):
             part, path = names[name]
             record = records[name]
             layer = part.module.get_submodule(path)
+            suffixes = {k.partition(".")[2]: v for k, v in tensors.items() if k.partition(".")[0] == name}
             try:
                 if record.get("options") is None:  # a foreign file: options from the tensors' keys and shapes
-                    suffixes = {k.partition(".")[2]: v for k, v in tensors.items() if k.partition(".")[0] == name}
                     opts = dict(algorithm_class(record["algo"]).options_from_state(suffixes, layer))
                 else:
                     opts = dict(record["options"])
                 net.adapters[name] = make_adapter(record["algo"], layer, **opts)
+                check_keys_read(net.adapters[name], suffixes)
             except (KeyError, ValueError) as exc:
                 raise HiganbanaError(f"{source}: module {name}: {str(exc).strip(chr(39))}") from exc
             except HiganbanaError as exc:

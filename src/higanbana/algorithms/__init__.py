@@ -10,7 +10,7 @@ import importlib
 import inspect
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
 from ..errors import ConfigError, nearest
 from .base import Adapter, FactoredAdapter, LayerSpec, layer_spec
@@ -74,6 +74,26 @@ def make_adapter(algo: str, layer: nn.Module, **options: Any) -> Adapter:
     return cls(layer, **{**implied, **options})
 
 
+def check_keys_read(adapter: Adapter, tensors: dict[str, Tensor]) -> None:
+    """A saved key the adapter does not hold is an error, never silently ignored (e.g. ``dora_scale``
+    in a file whose options say ``weight_decompose = false``)."""
+    unread = sorted(set(tensors) - set(adapter.state_tensors()))
+    if unread:
+        raise ConfigError(f"{adapter.algo}: key(s) {unread} are not read by a module built with these options")
+
+
+def adapter_from_state(
+    algo: str, layer: nn.Module, options: dict[str, Any] | None, tensors: dict[str, Tensor]
+) -> Adapter:
+    """An adapter on ``layer`` holding a module's saved ``tensors`` (``{suffix: tensor}``); ``options``
+    ``None`` (a foreign file) derives them from the tensors' keys and shapes."""
+    opts = dict(algorithm_class(algo).options_from_state(tensors, layer) if options is None else options)
+    adapter = make_adapter(algo, layer, **opts)
+    check_keys_read(adapter, tensors)
+    adapter.load_state_tensors(tensors)
+    return adapter
+
+
 __all__ = [
     "ALIASES",
     "REGISTRY",
@@ -81,7 +101,9 @@ __all__ = [
     "FactoredAdapter",
     "LayerSpec",
     "accepted_options",
+    "adapter_from_state",
     "algorithm_class",
+    "check_keys_read",
     "layer_spec",
     "list_algorithms",
     "make_adapter",

@@ -280,6 +280,12 @@ class Adapter(nn.Module):
         """A random rank mask in training (factored algorithms); ``None`` otherwise."""
         return None
 
+    @classmethod
+    def full_rank(cls, spec: LayerSpec, options: dict[str, Any]) -> int | None:
+        """The rank beyond which this algorithm's ΔW on a layer of ``spec`` gains nothing (``None``:
+        ``rank`` does not size the factors); a network clamps larger requests to it."""
+        return None
+
     def state_tensors(self) -> dict[str, Tensor]:
         """The adapter's tensors under their DESIGN.md file-key suffixes (detached copies)."""
         raise NotImplementedError
@@ -485,7 +491,9 @@ class FactoredAdapter(Adapter):
         return self.alpha * math.sqrt(self.rank) if self.rs_lora else self.alpha
 
     def set_file_alpha(self, value: float) -> None:
-        self.alpha = float(value) / math.sqrt(self.rank) if self.rs_lora else float(value)
+        """Set α from a file's value; 0 reads as the rank (scale 1), as kohya and LyCORIS read it."""
+        value = float(value) or float(self.rank)
+        self.alpha = value / math.sqrt(self.rank) if self.rs_lora else value
 
     def scaled_up(self, up: Tensor) -> Tensor:
         """Apply the learned scalar to the "up" factor (a tiny tensor, so it is cheap)."""

@@ -87,6 +87,11 @@ class GLoRA(FactoredAdapter):
         self.b2 = self.new_param(r, spec.in_features, *spec.kernel_size)
         self.reset_parameters()
 
+    @classmethod
+    def full_rank(cls, spec: LayerSpec, options: dict[str, Any]) -> int | None:
+        """``max(in, min(out, in·∏k))``: both the ``a`` (in × in) and ``b`` (out × in·∏k) paths are full."""
+        return max(spec.in_features, min(spec.out_features, spec.fan_in))
+
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """a1, b1: kaiming-uniform(a=√5); a2 = b2 = 0 (kaiming as well with ``use_scalar``)."""

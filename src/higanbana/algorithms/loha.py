@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .base import FactoredAdapter, copy_checked, layer_spec, require
+from .base import FactoredAdapter, LayerSpec, copy_checked, layer_spec, require
 from .dora import dora_options
 
 
@@ -77,6 +77,12 @@ class LoHa(FactoredAdapter):
             self.hada_w2_b = self.new_param(r, spec.fan_in)
         self.reset_parameters()
         self._init_dora()
+
+    @classmethod
+    def full_rank(cls, spec: LayerSpec, options: dict[str, Any]) -> int | None:
+        """``min(out, in·∏k)`` (Tucker: ``min(out, in)``): each Hadamard factor then spans every matrix."""
+        tucker = options.get("use_tucker") and spec.is_conv and spec.kernel_numel > 1
+        return min(spec.out_features, spec.in_features if tucker else spec.fan_in)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:

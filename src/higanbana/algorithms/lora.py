@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .base import FactoredAdapter, copy_checked, layer_spec, require
+from .base import FactoredAdapter, LayerSpec, copy_checked, layer_spec, require
 from .dora import dora_options
 
 
@@ -38,6 +38,12 @@ class LoRA(FactoredAdapter):
         self.lora_up = self.new_param(spec.out_features, r, *spec.ones_kernel)
         self.reset_parameters()
         self._init_dora()
+
+    @classmethod
+    def full_rank(cls, spec: LayerSpec, options: dict[str, Any]) -> int | None:
+        """``min(out, in·∏k)`` (Tucker: ``min(out, in)``): ``up·down`` then spans every ΔW."""
+        tucker = options.get("use_tucker") and spec.is_conv and spec.kernel_numel > 1
+        return min(spec.out_features, spec.in_features if tucker else spec.fan_in)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:

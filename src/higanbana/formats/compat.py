@@ -8,7 +8,7 @@ applied per module from its algorithm, options and tensor shapes. The parity tes
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -101,10 +101,12 @@ def compatibility(
     modules: Mapping[str, Mapping[str, Tensor]],
     records: Mapping[str, Mapping[str, Any]],
     base: str = "unknown",
+    non_finite: Sequence[str] = (),
 ) -> list[ToolVerdict]:
     """Verdicts of ComfyUI, A1111 and diffusers for modules ``{name: {suffix: tensor}}`` and their records.
 
     ``base`` (``sd1``, ``sd2``, ``sdxl`` or unknown) matters for A1111's OpenCLIP attention rule.
+    ``non_finite`` names modules with NaN/Inf values: every tool loads them, and its output is NaN.
     """
     comfy, a1111, diffusers = _Tally(), _Tally(), _Tally()
     diffusers_whole: str | None = None
@@ -112,6 +114,7 @@ def compatibility(
     for name, module in modules.items():
         record = records.get(name, {})
         algo, options = record.get("algo", ""), record.get("options") or {}
+        alpha_zero = _alpha_zero_scales(algo, module)
         standalone = name.startswith("lycoris_")  # LyCORIS standalone / SimpleTuner: diffusers UNet paths
         if not name.startswith(SD_PREFIXES) and not standalone:
             prefix = name.split("_")[0]
@@ -126,6 +129,8 @@ def compatibility(
             comfy.skip("ComfyUI maps only q/k/v/out_proj and mlp fc1/fc2 of text encoders", name)
         elif algo == "ia3":
             comfy.skip("ComfyUI has no IA3", name)
+        elif alpha_zero:
+            comfy.deviate(ALPHA_ZERO.format(tool="ComfyUI"), name)
         elif algo == "glora" and glora_layout(module) == "old":
             comfy.deviate("old GLoRA layout: ComfyUI reads it (by shapes)", name)
         elif _dora_axis(module, options) == "output":
@@ -153,6 +158,8 @@ def compatibility(
             a1111.skip("A1111 needs both w_norm and b_norm", name)
         elif algo in ("oft", "boft") and "alpha" not in module:
             a1111.skip("A1111 needs alpha for OFT", name)
+        elif alpha_zero:
+            a1111.deviate(ALPHA_ZERO.format(tool="A1111"), name)
         elif algo == "oft" and float(module["alpha"]) == 0:
             a1111.deviate("OFT with alpha 0: A1111 applies no rotation", name)
         elif _dora_axis(module, options) == "output":
@@ -167,6 +174,8 @@ def compatibility(
         if algo != "lora" or "lora_mid.weight" in module:
             what = "LoCon with a Tucker mid" if algo == "lora" else algo
             diffusers_whole = diffusers_whole or f"load_lora_weights rejects non-LoRA keys ({what}: {name})"
+        elif alpha_zero:
+            diffusers.deviate(ALPHA_ZERO.format(tool="load_lora_weights"), name)
         elif "dora_scale" in module:
             diffusers.deviate("DoRA: load_lora_weights drops dora_scale (plain LoRA result)", name)
         else:
@@ -174,12 +183,30 @@ def compatibility(
     total = len(modules)
     out = [_verdict("ComfyUI", comfy, total), _verdict("A1111", a1111, total)]
     out.append(_verdict("diffusers", diffusers, total, diffusers_whole))
+    if non_finite:
+        for verdict in out:
+            if verdict.status != FAILS:
+                verdict.status = DEVIATES
+                verdict.notes.append(f"NaN/Inf values, the output becomes NaN: {_examples(list(non_finite))}")
+                verdict.deviating = sorted({*verdict.deviating, *non_finite})
     oft = [n for n, r in records.items() if r.get("algo") in ("oft", "boft")]
     if oft:
         for verdict in out[:2]:
             if verdict.status != FAILS:
                 verdict.notes.append("OFT/BOFT at strengths other than 1: each tool interpolates differently")
     return out
+
+
+#: the note for a factored module whose file alpha is 0
+ALPHA_ZERO = "alpha 0: {tool} reads scale 0 (no effect), where higanbana, kohya and LyCORIS read alpha = rank"
+
+
+def _alpha_zero_scales(algo: str, module: Mapping[str, Tensor]) -> bool:
+    """Whether a module's ``alpha`` is 0 where ``α/r`` is its scale (LoRA, LoHa, GLoRA, factored LoKr)."""
+    alpha = module.get("alpha")
+    if alpha is None or algo not in ("lora", "loha", "lokr", "glora") or float(alpha.reshape(-1)[0]) != 0:
+        return False
+    return algo != "lokr" or bool({"lokr_w1_a", "lokr_w2_a"} & set(module))
 
 
 def _comfy_clamps_differently(module: Mapping[str, Tensor]) -> bool:

@@ -14,6 +14,7 @@ from .compat import compatibility
 from .detect import base_from_names, glora_layout, group_modules
 from .metadata import read_base_model
 from .reader import read_network_file
+from .validate import non_finite_modules
 
 SHOWN_METADATA = (
     "ss_output_name",
@@ -67,7 +68,7 @@ def module_rank(algo: str, module: dict[str, Tensor]) -> str:
 def file_info(path: str | os.PathLike, *, unsafe_pickle: bool = False) -> dict[str, Any]:
     """Everything ``info`` reports about a file, as plain data (``--json`` prints it as is)."""
     path = Path(path)
-    tensors, records, metadata = read_network_file(path, unsafe_pickle=unsafe_pickle)
+    tensors, records, metadata = read_network_file(path, unsafe_pickle=unsafe_pickle, allow_non_finite=True)
     modules = group_modules(tensors)
     algos = Counter(r["algo"] for r in records.values())
     per_prefix = Counter(module_prefix(n) for n in modules)
@@ -83,9 +84,7 @@ def file_info(path: str | os.PathLike, *, unsafe_pickle: bool = False) -> dict[s
         for k, t in tensors.items()
         if t.is_floating_point() and not k.endswith("alpha")
     )
-    non_finite = sorted(
-        {k.partition(".")[0] for k, t in tensors.items() if t.is_floating_point() and not t.isfinite().all()}
-    )
+    non_finite = non_finite_modules(tensors)
     base = read_base_model(metadata) if any(k.startswith("ss_") for k in metadata) else base_from_names(modules)
     return {
         "file": str(path),
@@ -103,7 +102,7 @@ def file_info(path: str | os.PathLike, *, unsafe_pickle: bool = False) -> dict[s
         "trigger_phrase": metadata.get("modelspec.trigger_phrase", ""),
         "metadata": {k: metadata[k] for k in SHOWN_METADATA if k in metadata},
         "non_finite_modules": non_finite,
-        "compatibility": [v.as_dict() for v in compatibility(modules, records, base)],
+        "compatibility": [v.as_dict() for v in compatibility(modules, records, base, non_finite)],
     }
 
 
@@ -136,7 +135,12 @@ def format_info(info: dict[str, Any]) -> str:
     for key, value in info["metadata"].items():
         lines.append(f"  {key} = {value}")
     if info["non_finite_modules"]:
-        lines.append(f"WARNING: NaN/Inf values in {', '.join(info['non_finite_modules'])}")
+        bad = info["non_finite_modules"]
+        lines.append(
+            f"DAMAGED: NaN/Inf values in {len(bad)} module(s): {', '.join(bad[:10])}"
+            + (f" … and {len(bad) - 10} more" if len(bad) > 10 else "")
+        )
+        lines.append("  higanbana refuses this file (merge, load, resize, convert, train)")
     lines.append("")
     lines.append("compatibility")
     width = max(len(v["tool"]) for v in info["compatibility"])

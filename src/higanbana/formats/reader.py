@@ -8,17 +8,16 @@ then derived from the tensors against the model's layer (``options: None`` in th
 
 from __future__ import annotations
 
-import json
 import os
-import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..errors import HiganbanaError, NonFiniteWarning
+from ..errors import HiganbanaError
 from .detect import detect_algo, group_modules, normalize_foreign
 from .safetensors_io import FORMAT_VERSION, load_tensors
+from .validate import check_file, parse_records
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
 
@@ -49,34 +48,37 @@ def read_tensors(
 
 
 def read_network_file(
-    path: str | os.PathLike, *, unsafe_pickle: bool = False
+    path: str | os.PathLike, *, unsafe_pickle: bool = False, allow_non_finite: bool = False
 ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]], dict[str, str]]:
-    """``(tensors keyed <name>.<suffix>, {name: {"algo", "options"}}, metadata)`` of an adapter file."""
+    """``(tensors keyed <name>.<suffix>, {name: {"algo", "options"}}, metadata)`` of a valid adapter file.
+
+    Every reader comes through here, so all agree: a file that fails :func:`validate.check_file`
+    (metadata, keys, dtypes, shapes, NaN/Inf) is an :class:`InvalidFileError` naming the module and
+    key. ``allow_non_finite`` lets ``info`` describe a file with NaN/Inf values instead of refusing it.
+    """
     tensors, metadata = read_tensors(path, unsafe_pickle=unsafe_pickle)
     if not tensors:
         raise HiganbanaError(f"{path}: the file holds no tensors")
-    bad = sorted({k.partition(".")[0] for k, t in tensors.items() if t.is_floating_point() and not t.isfinite().all()})
-    if bad:
-        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
-        warnings.warn(f"{path}: NaN/Inf values in module(s) {', '.join(bad[:5])}{more}", NonFiniteWarning, stacklevel=2)
     try:
-        return (*records_from_tensors(tensors, metadata), metadata)
+        tensors, records = records_from_tensors(tensors, metadata)
     except HiganbanaError as exc:
         raise HiganbanaError(f"{path}: {exc}") from exc
+    check_file(tensors, records).raise_if_invalid(str(path), allow_non_finite=allow_non_finite)
+    return tensors, records, metadata
 
 
 def records_from_tensors(
     tensors: dict[str, torch.Tensor], metadata: dict[str, str]
 ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]]]:
-    """``(tensors keyed <name>.<suffix>, records)``: from ``higanbana.modules`` when present, else detected."""
+    """``(tensors keyed <name>.<suffix>, records)``: from ``higanbana.modules`` when present, else detected.
+
+    Only the records are checked here; :func:`validate.check_file` checks them against the tensors.
+    """
     if "higanbana.modules" in metadata:
         version = metadata.get("higanbana.format_version", "")
         if version != FORMAT_VERSION:
             raise HiganbanaError(f"higanbana.format_version {version!r} is not {FORMAT_VERSION!r}; upgrade higanbana")
-        try:
-            return tensors, json.loads(metadata["higanbana.modules"])
-        except json.JSONDecodeError as exc:
-            raise HiganbanaError(f"metadata higanbana.modules is not valid JSON ({exc})") from exc
+        return tensors, parse_records(metadata["higanbana.modules"])
     tensors, _source = normalize_foreign(tensors)
     groups = group_modules(tensors)
     return tensors, {name: {"algo": detect_algo(name, suffixes), "options": None} for name, suffixes in groups.items()}

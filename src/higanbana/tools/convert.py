@@ -44,7 +44,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -452,22 +451,18 @@ def _prefix_map(items: Sequence[str] | None) -> dict[str, str] | None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    try:
-        report = convert(
-            args.src,
-            args.dst,
-            to=args.to,
-            dtype=args.dtype,
-            allow_lossy=args.allow_lossy,
-            prefix_map=_prefix_map(args.prefix_map),
-            overwrite=args.overwrite,
-            unsafe_pickle=args.unsafe_pickle,
-            base=args.base,
-            part=args.part,
-        )
-    except HiganbanaError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    report = convert(
+        args.src,
+        args.dst,
+        to=args.to,
+        dtype=args.dtype,
+        allow_lossy=args.allow_lossy,
+        prefix_map=_prefix_map(args.prefix_map),
+        overwrite=args.overwrite,
+        unsafe_pickle=args.unsafe_pickle,
+        base=args.base,
+        part=args.part,
+    )
     print(json.dumps(asdict(report), indent=2) if args.json else format_report(report))
     return 0
 

@@ -597,31 +597,26 @@ def extract_models(
 
 
 def _run(args: Any) -> int:
-    import sys
 
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
-    try:
-        reports = extract_models(
-            args.base,
-            args.tuned,
-            args.output,
-            kind=args.kind,
-            text_encoders=not args.unet_only,
-            overwrite=args.overwrite,
-            mode=args.mode,
-            linear_param=args.linear_param,
-            conv_param=args.conv_param if args.conv_param is not None else args.linear_param,
-            use_tucker=args.tucker,
-            randomized=args.randomized,
-            oversample=args.oversample,
-            niter=args.niter,
-            min_diff=args.min_diff,
-            full_fallback=not args.no_full_fallback,
-            dtype=dtype,
-        )
-    except HiganbanaError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    reports = extract_models(
+        args.base,
+        args.tuned,
+        args.output,
+        kind=args.kind,
+        text_encoders=not args.unet_only,
+        overwrite=args.overwrite,
+        mode=args.mode,
+        linear_param=args.linear_param,
+        conv_param=args.conv_param if args.conv_param is not None else args.linear_param,
+        use_tucker=args.tucker,
+        randomized=args.randomized,
+        oversample=args.oversample,
+        niter=args.niter,
+        min_diff=args.min_diff,
+        full_fallback=not args.no_full_fallback,
+        dtype=dtype,
+    )
     print(format_report(reports, max_rows=None if args.verbose else 20))
     print(f"\nwritten to {args.output}")
     return 0

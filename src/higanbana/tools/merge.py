@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..algorithms import algorithm_class, make_adapter
+from ..algorithms import adapter_from_state
 from ..errors import HiganbanaError
 from ..formats.checkpoint import Checkpoint, open_checkpoint
 from ..formats.metadata import read_base_model
@@ -190,11 +189,7 @@ def merge(
                 layer = _layer(w, b)  # read only: merged_weight() returns a new tensor
                 record, suffixes = f.records[name], f.tensors.get(name, {})
                 try:
-                    opts = record.get("options")
-                    if opts is None:
-                        opts = algorithm_class(record["algo"]).options_from_state(suffixes, layer)
-                    adapter = make_adapter(record["algo"], layer, **dict(opts)).eval()
-                    adapter.load_state_tensors(suffixes)
+                    adapter = adapter_from_state(record["algo"], layer, record.get("options"), suffixes).eval()
                     with torch.no_grad():
                         new_w = adapter.merged_weight(f.strength).float()
                         new_b = adapter.merged_bias(f.strength)
@@ -232,19 +227,15 @@ def merge(
 
 
 def _run(args: argparse.Namespace) -> int:
-    try:
-        report = merge(
-            args.base,
-            [_parse_lora(s) for s in args.lora],
-            args.out,
-            dtype=args.dtype,
-            overwrite=args.overwrite,
-            unsafe_pickle=args.unsafe_pickle,
-            kind=args.kind,
-        )
-    except HiganbanaError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    report = merge(
+        args.base,
+        [_parse_lora(s) for s in args.lora],
+        args.out,
+        dtype=args.dtype,
+        overwrite=args.overwrite,
+        unsafe_pickle=args.unsafe_pickle,
+        kind=args.kind,
+    )
     print(report.summary())
     return 0
 

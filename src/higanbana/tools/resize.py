@@ -50,7 +50,6 @@ import argparse
 import json
 import math
 import os
-import sys
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -338,22 +337,18 @@ def format_reports(reports: list[ResizeReport]) -> str:
 
 
 def _run(args: argparse.Namespace) -> int:
-    try:
-        reports = resize(
-            args.input,
-            args.output,
-            mode=args.mode,
-            param=args.param,
-            conv_param=args.conv_param,
-            keep_alpha_ratio=args.keep_alpha_ratio,
-            skip_other=args.skip_other,
-            overwrite=args.overwrite,
-            dtype=args.dtype,
-            unsafe_pickle=args.unsafe_pickle,
-        )
-    except HiganbanaError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    reports = resize(
+        args.input,
+        args.output,
+        mode=args.mode,
+        param=args.param,
+        conv_param=args.conv_param,
+        keep_alpha_ratio=args.keep_alpha_ratio,
+        skip_other=args.skip_other,
+        overwrite=args.overwrite,
+        dtype=args.dtype,
+        unsafe_pickle=args.unsafe_pickle,
+    )
     print(json.dumps([asdict(r) for r in reports], indent=2) if args.json else format_reports(reports))
     return 0
 
