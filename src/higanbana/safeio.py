@@ -150,6 +150,27 @@ def _write_error(path: Path, exc: OSError) -> HiganbanaError:
     return HiganbanaError(f"cannot write {path}: {exc.strerror or exc}; nothing was written")
 
 
+def check_writable(path: str | os.PathLike) -> Path:
+    """Fail early — before minutes of work — when ``path`` could not be written.
+
+    The nearest existing folder above ``path`` must be a folder that accepts a file (a probe
+    temporary is created and removed there); nothing is left behind, no folder is created.
+    """
+    path = Path(path)
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise HiganbanaError(f"cannot write {path}: {folder} is a file, not a folder")
+    probe = folder / f".{path.name}.{os.getpid()}.tmp"
+    try:
+        probe.touch()
+    except OSError as exc:
+        raise _write_error(path, exc) from exc
+    probe.unlink(missing_ok=True)
+    return path
+
+
 # --------------------------------------------------------------------------- atomic writes
 @contextlib.contextmanager
 def atomic_path(
@@ -231,6 +252,8 @@ def atomic_folder(path: str | os.PathLike, *, overwrite: bool = False, durable: 
             os.replace(old, path)
         if isinstance(exc, OSError):
             raise _write_error(path, exc) from exc
+        if isinstance(exc, HiganbanaError) and str(tmp) in str(exc):  # name the destination, not the temporary
+            raise HiganbanaError(str(exc).replace(str(tmp), str(path))) from exc
         raise
 
 

@@ -17,7 +17,6 @@ import json
 import os
 import shutil
 import struct
-import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +25,7 @@ from typing import Any
 import torch
 
 from ..errors import HiganbanaError
+from ..safeio import atomic_folder, atomic_path
 from .sdxl_names import NameMappingError, SgmNameMap
 
 KINDS = ("sd1", "sd2", "sdxl")
@@ -136,10 +136,8 @@ def write_streaming(
         offset += size
     blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
     blob += b" " * (-len(blob) % 8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
             _write_bytes(f, struct.pack("<Q", len(blob)))
             _write_bytes(f, blob)
             for key, shape, dtype in items:
@@ -150,16 +148,10 @@ def write_streaming(
                 del t
                 if progress is not None:
                     progress.update(1)
-        os.replace(tmp, path)
-    except OSError as exc:
-        Path(tmp).unlink(missing_ok=True)
-        raise HiganbanaError(f"{path}: could not be written ({exc.strerror or exc}); nothing was written") from exc
     except HiganbanaError as exc:
-        Path(tmp).unlink(missing_ok=True)
+        if str(exc).startswith("cannot write"):
+            raise
         raise HiganbanaError(f"{path}: {exc}; nothing was written") from exc
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 
@@ -455,9 +447,7 @@ class Checkpoint:
             bar.close()
 
     def _write_folder(self, out: Path, out_dtype, produce, overwrite: bool, metadata, bar) -> Path:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-        try:
+        with atomic_folder(out, overwrite=overwrite) as tmp:
             written = {src.rel for src in self.sources}
             skipped = self._other_variants()
             for file in sorted(self.path.rglob("*")):
@@ -470,18 +460,6 @@ class Checkpoint:
                 items = [(k, self.shape(f"{src.rel}/{k}"), out_dtype(f"{src.rel}/{k}")) for k in src.entries]
                 meta = {**src.metadata, **(metadata or {})}
                 write_streaming(tmp / src.rel, items, lambda k, rel=src.rel: produce(f"{rel}/{k}"), meta, progress=bar)
-        except OSError as exc:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise HiganbanaError(f"{out}: could not be written ({exc.strerror or exc}); nothing was written") from exc
-        except HiganbanaError as exc:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise HiganbanaError(f"{out}: {exc}") from exc
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        if out.exists() and overwrite:
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        os.replace(tmp, out)
         return out
 
     def _other_variants(self) -> set[str]:

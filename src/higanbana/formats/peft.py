@@ -12,7 +12,7 @@ import json
 import math
 import os
 import re
-import tempfile
+import shutil
 from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
@@ -21,6 +21,7 @@ from typing import Any
 from torch import Tensor
 
 from ..errors import HiganbanaError
+from ..safeio import atomic_folder
 from .detect import detect_algo, dora_axis, group_modules
 from .safetensors_io import save_tensors
 
@@ -288,24 +289,42 @@ def to_peft(
 
 
 def save_peft_folder(folder: str | os.PathLike, config: Mapping[str, Any], tensors: Mapping[str, Tensor]) -> Path:
-    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` into ``folder``, each atomically.
+    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` into ``folder``, as one unit.
 
     diffusers-keyed tensors (``unet.``) go to ``pytorch_lora_weights.safetensors`` instead, with the
     config in the ``lora_adapter_metadata`` header entry (keys prefixed ``unet.``) as diffusers writes it.
+    The folder is written whole and swapped into place (other files of an existing folder are kept),
+    so a kill never leaves weights beside the config of another run.
     """
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    if tensors and all(k.startswith("unet.") for k in tensors):
-        meta = json.dumps({f"unet.{k}": v for k, v in config.items()}, indent=2, sort_keys=True)
-        save_tensors(dict(tensors), folder / "pytorch_lora_weights.safetensors", {"lora_adapter_metadata": meta})
-    else:
-        save_tensors(dict(tensors), folder / "adapter_model.safetensors")
-    fd, tmp = tempfile.mkstemp(prefix=".adapter_config.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(dict(config), f, indent=2, sort_keys=True)
-        os.replace(tmp, folder / "adapter_config.json")
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    diffusers = bool(tensors) and all(k.startswith("unet.") for k in tensors)
+    weights = "pytorch_lora_weights.safetensors" if diffusers else "adapter_model.safetensors"
+    with atomic_folder(folder, overwrite=True) as tmp:
+        if folder.is_dir():  # keep what else the folder holds (hard links: no copy of large files)
+            for entry in folder.iterdir():
+                if entry.name not in (weights, "adapter_config.json"):
+                    _link_or_copy(entry, tmp / entry.name)
+        if diffusers:
+            meta = json.dumps({f"unet.{k}": v for k, v in config.items()}, indent=2, sort_keys=True)
+            save_tensors(dict(tensors), tmp / weights, {"lora_adapter_metadata": meta})
+        else:
+            save_tensors(dict(tensors), tmp / weights)
+        (tmp / "adapter_config.json").write_text(json.dumps(dict(config), indent=2, sort_keys=True), encoding="utf-8")
     return folder
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    if src.is_dir() and not src.is_symlink():
+        shutil.copytree(src, dst, symlinks=True, copy_function=_link_file)
+    else:
+        _link_file(src, dst)
+
+
+def _link_file(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    if os.path.islink(src):
+        os.symlink(os.readlink(src), dst)
+        return
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)

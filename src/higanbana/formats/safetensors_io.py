@@ -1,21 +1,21 @@
 """Atomic safetensors writes and checked reads.
 
-Every write goes to a temporary file in the target folder and is renamed into place, so a crash
-never leaves a half-written output. Reads accept safetensors only (pickles need the files
-issue's explicit unsafe flag) and name the file in every error.
+Every write goes through :func:`higanbana.safeio.atomic_path` (a temporary beside the target,
+flushed, then renamed into place), so a crash never leaves a half-written output. Reads accept
+safetensors only (pickles need an explicit unsafe flag) and name the file in every error.
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..errors import HiganbanaError
+from ..safeio import atomic_path
 
 FORMAT_VERSION = "1"
 
@@ -25,22 +25,15 @@ def save_tensors(
 ) -> Path:
     """Write ``tensors`` (contiguous CPU copies) and string ``metadata`` to ``path`` atomically."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     bad = [k for k, v in (metadata or {}).items() if not isinstance(v, str)]
     if bad:
         raise HiganbanaError(f"{path}: metadata values must be strings (keys {bad})")
     payload = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(payload, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except OSError as exc:  # a full disk, a read-only folder: say so, and leave nothing behind
-        Path(tmp).unlink(missing_ok=True)
-        raise HiganbanaError(f"{path}: could not be written ({exc.strerror or exc}); nothing was written") from exc
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        try:
+            save_file(payload, tmp, metadata=metadata)
+        except SafetensorError as exc:  # its I/O errors (a full disk) are not OSError
+            raise HiganbanaError(f"cannot write {path}: {exc}; nothing was written") from exc
     return path
 
 

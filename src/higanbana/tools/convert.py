@@ -59,6 +59,8 @@ from ..formats.metadata import model_hashes, read_base_model
 from ..formats.peft import PEFT_REFUSALS, save_peft_folder, to_peft
 from ..formats.reader import read_tensors, records_from_tensors
 from ..formats.safetensors_io import save_tensors
+from ..formats.validate import check_file
+from ..safeio import check_writable
 from .resize import DTYPES, parse_dtype
 
 TARGETS = ("kohya", "peft", "diffusers")
@@ -99,8 +101,16 @@ def _diffusers_config(metadata: Mapping[str, str]) -> dict | None:
 def read_source(
     src: str | os.PathLike, *, unsafe_pickle: bool = False
 ) -> tuple[dict[str, Tensor], dict[str, dict], dict[str, str], str, list[str]]:
-    """``(tensors, records, metadata, source format, notes)`` of any supported source, kohya-named."""
-    src = Path(src)
+    """``(tensors, records, metadata, source format, notes)`` of any supported source, kohya-named and
+    checked like every file a reader takes (:func:`higanbana.formats.validate.check_file`)."""
+    tensors, records, metadata, source, notes = _read_source(Path(src), unsafe_pickle)
+    check_file(tensors, records).raise_if_invalid(str(src))
+    return tensors, records, metadata, source, notes
+
+
+def _read_source(
+    src: Path, unsafe_pickle: bool
+) -> tuple[dict[str, Tensor], dict[str, dict], dict[str, str], str, list[str]]:
     notes: list[str] = []
     if src.is_dir():
         if (src / "adapter_model.safetensors").is_file():
@@ -195,6 +205,7 @@ def _check_output(dst: Path, to: str, overwrite: bool, src: Path) -> None:
             raise HiganbanaError(f"{dst}: to='kohya' writes a .safetensors file")
         if dst.exists() and not overwrite:
             raise HiganbanaError(f"{dst}: exists; pass overwrite=True (--overwrite) to replace it")
+        check_writable(dst)
         return
     if dst.exists() and not dst.is_dir():
         raise HiganbanaError(f"{dst}: is a file; to={to!r} writes a folder")
@@ -202,6 +213,7 @@ def _check_output(dst: Path, to: str, overwrite: bool, src: Path) -> None:
     present = [f for f in files if (dst / f).exists()]
     if present and not overwrite:
         raise HiganbanaError(f"{dst}: {', '.join(present)} exist(s); pass overwrite=True (--overwrite) to replace")
+    check_writable(dst)
 
 
 def _lossy_check(what: str, allow_lossy: bool) -> None:

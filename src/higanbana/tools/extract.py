@@ -73,6 +73,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError, HiganbanaError
+from ..safeio import check_writable
 
 __all__ = [
     "MODES",
@@ -136,6 +137,9 @@ def choose_rank(s: Tensor, mode: str, param: float) -> int:
 
 
 def _check_mode(mode: str, linear_param: float, conv_param: float, randomized: bool) -> None:
+    for label, p in (("linear_param", linear_param), ("conv_param", conv_param)):
+        if not isinstance(p, (int, float)) or isinstance(p, bool) or not math.isfinite(p):
+            raise ConfigError(f"{label} must be a finite number, got {p!r}")
     if mode not in MODES:
         raise ConfigError(f"unknown extraction mode {mode!r}; choose one of {', '.join(MODES)}")
     if randomized and mode != "fixed":
@@ -342,6 +346,10 @@ def extract(
     Weights are subtracted in float32 (float64 when both are float64) on ``device``.
     """
     _check_mode(mode, linear_param, conv_param, randomized)
+    if not (isinstance(oversample, int) and oversample >= 0 and isinstance(niter, int) and niter >= 0):
+        raise ConfigError(f"oversample and niter must be whole numbers ≥ 0, got {oversample!r} and {niter!r}")
+    if not (isinstance(min_diff, (int, float)) and math.isfinite(min_diff) and min_diff >= 0):
+        raise ConfigError(f"min_diff must be a finite number ≥ 0, got {min_diff!r}")
     tensors: dict[str, Tensor] = {}
     reports: list[ModuleReport] = []
     for name, w_base, w_tuned, b_base, b_tuned in _iter_with_progress(pairs, progress):
@@ -356,6 +364,8 @@ def extract(
             diff_b = b_tuned.to(device=device, dtype=work) - b_base.to(device=device, dtype=work)
         elif (b_base is None) != (b_tuned is None):
             raise ConfigError(f"{name}: only one of the two models has a bias")
+        if not bool(torch.isfinite(diff).all()) or (diff_b is not None and not bool(torch.isfinite(diff_b).all())):
+            raise HiganbanaError(f"{name}: the base or the tuned weight holds NaN/Inf values; nothing to extract")
         out, rep = extract_module(
             diff,
             mode=mode,
@@ -572,6 +582,10 @@ def extract_models(
     out = Path(out)
     if out.exists() and not overwrite:
         raise HiganbanaError(f"{out} exists; pass --overwrite to replace it")
+    if out.suffix.lower() != ".safetensors":
+        raise HiganbanaError(f"{out}: the output must be a .safetensors file")
+    _check_mode(options.get("mode", "fixed"), options.get("linear_param", 16), options.get("conv_param", 16), False)
+    check_writable(out)  # before minutes of SVD work
     with open_checkpoint(base, kind) as base_ck, open_checkpoint(tuned, kind) as tuned_ck:
         pairs = CheckpointPairs(base_ck, tuned_ck, text_encoders=text_encoders)
         tensors, reports = extract(pairs, **options)

@@ -10,6 +10,7 @@ second) is merged per q/k/v row slice.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from ..errors import HiganbanaError
 from ..formats.checkpoint import Checkpoint, open_checkpoint
 from ..formats.metadata import read_base_model
 from ..formats.reader import read_network_file
+from ..safeio import check_writable
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 _PRETTY = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL"}
@@ -128,10 +130,16 @@ def _parse_lora(spec: str) -> tuple[str, float]:
     head, sep, tail = spec.rpartition(":")
     if sep and head:
         try:
-            return head, float(tail)
+            return head, float(tail)  # nan/inf are numbers here: merge() refuses them by name
         except ValueError:
             pass
     return spec, 1.0
+
+
+def _check_strength(path: str | os.PathLike, strength: object) -> float:
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not math.isfinite(strength):
+        raise HiganbanaError(f"{path}: strength {strength!r} is not a finite number")
+    return float(strength)
 
 
 def merge(
@@ -152,9 +160,11 @@ def merge(
         dtype = DTYPES[dtype]
     if not adapters:
         raise HiganbanaError("nothing to merge: give at least one adapter file")
+    adapters = [(p, _check_strength(p, s)) for p, s in adapters]
     out = Path(out)
     if out.exists() and not overwrite:
         raise HiganbanaError(f"{out} already exists; pass overwrite=True (--overwrite) to replace it")
+    check_writable(out)
     ckpt = open_checkpoint(base, kind)
     files = [_read_file(str(p), s, ckpt, unsafe_pickle) for p, s in adapters]
     report = MergeReport(out, ckpt.kind, {f.path: [] for f in files})
@@ -214,7 +224,14 @@ def merge(
         if key not in cache:
             cache.update(merge_unit(*unit_of(key)))
         report.merged_tensors += 1
-        return cache.pop(key).to(tensor.dtype if dtype is None else dtype)
+        merged = cache.pop(key).to(tensor.dtype if dtype is None else dtype)
+        if not bool(torch.isfinite(merged).all()) and bool(torch.isfinite(tensor).all()):
+            names = ", ".join(n for n, _, _ in by_key[key][:2])
+            raise HiganbanaError(
+                f"merging {names} into {key} gives NaN/Inf in {merged.dtype} (a strength or an adapter too "
+                "large for the output dtype?); nothing was written"
+            )
+        return merged
 
     meta = {"higanbana.merged": ", ".join(f"{Path(p).name}:{s:g}" for p, s in adapters)}
     try:

@@ -63,6 +63,7 @@ from ..formats.detect import group_modules
 from ..formats.metadata import model_hashes
 from ..formats.reader import read_network_file
 from ..formats.safetensors_io import save_tensors
+from ..safeio import check_writable
 
 MODES = ("fixed", "threshold", "ratio", "quantile")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -206,6 +207,11 @@ def resize_tensors(
     """
     if mode not in MODES:
         raise ConfigError(f"unknown resize mode {mode!r} (choose from {', '.join(MODES)})")
+    for label, value in (("param", param), ("conv_param", conv_param)):
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+        ):
+            raise ConfigError(f"resize {label} must be a finite number, got {value!r}")
     dtype = parse_dtype(dtype)
     groups = group_modules(tensors)
     algos = {n: (records.get(n) or {}).get("algo") or "?" for n in groups}
@@ -297,6 +303,7 @@ def resize(
         raise HiganbanaError(f"{path_out}: exists; pass overwrite=True (--overwrite) to replace it")
     if path_out.suffix.lower() != ".safetensors":
         raise HiganbanaError(f"{path_out}: the output must be a .safetensors file")
+    check_writable(path_out)
     tensors, records, metadata = read_network_file(path_in, unsafe_pickle=unsafe_pickle)
     try:
         out, reports = resize_tensors(
