@@ -10,7 +10,7 @@ PEERS_VENV  := .venv-bench
 PEERS_STAMP := $(PEERS_VENV)/.installed
 PEERS       := lycoris-lora==4.1.3 peft==0.21.2
 
-.PHONY: demo test lint bench venv peers clean
+.PHONY: demo test lint bench fuzz venv peers clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,11 @@ lint: $(STAMP)
 
 test: lint peers
 	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --durations=10
+
+# property-based fuzzing of the file readers for minutes (CI runs a short, fixed pass inside `make test`)
+FUZZ_EXAMPLES ?= 20000
+fuzz: $(STAMP)
+	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/python -m pytest -q -p no:xdist -m fuzz -W ignore::hypothesis.errors.HypothesisWarning tests
 
 bench: $(PEERS_STAMP)
 	$(PEERS_VENV)/bin/python benchmarks/layers.py

@@ -65,8 +65,15 @@ def _experiment(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage error as one ``error:`` line like every other error."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="higanbana", description=__doc__)
+    parser = _Parser(prog="higanbana", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser(
         "demo", help="the paper's experiment in the miniature world: fine-tune, evaluate, rank (CPU, minutes)"

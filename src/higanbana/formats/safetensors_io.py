@@ -40,6 +40,8 @@ def save_tensors(
 def load_tensors(path: str | os.PathLike, device: str = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Read every tensor and the metadata of a safetensors file, with errors that name it."""
     path = Path(path)
+    if path.is_dir():
+        raise HiganbanaError(f"{path}: is a folder, not a .safetensors file")
     if not path.is_file():
         raise HiganbanaError(f"{path}: no such file")
     if path.suffix.lower() in {".pt", ".pth", ".ckpt", ".bin"}:

@@ -355,10 +355,11 @@ def _check_dora(scale: Tensor, out: int | None, inp: int | None) -> None:
 
 
 def _check_flags(algo: str, mod: Mapping[str, Tensor], options: Mapping[str, Any] | None) -> None:
-    """Options of our records that decide which keys a module holds agree with its keys."""
-    if not options:
+    """Options of our records that decide which keys a module holds agree with its keys (an option
+    left out has its default, false): a key the options do not build would be silently ignored."""
+    if options is None:  # a foreign file: the options are derived from the keys
         return
-    pairs = [("weight_decompose", "dora_scale")]
+    pairs = [("weight_decompose", "dora_scale")] if algo in DORA_ALGOS else []
     if algo == "lora":
         pairs.append(("use_tucker", "lora_mid.weight"))
     elif algo == "loha":
@@ -366,9 +367,9 @@ def _check_flags(algo: str, mod: Mapping[str, Tensor], options: Mapping[str, Any
     elif algo in ("oft", "boft"):
         pairs.append(("rescaled", "rescale"))
     for option, key in pairs:
-        if option in options and bool(options[option]) != (key in mod):
-            state = "without" if key not in mod else "with"
-            raise _Bad(f"options say {option}={options[option]!r} but the module is {state} {key!r}")
+        value = bool(options.get(option, False))
+        if value != (key in mod):
+            raise _Bad(f"options say {option}={value} but the module {'has' if key in mod else 'has no'} {key!r}")
 
 
 def _canonical(algo: str) -> str:
@@ -390,7 +391,7 @@ def _check_module(algo: str, mod: Mapping[str, Tensor], options: Mapping[str, An
     allowed, check = ALGO_KEYS[algo]
     unknown = sorted(set(mod) - allowed)
     if unknown:
-        raise _Bad(f"key(s) {', '.join(repr(k) for k in unknown)} are not {algo} keys (a reader would ignore them)")
+        raise _Bad(f"unexpected key(s) {', '.join(repr(k) for k in unknown)} for {algo} (no reader would use them)")
     if "dora_scale" in mod and algo not in DORA_ALGOS:
         raise _Bad(f"'dora_scale' on {algo}")
     for key, t in mod.items():
