@@ -15,7 +15,7 @@ Checked without the model (the model's own checks follow when a module is built 
 - **Values.** Every floating tensor is finite. NaN/Inf is reported separately (``non_finite``):
   every reader refuses such a file, ``info`` describes it and says so.
 
-``alpha`` semantics (DESIGN: α defaults to r when missing or 0): 0 reads as the rank, as kohya and
+``alpha`` semantics: a missing alpha, or 0, reads as the rank (scale 1), as kohya and
 LyCORIS read it (ComfyUI and A1111 read it as scale 0; ``info`` says so).
 """
 
