@@ -461,7 +461,10 @@ class AdapterNetwork(nn.Module):
         if not self.adapters:
             what = ", ".join(f"{p.prefix} ({type(p.module).__name__}, {p.kind})" for p in parts)
             raise ConfigError(f"the network's rules matched no module of {what}: check the preset/targets")
-        unused = [i for i in range(len(cfg.rules)) if i not in used_rules]
+        kinds = {p.kind for p in parts}  # a rule only for parts this network leaves out is not an error
+        unused = [
+            i for i, rule in enumerate(cfg.rules) if i not in used_rules and (not rule.parts or set(rule.parts) & kinds)
+        ]
         if unused:
             i = unused[0]
             raise ConfigError(

@@ -385,6 +385,15 @@ def test_a_rule_that_matches_nothing_is_an_error(world):
     config = {"preset": "attn-only", "rules": [{"names": ["to_qq"], "options": {"rank": 8}}]}
     with pytest.raises(HiganbanaError, match=r"rules\[0\] \(names=\['to_qq'\]\) matches none"):
         sd_network(world["parts"], config, "lora", rank=2, train_text_encoder=False)
+    unet_rule = {"preset": "attn-only", "rules": [{"names": ["to_qq"], "parts": ["unet"], "options": {"rank": 8}}]}
+    with pytest.raises(HiganbanaError, match=r"rules\[0\]"):
+        sd_network(world["parts"], unet_rule, "lora", rank=2, train_text_encoder=False)
+    # a rule for a part the network leaves out (the text encoder is not trained) is no error
+    te_rule = {
+        "preset": "attn-only",
+        "rules": [{"names": ["q_proj"], "parts": ["text_encoder"], "options": {"rank": 8}}],
+    }
+    sd_network(world["parts"], te_rule, "lora", rank=2, train_text_encoder=False).detach()
 
 
 def test_huge_ranks_are_clamped_to_the_layer_keeping_the_scale(world, tmp_path):
