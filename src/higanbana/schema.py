@@ -5,12 +5,22 @@ defaults (``field(metadata={"choices": (...)})`` restricts a value). :func:`buil
 a parsed TOML table against it: an unknown section or key names where it was and suggests the
 nearest valid one (or the section a misplaced key belongs in), a wrong type or value names
 ``section.key``. Overrides are ``section.key=value`` with the value read as a TOML literal.
+
+Numbers are checked once, here, for every config: a float anywhere in a config (a field, or inside
+a table or list such as ``network.options``) must be finite — TOML's ``nan`` and ``inf`` are
+refused — and every int or float field declares its range in its metadata (:func:`limits` and the
+shorthands :func:`positive`, :func:`at_least`, :func:`fraction`, :func:`unbounded`, :data:`SEED`),
+so a new field cannot forget it (a test walks every schema). A range may allow sentinel values
+(``special``, e.g. ``-1`` for "same as another field") and may be lifted by a boolean opt-in field
+of the same section (``unless``, e.g. ``optimizer.allow_nonpositive_lr``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import math
 import os
 import tomllib
 import types
@@ -18,12 +28,171 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError, nearest
+from .errors import ConfigError, HiganbanaError, nearest
 
 
 def choice(*values: str) -> dict[str, Any]:
     """Field metadata restricting a string field to ``values``."""
     return {"choices": values}
+
+
+def _number(value: float) -> str:
+    return repr(int(value)) if float(value).is_integer() and abs(value) < 2**53 else repr(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """The values a numeric field (or, with ``items``, every item of a list field) may take."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False  # low itself is excluded
+    high_open: bool = False  # high itself is excluded
+    special: tuple[float, ...] = ()  # sentinels allowed outside the range (documented per field)
+    unless: str = ""  # a boolean field of the same section that lifts the range when true
+    items: bool = False  # the range applies to each item of a list
+    length: int | None = None  # a list field's exact length
+    hint: str = ""  # appended to the error
+
+    def contains(self, value: float) -> bool:
+        if value in self.special:
+            return True
+        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
+            return False
+        return not (self.high is not None and (value > self.high or (self.high_open and value == self.high)))
+
+    def describe(self) -> str:
+        lo, hi = self.low, self.high
+        if lo is not None and hi is not None:
+            text = f"in {'(' if self.low_open else '['}{_number(lo)}, {_number(hi)}{')' if self.high_open else ']'}"
+        elif lo is not None:
+            text = f"greater than {_number(lo)}" if self.low_open else f"at least {_number(lo)}"
+        elif hi is not None:
+            text = f"less than {_number(hi)}" if self.high_open else f"at most {_number(hi)}"
+        else:
+            text = "a finite number"
+        if self.special:
+            text += " (or " + " or ".join(_number(v) for v in self.special) + ")"
+        return text
+
+
+def limits(
+    low: float | None = None,
+    high: float | None = None,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+    special: tuple[float, ...] = (),
+    unless: str = "",
+    items: bool = False,
+    length: int | None = None,
+    hint: str = "",
+) -> dict[str, Any]:
+    """Field metadata: the field's range (every int and float field declares one; see the module doc)."""
+    return {"range": Range(low, high, low_open, high_open, tuple(special), unless, items, length, hint)}
+
+
+def positive(**kw: Any) -> dict[str, Any]:
+    """Metadata: greater than 0."""
+    return limits(0, low_open=True, **kw)
+
+
+def at_least(low: float, **kw: Any) -> dict[str, Any]:
+    """Metadata: at least ``low``."""
+    return limits(low, **kw)
+
+
+def fraction(**kw: Any) -> dict[str, Any]:
+    """Metadata: in [0, 1]."""
+    return limits(0, 1, **kw)
+
+
+def unbounded() -> dict[str, Any]:
+    """Metadata of a number that may take any finite value (a deliberate choice, not a forgotten range)."""
+    return limits()
+
+
+#: seeds: what numpy, random and torch all accept
+SEED_MAX = 2**32 - 1
+SEED = limits(0, SEED_MAX)
+
+
+def non_finite(value: Any, where: str) -> tuple[str, float] | None:
+    """``(where[.key][i], value)`` of the first NaN/Inf float inside ``value`` (nested tables and lists), or None."""
+    if isinstance(value, float):
+        return None if math.isfinite(value) else (where, value)
+    if isinstance(value, dict):
+        for key, item in value.items():
+            found = non_finite(item, f"{where}.{key}")
+            if found:
+                return found
+    elif isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            found = non_finite(item, f"{where}[{i}]")
+            if found:
+                return found
+    return None
+
+
+def check_finite(value: Any, where: str) -> None:
+    """Refuse NaN and Inf anywhere in ``value`` (a ConfigError naming the key and the value)."""
+    found = non_finite(value, where)
+    if found is not None:
+        raise ConfigError(f"{found[0]} must be a finite number, got {found[1]!r} (NaN and Inf are refused)")
+
+
+def check_range(value: Any, spec: Range, where: str, owner: Any = None, section: str = "") -> None:
+    """``value`` against ``spec``: a ConfigError ``where must be …, got …`` (with the opt-in's name)."""
+    if spec.unless and owner is not None and getattr(owner, spec.unless, False) is True:
+        return
+    is_list = spec.items and isinstance(value, list | tuple)
+    if is_list and spec.length is not None and len(value) != spec.length:
+        raise ConfigError(f"{where} must be a list of {spec.length} numbers, got {value!r}")
+    for item in value if is_list else [value]:
+        if isinstance(item, bool) or not isinstance(item, int | float):
+            if is_list:
+                raise ConfigError(f"{where} must hold numbers only, got {value!r}")
+            continue  # the type check names it
+        if not spec.contains(item):
+            text = f"{where}: every item must be" if is_list else f"{where} must be"
+            extra = f"; {spec.hint}" if spec.hint else ""
+            if spec.unless:
+                opt_in = f"{section}.{spec.unless}" if section else spec.unless
+                extra += f" (set {opt_in} = true to allow it)"
+            shown = _number(item) if isinstance(item, float) else repr(item)
+            raise ConfigError(f"{text} {spec.describe()}, got {shown}{extra}")
+
+
+def check_fields(obj: Any, where: str) -> None:
+    """Every field of a section dataclass: finite numbers anywhere, declared ranges (see the module doc).
+
+    ``where`` is ``"<file>: <section>"``; errors name ``<file>: <section>.<key>``.
+    """
+    section = where.rsplit(": ", 1)[-1]
+    for spec in dataclasses.fields(obj):
+        value = getattr(obj, spec.name)
+        key = f"{where}.{spec.name}"
+        check_finite(value, key)
+        limit = spec.metadata.get("range")
+        if limit is not None:
+            check_range(value, limit, key, obj, section)
+
+
+def numeric_fields_without_range(cls: type) -> list[str]:
+    """Fields of ``cls`` holding numbers (int, float, or a list of them) that declare no range."""
+    hints = typing.get_type_hints(cls)
+    out = []
+    for spec in dataclasses.fields(cls):
+        hint = hints[spec.name]
+        numeric = hint in (int, float) or (
+            isinstance(hint, types.UnionType) and {int, float} & set(typing.get_args(hint))
+        )
+        default = spec.default_factory() if spec.default_factory is not dataclasses.MISSING else spec.default
+        if hint is list and isinstance(default, list) and default and all(isinstance(v, int | float) for v in default):
+            numeric = True
+        if numeric and "range" not in spec.metadata:
+            out.append(spec.name)
+    return out
 
 
 def sections_of(config_cls: type) -> dict[str, type]:
@@ -69,11 +238,15 @@ def build_section(cls: type, data: dict[str, Any], where: str, sections: dict[st
             hint = nearest(key, fields) or _owner_hint(key, sections or {})
             raise ConfigError(f"{where}.{key}: unknown key{hint}")
         values[key] = check_value(value, hints[key], fields[key], f"{where}.{key}")
-    return cls(**values)
+    obj = cls(**values)
+    check_fields(obj, where)
+    return obj
 
 
 def check_value(value: Any, hint: Any, spec: dataclasses.Field, where: str) -> Any:
-    """``value`` checked against a field's type and choices (ints are accepted for floats)."""
+    """``value`` checked against a field's type and choices (ints are accepted for floats); floats,
+    here and inside tables and lists, must be finite."""
+    check_finite(value, where)
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if hint is list and isinstance(value, int) and not isinstance(value, bool):
@@ -89,18 +262,69 @@ def check_value(value: Any, hint: Any, spec: dataclasses.Field, where: str) -> A
         raise ConfigError(f"{where}: expected {name}, got {value!r}")
     choices = spec.metadata.get("choices")
     if choices and value not in choices:
-        raise ConfigError(f"{where}: {value!r} is not one of {', '.join(choices)}{nearest(str(value), choices)}")
+        shown = ", ".join(c if c else "'' (empty)" for c in choices)
+        raise ConfigError(f"{where}: {value!r} is not one of {shown}{nearest(str(value), choices)}")
     return value
 
 
-def load_toml(path: str | os.PathLike) -> dict[str, Any]:
+def read_text(path: str | os.PathLike, what: str = "config file", *, encoding: str = "utf-8") -> str:
+    """The text of ``path``, or a one-line ConfigError ``PATH: …`` saying why it cannot be read
+    (missing, a folder, not readable, not UTF-8 text)."""
     path = Path(path)
     try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
+        return path.read_text(encoding=encoding)
     except FileNotFoundError:
-        raise ConfigError(f"{path}: no such config file") from None
+        raise ConfigError(f"{path}: no such {what} (it does not exist)") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a folder, not a {what}") from None
+    except PermissionError:
+        raise ConfigError(f"{path}: cannot read the {what}: permission denied") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{path}: the {what} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start})"
+        ) from None
+    except OSError as exc:
+        if path.is_dir():
+            raise ConfigError(f"{path}: is a folder, not a {what}") from None
+        raise ConfigError(f"{path}: cannot read the {what}: {exc.strerror or exc}") from None
+
+
+def load_toml(path: str | os.PathLike, what: str = "config file") -> dict[str, Any]:
+    """A TOML file as a table; every reason it cannot be read is one ConfigError naming the file."""
+    path = Path(path)
+    text = read_text(path, what)
+    try:
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+
+
+def writable_folder(folder: str | os.PathLike, where: str, *, create: bool) -> Path:
+    """Check that ``folder`` can be written before any work (``where`` names the config field): the
+    nearest existing folder at or above it must be a folder that accepts a file (a hidden probe is
+    created and removed). With ``create`` the folder is made; without (``--dry-run``), nothing is.
+
+    A refusal is ``where: cannot write FOLDER: reason`` — a parent that is a file, a read-only folder.
+    """
+    folder = Path(folder)
+    existing = folder
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        reason = "it is a file, not a folder" if existing == folder else f"{existing} is a file, not a folder"
+        raise HiganbanaError(f"{where}: cannot write {folder}: {reason}")
+    target = folder if create else existing
+    probe = target / f".write-test.{os.getpid()}.tmp"
+    try:
+        if create:
+            folder.mkdir(parents=True, exist_ok=True)
+        probe.touch()
+    except OSError as exc:
+        raise HiganbanaError(f"{where}: cannot write {folder}: {exc.strerror or exc}") from None
+    finally:
+        with contextlib.suppress(OSError):
+            probe.unlink(missing_ok=True)
+    return folder
 
 
 def resolve_paths(data: dict[str, Any], root: Path, path_fields: dict[str, tuple[str, ...]]) -> None:
