@@ -278,6 +278,82 @@ def test_nan_loss_stops_with_the_last_good_adapter(models, images, tmp_path):
     assert (tmp_path / "out" / "state-00000001").is_dir()
 
 
+def test_nan_weights_after_a_step_stop_the_run_and_are_never_saved(models, images, tmp_path, monkeypatch):
+    """A finite loss and gradients, but the optimizer step makes a weight NaN: the run stops at that step,
+    names the module and the last file saved, and writes nothing non-finite."""
+    config = config_for(
+        models["sd1"], images, tmp_path / "out", training={"max_train_steps": 3}, save={"every_n_steps": 1}
+    )
+    original = torch.optim.AdamW.step
+    calls = []
+
+    def poisoned(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        calls.append(1)
+        if len(calls) == 2:
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].view(-1)[0] = float("nan")
+        return out
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", poisoned)
+    with pytest.raises(TrainingError, match=r"weights of 1 module\(s\) \(lora_\w+\) became NaN/Inf at step 2") as stop:
+        train(config, progress=False, log=lambda _m: None)
+    assert "tiny-step00000001.safetensors" in str(stop.value) and "state-00000001" in str(stop.value)
+    out = tmp_path / "out"
+    assert not (out / "tiny.safetensors").exists() and not (out / "tiny-step00000002.safetensors").exists()
+    for path in out.rglob("*.safetensors"):
+        assert all(torch.isfinite(t).all() for t in load_file(str(path)).values()), path
+
+
+def test_nan_gradients_and_learning_rates_stop_before_the_step(models, images, tmp_path, monkeypatch):
+    """Non-finite gradients (or a non-finite learning rate) stop the run before the optimizer applies them,
+    with the still finite adapter saved as <name>-last-good, as a NaN loss does."""
+    config = config_for(models["sd1"], images, tmp_path / "out", training={"max_train_steps": 3})
+    original = torch.nn.utils.clip_grad_norm_
+    calls = []
+
+    def poisoned(params, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            params[0].grad.view(-1)[0] = float("inf")
+        return original(params, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", poisoned)
+    with pytest.raises(TrainingError, match=r"gradients of 1 module\(s\) .* became NaN/Inf at step 2 .*tiny-last-good"):
+        train(config, progress=False, log=lambda _m: None)
+    good = load_file(str(tmp_path / "out" / "tiny-last-good.safetensors"))
+    assert all(torch.isfinite(t).all() for t in good.values())
+    assert (tmp_path / "out" / "state-00000001").is_dir() and not (tmp_path / "out" / "tiny.safetensors").exists()
+    monkeypatch.undo()
+
+    scheduler_step = torch.optim.lr_scheduler.LRScheduler.step
+
+    def nan_after_first_step(self, *args, **kwargs):
+        scheduler_step(self, *args, **kwargs)
+        if self.last_epoch >= 1:  # (0: the step a scheduler takes when it is built)
+            for group in self.optimizer.param_groups:
+                group["lr"] = float("nan")
+
+    monkeypatch.setattr(torch.optim.lr_scheduler.LRScheduler, "step", nan_after_first_step)
+    config = config_for(models["sd1"], images, tmp_path / "lr", training={"max_train_steps": 3})
+    with pytest.raises(TrainingError, match=r"learning rate became non-finite \(lora_unet = nan\) at step 2"):
+        train(config, progress=False, log=lambda _m: None)
+    assert (tmp_path / "lr" / "tiny-last-good.safetensors").is_file()
+
+
+def test_library_callers_get_the_same_checks(models, images, tmp_path):
+    """train() validates again: a field changed after loading cannot slip past the config's checks."""
+    config = config_for(models["sd1"], images, tmp_path / "out")
+    config.optimizer.unet_lr = float("nan")
+    with pytest.raises(HiganbanaError, match=r"optimizer.unet_lr must be a finite number"):
+        train(config, progress=False, log=lambda _m: None)
+    config.optimizer.unet_lr = 1e-3
+    config.save.output_name = "../escape"
+    with pytest.raises(HiganbanaError, match=r"save.output_name"):
+        train(config, progress=False, log=lambda _m: None)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "escape.safetensors").exists()
+
+
 def test_empty_dataset_and_corrupt_image(models, tmp_path):
     empty = tmp_path / "empty"
     (empty / "3_thing").mkdir(parents=True)

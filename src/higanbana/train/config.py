@@ -19,7 +19,22 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
-from ..schema import apply_override, build_sections, choice, load_toml, resolve_paths, sections_to_toml
+from ..safeio import check_name
+from ..schema import (
+    SEED,
+    apply_override,
+    at_least,
+    build_sections,
+    check_fields,
+    check_range,
+    choice,
+    fraction,
+    limits,
+    load_toml,
+    positive,
+    resolve_paths,
+    sections_to_toml,
+)
 
 OPTIMIZERS = ("adamw", "adamw8bit", "lion", "lion8bit", "prodigy", "sgd", "adafactor")
 SCHEDULERS = (
@@ -69,61 +84,77 @@ class DataSection:
     imagefolder: str = ""  # a diffusers imagefolder with metadata.jsonl
     caption_extension: str = ".txt"
     class_tokens: str = ""  # caption for images with no caption file (kohya folders set it from the name)
-    keep_tokens: int = 0
+    keep_tokens: int = field(default=0, metadata=at_least(0))
     shuffle_caption: bool = False
-    caption_dropout_rate: float = 0.0
+    caption_dropout_rate: float = field(default=0.0, metadata=fraction())
     flip_aug: bool = False
-    resolution: list = field(default_factory=lambda: [512, 512])  # [w, h] (an int means square)
+    # [w, h] (an int means square)
+    resolution: list = field(default_factory=lambda: [512, 512], metadata=at_least(1, items=True))
     enable_bucket: bool = True
-    min_bucket_reso: int = 256
-    max_bucket_reso: int = 1024
-    bucket_reso_steps: int = 64
+    min_bucket_reso: int = field(default=256, metadata=at_least(1))
+    max_bucket_reso: int = field(default=1024, metadata=at_least(1))
+    bucket_reso_steps: int = field(default=64, metadata=at_least(1))
     bucket_no_upscale: bool = False
-    batch_size: int = 1  # per process
+    batch_size: int = field(default=1, metadata=at_least(1))  # per process
     cache_latents: str = field(default="memory", metadata=choice(*CACHE_MODES))
     cache_dir: str = ""  # disk cache folder (default: <output_dir>/cache)
     cache_text_encoder_outputs: bool = False  # only when the text encoders are frozen and captions fixed
 
 
+#: a learning rate: > 0 unless ``optimizer.allow_nonpositive_lr`` (0 freezes a part, < 0 trains backwards)
+_LR_HINT = "0 leaves the part untrained and a negative rate trains by gradient ascent"
+
+
+def _lr(**kw: Any) -> dict[str, Any]:
+    return positive(unless="allow_nonpositive_lr", hint=_LR_HINT, **kw)
+
+
 @dataclass
 class OptimizerSection:
     type: str = field(default="adamw", metadata=choice(*OPTIMIZERS))
-    unet_lr: float = 1e-4
-    text_encoder_lr: float = 5e-5  # SD1/SD2 text encoder, and SDXL's first
-    text_encoder_lr2: float = -1.0  # SDXL's second text encoder (-1: same as text_encoder_lr)
-    weight_decay: float = 0.01
-    betas: list = field(default_factory=lambda: [0.9, 0.999])
-    eps: float = 1e-8
-    max_grad_norm: float = 1.0  # 0 disables clipping
-    loraplus_ratio: float = 0.0  # LoRA+: the "up" factors learn this many times faster (0: off)
+    unet_lr: float = field(default=1e-4, metadata=_lr())
+    text_encoder_lr: float = field(default=5e-5, metadata=_lr())  # SD1/SD2 text encoder, and SDXL's first
+    # SDXL's second text encoder (-1: same as text_encoder_lr)
+    text_encoder_lr2: float = field(default=-1.0, metadata=_lr(special=(-1.0,)))
+    allow_nonpositive_lr: bool = False  # opt in to learning rates <= 0 (0: freeze that part; < 0: ascent)
+    weight_decay: float = field(default=0.01, metadata=at_least(0))
+    betas: list = field(
+        default_factory=lambda: [0.9, 0.999], metadata=limits(0, 1, high_open=True, items=True, length=2)
+    )
+    eps: float = field(default=1e-8, metadata=positive())
+    max_grad_norm: float = field(default=1.0, metadata=at_least(0))  # 0 disables clipping
+    # LoRA+: the "up" factors learn this many times faster (0: off)
+    loraplus_ratio: float = field(default=0.0, metadata=at_least(0))
     args: dict = field(default_factory=dict)  # extra keyword arguments for the optimizer class
 
 
 @dataclass
 class SchedulerSection:
     type: str = field(default="constant", metadata=choice(*SCHEDULERS))
-    warmup_steps: float = 0.0  # below 1: a fraction of the total steps
-    num_cycles: int = 1  # cosine_with_restarts
-    power: float = 1.0  # polynomial
+    warmup_steps: float = field(default=0.0, metadata=at_least(0))  # below 1: a fraction of the total steps
+    num_cycles: int = field(default=1, metadata=at_least(1))  # cosine_with_restarts
+    power: float = field(default=1.0, metadata=positive())  # polynomial
 
 
 @dataclass
 class TrainingSection:
-    max_train_steps: int = 0  # 0: decided by max_train_epochs
-    max_train_epochs: int = 1
-    gradient_accumulation_steps: int = 1
+    max_train_steps: int = field(default=0, metadata=at_least(0))  # 0: decided by max_train_epochs
+    max_train_epochs: int = field(default=1, metadata=at_least(0))
+    gradient_accumulation_steps: int = field(default=1, metadata=at_least(1))
     mixed_precision: str = field(default="no", metadata=choice(*PRECISIONS))
     vae_fp32: bool = True  # keep the VAE in float32 (the SDXL fp16 VAE gives NaN)
     gradient_checkpointing: bool = False
-    seed: int = 42
-    noise_offset: float = 0.0
-    min_snr_gamma: float = 0.0  # 0: off (the paper-recommended value is 5)
+    seed: int = field(default=42, metadata=SEED)
+    noise_offset: float = field(default=0.0, metadata=at_least(0))
+    min_snr_gamma: float = field(default=0.0, metadata=at_least(0))  # 0: off (the paper-recommended value is 5)
     prediction_type: str = field(default="auto", metadata=choice(*PREDICTIONS))
     loss_type: str = field(default="l2", metadata=choice(*LOSS_TYPES))
-    huber_c: float = 0.1
-    max_norm: float = 0.0  # scale down modules whose ‖ΔW‖ exceeds this (kohya's --scale_weight_norms)
-    clip_skip: int = 1  # use the output of the n-th last text-encoder layer (SD1: 2 for anime models)
-    device: str = ""  # force a device ("cpu"); default: what accelerate picks
+    huber_c: float = field(default=0.1, metadata=positive())
+    # scale down modules whose ‖ΔW‖ exceeds this (kohya's --scale_weight_norms; 0: off)
+    max_norm: float = field(default=0.0, metadata=at_least(0))
+    # use the output of the n-th last text-encoder layer (SD1: 2 for anime models)
+    clip_skip: int = field(default=1, metadata=at_least(1))
+    device: str = field(default="", metadata=choice("", "cpu"))  # "cpu" forces the CPU; "": what accelerate picks
     resume: str = ""  # a saved state folder, or "latest" (the newest under save.output_dir)
 
 
@@ -131,9 +162,10 @@ class TrainingSection:
 class SaveSection:
     output_dir: str = "output"
     output_name: str = "adapter"
-    every_n_steps: int = 0
-    every_n_epochs: int = 1
-    keep_last: int = 0  # keep only the last K intermediate files and states (0: keep all)
+    every_n_steps: int = field(default=0, metadata=at_least(0))
+    every_n_epochs: int = field(default=1, metadata=at_least(0))
+    # keep only the last K intermediate files and states (0: keep all)
+    keep_last: int = field(default=0, metadata=at_least(0))
     save_state: bool = True  # also save a resumable state (optimizer, scheduler, step) with each file
     dtype: str = field(default="fp16", metadata=choice(*SAVE_DTYPES))
     trigger_phrase: str = ""  # written to modelspec.trigger_phrase
@@ -142,14 +174,14 @@ class SaveSection:
 @dataclass
 class SampleSection:
     prompts: str = ""  # a prompt file (.txt with kohya --n/--w/--h/--d/--l/--s options, .toml, .json)
-    every_n_steps: int = 0
-    every_n_epochs: int = 0
+    every_n_steps: int = field(default=0, metadata=at_least(0))
+    every_n_epochs: int = field(default=0, metadata=at_least(0))
     at_first: bool = False
     sampler: str = "ddim"
-    steps: int = 20
-    cfg_scale: float = 7.0
-    width: int = 0  # 0: the training resolution
-    height: int = 0
+    steps: int = field(default=20, metadata=at_least(1))
+    cfg_scale: float = field(default=7.0, metadata=at_least(0))
+    width: int = field(default=0, metadata=at_least(0))  # 0: the training resolution
+    height: int = field(default=0, metadata=at_least(0))
 
 
 @dataclass
@@ -215,38 +247,23 @@ class TrainConfig:
                 f"{where}: give exactly one of data.train_data_dir, data.dataset_config, data.imagefolder"
                 + (f" (got {', '.join('data.' + s for s in sources)})" if sources else "")
             )
-        positive = {
-            "data.batch_size": self.data.batch_size,
-            "training.gradient_accumulation_steps": self.training.gradient_accumulation_steps,
-            "data.bucket_reso_steps": self.data.bucket_reso_steps,
-            "sample.steps": self.sample.steps,
-            "training.clip_skip": self.training.clip_skip,
-        }
-        for key, value in positive.items():
-            if value < 1:
-                raise ConfigError(f"{where}: {key} must be at least 1, got {value}")
-        non_negative = {
-            "training.max_train_steps": self.training.max_train_steps,
-            "training.max_train_epochs": self.training.max_train_epochs,
-            "training.noise_offset": self.training.noise_offset,
-            "training.min_snr_gamma": self.training.min_snr_gamma,
-            "training.max_norm": self.training.max_norm,
-            "optimizer.max_grad_norm": self.optimizer.max_grad_norm,
-            "optimizer.loraplus_ratio": self.optimizer.loraplus_ratio,
-            "scheduler.warmup_steps": self.scheduler.warmup_steps,
-            "save.every_n_steps": self.save.every_n_steps,
-            "save.every_n_epochs": self.save.every_n_epochs,
-            "save.keep_last": self.save.keep_last,
-            "sample.every_n_steps": self.sample.every_n_steps,
-            "sample.every_n_epochs": self.sample.every_n_epochs,
-        }
-        for key, value in non_negative.items():
-            if value < 0:
-                raise ConfigError(f"{where}: {key} must not be negative, got {value}")
+        for section in dataclasses.fields(self):
+            if section.name != "source":
+                check_fields(getattr(self, section.name), f"{where}: {section.name}")
+        check_name(self.save.output_name, f"{where}: save.output_name")
+        _check_optimizer_args(self.optimizer.args, f"{where}: optimizer.args")
+        warmup = self.scheduler.warmup_steps
+        if warmup >= 1 and not float(warmup).is_integer():
+            raise ConfigError(
+                f"{where}: scheduler.warmup_steps must be a whole number of steps or a fraction below 1, got {warmup}"
+            )
+        if self.data.min_bucket_reso > self.data.max_bucket_reso:
+            raise ConfigError(
+                f"{where}: data.min_bucket_reso ({self.data.min_bucket_reso}) is larger than "
+                f"data.max_bucket_reso ({self.data.max_bucket_reso})"
+            )
         if self.training.max_train_steps == 0 and self.training.max_train_epochs == 0:
             raise ConfigError(f"{where}: set training.max_train_steps or training.max_train_epochs")
-        if not 0 <= self.data.caption_dropout_rate <= 1:
-            raise ConfigError(f"{where}: data.caption_dropout_rate must be in [0, 1]")
         if not (self.network.train_unet or self.network.train_text_encoder):
             raise ConfigError(f"{where}: network.train_unet and network.train_text_encoder are both false")
         if self.data.cache_text_encoder_outputs:
@@ -275,8 +292,6 @@ class TrainConfig:
             canonical_sampler(self.sample.sampler)
         except ConfigError as exc:
             raise ConfigError(f"{where}: sample.sampler: {exc}") from None
-        if len(self.optimizer.betas) != 2:
-            raise ConfigError(f"{where}: optimizer.betas must be two numbers, got {self.optimizer.betas!r}")
 
     @property
     def resolution(self) -> tuple[int, int]:
@@ -284,6 +299,42 @@ class TrainConfig:
 
 
 # ---------------------------------------------------------------------------- helpers
+#: ranges of the optimizer keyword arguments ``optimizer.args`` may set (any other number: finite)
+_ARG_RANGES = {
+    "betas": limits(0, 1, high_open=True, items=True),
+    "beta1": limits(0, 1, high_open=True),
+    "beta2": limits(0, 1, high_open=True),
+    "beta3": limits(0, 1, high_open=True),
+    "eps": positive(items=True),
+    "weight_decay": at_least(0),
+    "momentum": limits(0, 1, high_open=True),
+    "dampening": fraction(),
+    "d0": positive(),
+    "d_coef": positive(),
+    "growth_rate": positive(),
+    "clip_threshold": positive(),
+}
+#: keys the trainer sets itself: in optimizer.args they would be ignored or break the parameter groups
+_ARG_OWNED = {
+    "lr": "the learning rates are optimizer.unet_lr, optimizer.text_encoder_lr and optimizer.text_encoder_lr2",
+    "params": "the trainer passes the network's parameters itself",
+}
+
+
+def _check_optimizer_args(args: dict[str, Any], where: str) -> None:
+    """Numbers in ``optimizer.args`` are finite (checked with the section) and in the known ranges."""
+    for key, value in args.items():
+        if key in _ARG_OWNED:
+            raise ConfigError(f"{where}.{key}: not allowed here ({_ARG_OWNED[key]})")
+        spec = _ARG_RANGES.get(key)
+        if spec is None:
+            continue
+        limit = spec["range"]
+        if isinstance(value, bool) or not isinstance(value, int | float | list):
+            raise ConfigError(f"{where}.{key} must be a number, got {value!r}")
+        check_range(value, limit, f"{where}.{key}")
+
+
 _PATH_FIELDS = {
     "model": ("pretrained", "config"),
     "network": ("network_weights",),

@@ -52,6 +52,7 @@ import torch
 from PIL import Image, ImageOps
 
 from ..errors import ConfigError, HiganbanaError, nearest
+from ..schema import check_finite
 from .buckets import assign_bucket, make_buckets, resize_and_crop
 
 __all__ = [
@@ -170,7 +171,10 @@ def _make_subset(where: str, **values: Any) -> SubsetSpec:
         raise ConfigError(f"{where}: unknown subset option {unknown[0]!r}{nearest(unknown[0], _subset_fields())}")
     if values.get("class_tokens") == "":
         values["class_tokens"] = None
-    return SubsetSpec(**values)
+    try:
+        return SubsetSpec(**values)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
 
 
 def _list_images(folder: Path) -> list[Path]:
@@ -305,6 +309,7 @@ def _check_table(table: Any, allowed: dict[str, type], where: str, *, hint: dict
     if not isinstance(table, dict):
         raise ConfigError(f"{where}: expected a table, got {type(table).__name__}")
     for key, value in table.items():
+        check_finite(value, f"{where}: {key}")
         if key not in allowed:
             if hint and key in hint:
                 raise ConfigError(f"{where}: key {key!r} {hint[key]}")
@@ -332,12 +337,11 @@ def specs_from_dataset_toml(path, *, defaults: dict | None = None) -> list[Datas
     """
     path = Path(path)
     name = str(path)
+    from ..schema import read_text
+
+    text = read_text(path, "dataset config")
     try:
-        doc = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as exc:
-        raise ConfigError(f"dataset config {name!r} not found") from exc
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read dataset config {name!r}: {exc}") from exc
+        doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{name}: invalid TOML: {exc}") from exc
 

@@ -9,20 +9,21 @@ Disk entries are named by the image's content fingerprint, the flip, the bucket,
 and the VAE's fingerprint (plus a pipeline version). A changed image, bucket or VAE therefore simply
 looks for a different file; stale files are never read (and never deleted: clear the folder to
 reclaim space). Files are written to a temporary name and moved into place, so an interrupted run
-never leaves a half-written entry.
+never leaves a half-written entry, and the temporaries a killed run left are removed when the next
+run opens the cache.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import warnings
 from pathlib import Path
 
 import torch
 
 from ..errors import ConfigError, HiganbanaError
+from ..safeio import atomic_path, clean_stale_temps
 from .data import TrainingData
 
 __all__ = ["CACHE_MODES", "LatentCache", "encode_pixels", "sample_latents", "vae_fingerprint"]
@@ -116,7 +117,11 @@ class LatentCache:
         self.vae_fp = vae_fingerprint(vae)
         self._memory: dict[tuple[int, bool], torch.Tensor] = {}
         if self.folder is not None and mode == "disk":
-            self.folder.mkdir(parents=True, exist_ok=True)
+            try:
+                self.folder.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise HiganbanaError(f"data.cache_dir: cannot write {self.folder}: {exc.strerror or exc}") from None
+            clean_stale_temps(self.folder)  # a killed run's temporaries (entries are then written with sweep=False)
 
     # --- keys and files --------------------------------------------------------------------
 
@@ -158,11 +163,10 @@ class LatentCache:
         from safetensors.torch import save_file
 
         target = self.path(*key)
-        tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
         item = self.data.items[key[0]]
         meta = {"image": str(item.path), "bucket": f"{item.bucket[0]}x{item.bucket[1]}", "vae": self.vae_fp}
-        save_file({"params": params}, str(tmp), metadata=meta)
-        os.replace(tmp, target)
+        with atomic_path(target, sweep=False) as tmp:
+            save_file({"params": params}, str(tmp), metadata=meta)
 
     def fill(self) -> None:
         """Encode every missing (item, flip) up front, batched per bucket, with a progress bar."""
@@ -205,8 +209,5 @@ class LatentCache:
             except Exception as exc:  # a damaged file: re-encode rather than stop training
                 warnings.warn(f"latent cache entry {path} is unreadable ({exc}); re-encoding it", stacklevel=2)
         params = self._encode([key])[0]
-        try:
-            self._store(key, params)
-        except OSError as exc:
-            raise HiganbanaError(f"cannot write latent cache entry {path}: {exc}") from exc
+        self._store(key, params)  # (an unwritable entry: "cannot write PATH: reason", from safeio)
         return params

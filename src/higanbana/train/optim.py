@@ -71,8 +71,8 @@ def make_optimizer(groups: list[dict[str, Any]], section: OptimizerSection) -> t
     kwargs.update(args)
     try:
         return cls(clean, **kwargs)
-    except TypeError as exc:
-        raise ConfigError(f"optimizer.args: {exc}") from None
+    except (TypeError, ValueError) as exc:  # an unknown keyword, or a value the optimizer class refuses
+        raise ConfigError(f"optimizer.args: {kind} refuses the arguments: {exc}") from None
 
 
 def warmup_steps(section: SchedulerSection, total_steps: int) -> int:

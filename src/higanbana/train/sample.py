@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 import tomllib
 import warnings
 from collections.abc import Iterator, Sequence
@@ -24,6 +23,7 @@ import torch
 
 from ..errors import ConfigError, nearest
 from ..models.pipeline import canonical_sampler, make_scheduler, sampler_name
+from ..safeio import atomic_path, check_name, clean_stale_temps
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -200,10 +200,9 @@ def parse_prompt_file(path: str | os.PathLike) -> list[SamplePrompt]:
     parser = _PARSERS.get(path.suffix.lower())
     if parser is None:
         raise ConfigError(f"{path}: unknown prompt file type {path.suffix!r}; expected one of .txt, .toml, .json")
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read the prompt file: {exc}") from exc
+    from ..schema import read_text
+
+    text = read_text(path, "prompt file", encoding="utf-8-sig")
     prompts = parser(path, text)
     if not prompts:
         raise ConfigError(f"{path}: the prompt file holds no prompts")
@@ -352,8 +351,9 @@ def save_samples(
 
     if len(images) != len(prompts):
         raise ConfigError(f"save_samples: {len(images)} images but {len(prompts)} prompts")
+    check_name(name, "save_samples: name")
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    clean_stale_temps(folder)  # once per call: each image is then written with sweep=False
     stem = f"{name}_e{epoch:04d}_s{step:07d}" if epoch is not None else f"{name}_s{step:07d}"
     paths = []
     for i, (image, prompt) in enumerate(zip(images, prompts, strict=True)):
@@ -362,14 +362,8 @@ def save_samples(
         info.add_text("parameters", _a1111_parameters(settings))
         info.add_text(INFO_KEY, json.dumps(settings, ensure_ascii=False))
         path = folder / f"{stem}_{i:02d}.png"
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                image.save(f, format="PNG", pnginfo=info)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_path(path, sweep=False) as tmp:
+            image.save(tmp, format="PNG", pnginfo=info)
         paths.append(path)
     return paths
 

@@ -9,15 +9,14 @@ A state is a folder ``<output_dir>/state-<step>/`` holding:
 
 The data order and all training randomness are functions of ``(seed, step, sample position)``
 (see :mod:`higanbana.train.trainer`), so step and epoch are all the RNG state a resume needs. The
-folder is written under a temporary name and renamed into place: a run killed while saving leaves
-the previous state intact.
+folder is written under a temporary name and renamed into place (the old folder of the same name is
+renamed away first and deleted last): a run killed while saving leaves the previous state intact.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..errors import HiganbanaError
+from ..safeio import atomic_folder
 
 STATE_PREFIX = "state-"
 
@@ -70,32 +70,27 @@ def save_state(
     state: TrainState,
     fingerprint: str,
 ) -> Path:
-    """Write a state folder atomically (temporary folder, then rename)."""
+    """Write a state folder atomically (:func:`higanbana.safeio.atomic_folder`: a temporary folder,
+    then rename-then-delete over an existing one, so a kill at any moment leaves a complete state)."""
     folder = Path(folder)
-    tmp = folder.with_name(folder.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    try:
-        weights = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in network.state_dict().items()}
-        save_file(weights, str(tmp / "network.safetensors"))
-        opt_tensors, opt_rest = _split_optimizer(optimizer.state_dict())
-        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-        info = {
-            "step": state.step,
-            "epoch": state.epoch,
-            "fingerprint": fingerprint,
-            "optimizer": opt_rest,
-            "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
-        }
-        (tmp / "train_state.json").write_text(json.dumps(info, indent=1, default=_json_default), encoding="utf-8")
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise HiganbanaError(f"{folder}: cannot write the training state ({exc})") from exc
+    weights = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in network.state_dict().items()}
+    opt_tensors, opt_rest = _split_optimizer(optimizer.state_dict())
+    info = {
+        "step": state.step,
+        "epoch": state.epoch,
+        "fingerprint": fingerprint,
+        "optimizer": opt_rest,
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
+    }
+    text = json.dumps(info, indent=1, default=_json_default)
+    with atomic_folder(folder, overwrite=True) as tmp:
+        try:
+            save_file(weights, str(tmp / "network.safetensors"))
+            save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+            (tmp / "train_state.json").write_text(text, encoding="utf-8")
+        except OSError as exc:
+            raise HiganbanaError(f"cannot write {folder}: {exc.strerror or exc} (the training state)") from exc
     return folder
 
 

@@ -37,6 +37,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError, HiganbanaError
+from ..safeio import write_text
+from ..schema import writable_folder
 from .config import TrainConfig
 from .state import TrainState, list_states, load_state, resolve_resume, save_state
 
@@ -175,6 +177,81 @@ def build_network(config: TrainConfig, parts):
     return net
 
 
+def output_folders(config: TrainConfig) -> dict[str, Path]:
+    """``{config field: folder}`` of every folder a run writes."""
+    out = Path(config.save.output_dir)
+    folders = {"save.output_dir": out}
+    if config.logging.log_with != "none":
+        folders["logging.logging_dir"] = (
+            Path(config.logging.logging_dir) if config.logging.logging_dir else out / "logs"
+        )
+    if config.data.cache_latents == "disk":
+        folders["data.cache_dir"] = Path(config.data.cache_dir) if config.data.cache_dir else out / "cache"
+    return folders
+
+
+def _exists(path: str, where: str, kind: str = "any") -> None:
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"{where}: {path} does not exist")
+    if kind == "file" and not p.is_file():
+        raise ConfigError(f"{where}: {path} is a folder, not a file")
+    if kind == "folder" and not p.is_dir():
+        raise ConfigError(f"{where}: {path} is not a folder")
+
+
+def preflight(config: TrainConfig) -> None:
+    """Every check that needs neither the images nor the model's weights, before any work or write:
+    the config's values and names (again: a library caller may have changed fields), the paths it
+    names, the sample prompt file, the network's preset/rules/options, the optimizer and schedule
+    (built on a stand-in parameter), the resume state, and that the output folders can be written.
+    ``--dry-run`` runs it too, and creates nothing."""
+    from .optim import make_optimizer, make_scheduler
+    from .state import resolve_resume
+
+    config.validate()
+    c = config
+    _exists(c.model.pretrained, "model.pretrained")
+    if c.model.config:
+        _exists(c.model.config, "model.config", "folder")
+    if c.network.network_weights:
+        _exists(c.network.network_weights, "network.network_weights", "file")
+    for key in ("train_data_dir", "imagefolder"):
+        if getattr(c.data, key):
+            _exists(getattr(c.data, key), f"data.{key}", "folder")
+    if c.data.dataset_config:
+        _exists(c.data.dataset_config, "data.dataset_config", "file")
+    if c.sample.prompts:
+        from .sample import parse_prompt_file
+
+        try:
+            parse_prompt_file(c.sample.prompts)
+        except ConfigError as exc:
+            raise ConfigError(f"sample.prompts: {exc}") from None
+    # the network's preset, rules, algorithm and option names (option values are checked per layer)
+    from ..network import NetworkConfig
+
+    n = c.network
+    net_config: Any = {**n.config, "preset": n.config.get("preset", n.preset)} if n.config else n.preset
+    try:
+        NetworkConfig.load(net_config).with_options(n.algo, **n.options)
+    except HiganbanaError as exc:
+        raise type(exc)(f"network: {exc}") from None
+    # the optimizer's and the schedule's arguments, on a stand-in parameter
+    stand_in = torch.nn.Parameter(torch.zeros(1))
+    lr = c.optimizer.unet_lr if c.optimizer.unet_lr > 0 else 1e-4
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        optimizer = make_optimizer([{"params": [stand_in], "lr": lr}], c.optimizer)
+        make_scheduler(optimizer, c.scheduler, 1000)
+    if c.training.resume and c.training.resume != "latest":
+        state = resolve_resume(c.training.resume, c.save.output_dir)
+        if state is not None and not (state / "train_state.json").is_file():
+            raise ConfigError(f"training.resume: {state} is not a training state (no train_state.json)")
+    for where, folder in output_folders(c).items():
+        writable_folder(folder, where, create=False)
+
+
 def _fingerprint(config: TrainConfig, world: int) -> str:
     """What must not change between a run and its resume (paths of outputs and step counts may)."""
     d = config.to_dict()
@@ -184,6 +261,41 @@ def _fingerprint(config: TrainConfig, world: int) -> str:
     }
     keep["world"] = world
     return hashlib.sha1(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _check_clip_skip(config: TrainConfig, parts) -> None:
+    """``training.clip_skip`` must name a layer the text encoder(s) have."""
+    layers = []
+    for te in parts.text_encoders:
+        cfg = getattr(te, "config", None)
+        cfg = getattr(cfg, "text_config", cfg)
+        n = getattr(cfg, "num_hidden_layers", None)
+        if isinstance(n, int):
+            layers.append(n)
+    if layers and config.training.clip_skip > min(layers):
+        raise ConfigError(
+            f"training.clip_skip = {config.training.clip_skip} is more than the text encoder's "
+            f"{min(layers)} layers (1 = the last layer, 2 = the one before it)"
+        )
+
+
+def _modules_text(names: list[str]) -> str:
+    shown = ", ".join(names[:5])
+    return f"{len(names)} module(s) ({shown}{', …' if len(names) > 5 else ''})"
+
+
+def discard_folder(folder: Path) -> None:
+    """Remove ``folder`` rename-first: a kill midway leaves a hidden temporary that the next write into
+    the parent sweeps away (:func:`higanbana.safeio.clean_stale_temps`), never a half-deleted state
+    under its real name."""
+    import shutil
+
+    doomed = folder.with_name(f".{folder.name}.{os.getpid()}.tmpdir")
+    try:
+        os.replace(folder, doomed)
+    except OSError:
+        doomed = folder
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------- text
@@ -312,6 +424,7 @@ class _Run:
 
         c = self.config
         t = c.training
+        preflight(c)
         tracker = c.logging.log_with if (c.logging.log_with != "none" and not dry_run) else None
         self.out_dir = Path(c.save.output_dir)
         logging_dir = Path(c.logging.logging_dir) if c.logging.logging_dir else self.out_dir / "logs"
@@ -325,6 +438,7 @@ class _Run:
         self.device = acc.device
         self.data = build_data(c, progress=self.progress and acc.is_main_process)
         self.parts, self.scheduler_config, self.prediction = load_model(c)
+        _check_clip_skip(c, self.parts)
         from accelerate.utils import set_seed
 
         set_seed(t.seed)  # the adapters' random initialisation (the same on every process)
@@ -335,6 +449,17 @@ class _Run:
         self.steps_per_epoch = math.ceil(self.micro_per_epoch / accum)
         self.total_steps = t.max_train_steps or t.max_train_epochs * self.steps_per_epoch
         self.epochs = math.ceil(self.total_steps / self.steps_per_epoch)
+        from .optim import warmup_steps
+
+        warmup = warmup_steps(c.scheduler, self.total_steps)
+        if c.scheduler.type != "constant" and warmup >= self.total_steps:
+            raise ConfigError(
+                f"scheduler.warmup_steps: the warm-up ({warmup} steps) is not shorter than the run "
+                f"({self.total_steps} steps), so the learning rate would never reach its value"
+            )
+        if not dry_run and acc.is_main_process:  # the folders are made (and probed) only now, after every check
+            for where, folder in output_folders(c).items():
+                writable_folder(folder, where, create=True)
         return self.plan()
 
     def plan(self) -> str:
@@ -354,6 +479,8 @@ class _Run:
             f"gradient accumulation: {c.training.gradient_accumulation_steps}",
             f"steps per epoch: {self.steps_per_epoch} ({self.micro_per_epoch} batches), "
             f"total steps: {self.total_steps}, epochs: {self.epochs}",
+            f"output: {self.out_dir / (c.save.output_name + '.safetensors')} (every check passed: values, names, "
+            "paths, prompts, network, optimizer, output folders)",
         ]
         return "\n".join(lines)
 
@@ -609,9 +736,7 @@ class _Run:
             old.unlink(missing_ok=True)
         del files[:-keep]
         for old in list_states(self.out_dir)[:-keep]:
-            import shutil
-
-            shutil.rmtree(old, ignore_errors=True)
+            discard_folder(old)
 
     # ----------------------------------------------------------------- sampling
     def sample(self, step: int, epoch: int) -> None:
@@ -668,8 +793,7 @@ class _Run:
             )
             self.log(f"resumed from {resume} at step {state.step} (epoch {state.epoch})")
         if acc.is_main_process:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            (self.out_dir / "config.toml").write_text(c.to_toml(), encoding="utf-8")
+            write_text(self.out_dir / "config.toml", c.to_toml())
         if c.logging.log_with != "none":
             acc.init_trackers("higanbana", config={k: str(v) for k, v in c.to_dict()["training"].items()})
         result = TrainResult(None, state.step, self.epochs)
@@ -706,6 +830,8 @@ class _Run:
                 self.scaler.unscale_(self.optimizer)
                 if c.optimizer.max_grad_norm > 0:
                     torch.nn.utils.clip_grad_norm_(self.params, c.optimizer.max_grad_norm)
+                if not self.scaler.is_enabled():  # (fp16: the grad scaler skips a step with Inf gradients itself)
+                    self._check_before_step(state)
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
                 self.lr_scheduler.step()
@@ -713,6 +839,7 @@ class _Run:
                 if t.max_norm > 0:
                     self.net.apply_max_norm(t.max_norm)
                 state.step += 1
+                self._check_weights(state, result)
                 step_loss = loss_sum / len(micro_range)
                 if self.world > 1:
                     step_loss = float(acc.reduce(torch.tensor([step_loss], device=self.device), "mean").item())
@@ -760,15 +887,76 @@ class _Run:
         result.files.append(path)
         return result
 
-    def _nan_stop(self, state: TrainState, loss: torch.Tensor, result: TrainResult) -> None:
+    # ----------------------------------------------------------------- non-finite weights
+    def _owners(self) -> dict[int, str]:
+        """``id(parameter)`` → the module (adapter) name it belongs to."""
+        if not hasattr(self, "_owner_names"):
+            self._owner_names = {id(p): name for name, a in self.net.adapters.items() for p in a.parameters()}
+        return self._owner_names
+
+    def _nonfinite_modules(self, tensors: list[torch.Tensor], params: list[torch.nn.Parameter]) -> list[str]:
+        """The modules whose ``tensors`` (one per parameter of ``params``) hold NaN or Inf; one fused
+        max-abs reduction per tensor list, a single host sync."""
+        if not tensors:
+            return []
+        try:
+            peaks = torch._foreach_norm([t.detach() for t in tensors], float("inf"))
+        except (AttributeError, RuntimeError, TypeError):  # pragma: no cover - an older torch
+            peaks = [t.detach().abs().amax() for t in tensors]
+        bad = torch.nonzero(~torch.isfinite(torch.stack([p.float().to(peaks[0].device) for p in peaks])))
+        if not len(bad):
+            return []
+        owners = self._owners()
+        return list(dict.fromkeys(owners.get(id(params[int(i)]), "?") for i in bad.flatten().tolist()))
+
+    def _check_before_step(self, state: TrainState) -> None:
+        """Gradients and learning rates must be finite before the optimizer applies them: otherwise stop
+        with the (still finite) adapter saved as ``<name>-last-good``, as a NaN loss does."""
+        with_grad = [p for p in self.params if p.grad is not None]
+        bad = self._nonfinite_modules([p.grad for p in with_grad], with_grad)
+        lrs = [(self.group_names[i], g["lr"]) for i, g in enumerate(self.optimizer.param_groups)]
+        bad_lr = [f"{name} = {lr}" for name, lr in lrs if not math.isfinite(float(lr))]
+        if not (bad or bad_lr):
+            return
+        self.optimizer.zero_grad(set_to_none=True)
+        what = (
+            f"the gradients of {_modules_text(bad)} became NaN/Inf"
+            if bad
+            else f"the learning rate became non-finite ({', '.join(bad_lr)})"
+        )
+        self._stop(state, f"{what} at step {state.step + 1} (epoch {state.epoch + 1})")
+
+    def _check_weights(self, state: TrainState, result: TrainResult) -> None:
+        """After every optimizer step: a NaN/Inf adapter weight stops the run; nothing non-finite is saved."""
+        params = list(self.net.parameters())
+        bad = self._nonfinite_modules(params, params)
+        if not bad:
+            return
+        kept = [p for p in result.files if p.is_file()]
+        states = list_states(self.out_dir)
+        if kept or states:
+            what = f"the last saved adapter is {kept[-1]}" if kept else "no adapter file was saved by this run"
+            if states:
+                what += f" (resumable state {states[-1]})"
+        else:
+            what = "nothing was saved by this run"
+        raise TrainingError(
+            f"the adapter weights of {_modules_text(bad)} became NaN/Inf at step {state.step} (epoch "
+            f"{state.epoch + 1}); stopped without saving them: {what}. Usual causes: a learning rate too high, "
+            "optimizer.args that make the update overflow, fp16 overflow (try training.mixed_precision = 'bf16')."
+        )
+
+    def _stop(self, state: TrainState, what: str) -> None:
         name = f"{self.config.save.output_name}-last-good"
         path, _ = self.save(name, state, with_state=True)
         raise TrainingError(
-            f"the loss became {float(loss.detach())} at step {state.step + 1} (epoch {state.epoch + 1}); "
-            f"stopped before it reached the weights. The last good adapter is {path} (resumable state "
+            f"{what}; stopped before it reached the weights. The last good adapter is {path} (resumable state "
             f"{self.out_dir / f'state-{state.step:08d}'}). Usual causes: a learning rate too high, fp16 "
             "overflow (try training.mixed_precision = 'bf16', keep training.vae_fp32 = true), or NaN in the data."
         )
+
+    def _nan_stop(self, state: TrainState, loss: torch.Tensor, result: TrainResult) -> None:
+        self._stop(state, f"the loss became {float(loss.detach())} at step {state.step + 1} (epoch {state.epoch + 1})")
 
 
 def train(
