@@ -38,7 +38,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, HiganbanaError, nearest
-from .schema import load_toml
+from .safeio import check_name, inside, write_text
+from .schema import SEED_MAX, check_finite, load_toml, writable_folder
 
 _GRID_KEYS = ("out", "train", "evaluate", "seeds", "epochs", "configs", "vary", "group_by")
 
@@ -72,14 +73,19 @@ class Grid:
     @classmethod
     def load(cls, path: str | os.PathLike) -> Grid:
         path = Path(path)
-        data = load_toml(path)
+        data = load_toml(path, "grid file")
         where = str(path)
         for key in data:
             if key not in _GRID_KEYS:
                 raise ConfigError(f"{where}: unknown key {key!r}{nearest(key, _GRID_KEYS)}")
+        for key, value in data.items():  # NaN/Inf anywhere: in set, vary values, labels
+            check_finite(value, f"{where}: {key}")
         for key in ("train", "evaluate"):
             if not isinstance(data.get(key), str) or not data[key]:
                 raise ConfigError(f"{where}: {key} must name the base {key} config file")
+        for key in ("out", "group_by"):
+            if key in data and (not isinstance(data[key], str) or not data[key]):
+                raise ConfigError(f"{where}: {key} must be a non-empty string, got {data[key]!r}")
         root = path.parent
 
         def rel(p: str) -> Path:
@@ -87,20 +93,41 @@ class Grid:
 
         seeds = data.get("seeds", [42])
         epochs = data.get("epochs", [1])
-        for key, values in (("seeds", seeds), ("epochs", epochs)):
-            if not (isinstance(values, list) and values and all(isinstance(v, int) for v in values)):
-                raise ConfigError(f"{where}: {key} must be a non-empty list of integers")
-        if min(epochs) < 1:
-            raise ConfigError(f"{where}: epochs must be at least 1")
+        for key, values, low, high in (("seeds", seeds, 0, SEED_MAX), ("epochs", epochs, 1, None)):
+            if not (isinstance(values, list) and values and all(_is_int(v) for v in values)):
+                raise ConfigError(f"{where}: {key} must be a non-empty list of integers, got {values!r}")
+            bad = [v for v in values if v < low or (high is not None and v > high)]
+            if bad:
+                limit = f"in [{low}, {high}]" if high is not None else f"at least {low}"
+                raise ConfigError(f"{where}: {key} must be {limit}, got {bad[0]}")
+        if len(set(seeds)) != len(seeds):
+            raise ConfigError(f"{where}: seeds lists {sorted({s for s in seeds if seeds.count(s) > 1})} twice")
         configs: dict[str, dict[str, Any]] = {}
         labels: dict[str, dict[str, Any]] = {}
-        for i, entry in enumerate(data.get("configs", [])):
+        folded: dict[str, str] = {}  # case-folded name -> name: one run folder on macOS and Windows
+
+        def add(name: str, what: str, overrides: dict[str, Any]) -> None:
+            key = name.casefold()
+            if key in folded:
+                same = "" if folded[key] == name else f" (as {folded[key]!r}: names that differ only in case)"
+                raise ConfigError(f"{where}: {what} makes configuration {name!r} twice{same}")
+            folded[key] = name
+            configs[name] = overrides
+
+        entries = data.get("configs", [])
+        if not isinstance(entries, list):
+            raise ConfigError(f"{where}: configs must be an array of tables ([[configs]])")
+        for i, entry in enumerate(entries):
             if not isinstance(entry, dict) or set(entry) - {"name", "set", "labels"} or "name" not in entry:
                 raise ConfigError(f"{where}: configs[{i}] must be a table with name and set (and optional labels)")
-            name = entry["name"]
-            if not re.fullmatch(r"[A-Za-z0-9._+=-]+", str(name)) or name in configs:
-                raise ConfigError(f"{where}: configs[{i}].name {name!r} must be a unique plain file name")
-            configs[name] = dict(entry.get("set", {}))
+            name = _config_name(entry["name"], f"{where}: configs[{i}].name")
+            overrides = entry.get("set", {})
+            if not isinstance(overrides, dict):
+                raise ConfigError(
+                    f"{where}: configs[{i}].set must be a table of section.key = value, got {overrides!r}"
+                )
+            _check_set_keys(overrides, f"{where}: configs[{i}].set")
+            add(name, f"configs[{i}]", dict(overrides))
             extra = entry.get("labels", {})
             if not isinstance(extra, dict) or not all(isinstance(v, int | float | str | bool) for v in extra.values()):
                 raise ConfigError(f"{where}: configs[{i}].labels must be a table of numbers, strings or booleans")
@@ -108,7 +135,10 @@ class Grid:
             if reserved:
                 raise ConfigError(f"{where}: configs[{i}].labels: {reserved[0]!r} is set by the grid itself")
             labels[name] = dict(extra)
-        for i, entry in enumerate(data.get("vary", [])):
+        varies = data.get("vary", [])
+        if not isinstance(varies, list):
+            raise ConfigError(f"{where}: vary must be an array of tables ([[vary]])")
+        for i, entry in enumerate(varies):
             if not isinstance(entry, dict) or set(entry) - {"from", "key", "values", "names"}:
                 raise ConfigError(f"{where}: vary[{i}] takes from, key, values (and optional names)")
             base = entry.get("from")
@@ -116,15 +146,25 @@ class Grid:
                 raise ConfigError(
                     f"{where}: vary[{i}].from {base!r} is not a configuration{nearest(str(base), configs)}"
                 )
-            values = entry.get("values", [])
-            names = entry.get("names") or [f"{base}-{entry['key'].rpartition('.')[2]}={v}" for v in values]
-            if len(names) != len(values):
-                raise ConfigError(f"{where}: vary[{i}] has {len(values)} values but {len(names)} names")
-            for value, name in zip(values, names, strict=True):
-                name = re.sub(r"[^A-Za-z0-9._+=-]", "_", str(name))
-                if name in configs:
-                    raise ConfigError(f"{where}: vary[{i}] makes configuration {name!r} twice")
-                configs[name] = {**configs[base], entry["key"]: value}
+            key = entry.get("key")
+            if not isinstance(key, str) or "." not in key:
+                raise ConfigError(f"{where}: vary[{i}].key must be a training config key 'section.key', got {key!r}")
+            _check_set_keys({key: None}, f"{where}: vary[{i}].key")
+            values = entry.get("values")
+            if not isinstance(values, list) or not values:
+                raise ConfigError(f"{where}: vary[{i}].values must be a non-empty list, got {values!r}")
+            given = entry.get("names")
+            if given is not None and not (isinstance(given, list) and all(isinstance(n, str) for n in given)):
+                raise ConfigError(f"{where}: vary[{i}].names must be a list of strings, got {given!r}")
+            if given is not None and len(given) != len(values):
+                raise ConfigError(f"{where}: vary[{i}] has {len(values)} values but {len(given)} names")
+            for j, value in enumerate(values):
+                if given is not None:
+                    name = _config_name(given[j], f"{where}: vary[{i}].names[{j}]")
+                else:  # generated from the value: characters a folder name cannot hold become "_"
+                    made = re.sub(r"[^A-Za-z0-9._+=-]", "_", f"{base}-{key.rpartition('.')[2]}={value}")
+                    name = _config_name(made, f"{where}: vary[{i}] value {value!r} gives the name", hint=True)
+                add(name, f"vary[{i}]", {**configs[base], key: value})
         if not configs:
             raise ConfigError(f"{where}: no [[configs]]")
         return cls(
@@ -155,18 +195,63 @@ class Grid:
         return out
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _config_name(name: Any, where: str, *, hint: bool = False) -> str:
+    """A configuration name: one plain path component of ``[A-Za-z0-9._+=-]`` (it names run folders)."""
+    try:
+        check_name(name, where)
+    except ConfigError as exc:
+        raise ConfigError(f"{exc}{'; give the vary entry names = [...]' if hint else ''}") from None
+    if not re.fullmatch(r"[A-Za-z0-9._+=-]+", name):
+        raise ConfigError(f"{where}: {name!r} must be a plain file name ([A-Za-z0-9._+=-])")
+    return name
+
+
+#: training keys every run's own settings decide (see :func:`run_config`): a grid may not set them
+_GRID_OWNED = {
+    "training.seed": "use seeds = [...]",
+    "training.max_train_epochs": "use epochs = [...]",
+    "training.max_train_steps": "runs train to the last of epochs = [...]",
+    "training.resume": "a run resumes from its own latest state",
+    "save.output_dir": "runs go to out/runs/<configuration>-s<seed>",
+    "save.output_name": "runs save model*.safetensors",
+    "save.every_n_epochs": "runs save every epoch",
+    "save.every_n_steps": "runs save every epoch",
+    "save.keep_last": "runs keep every epoch's file",
+    "save.save_state": "runs save their states",
+}
+
+
+def _check_set_keys(overrides: dict[str, Any], where: str) -> None:
+    """The keys of a ``set`` table: ``section.key`` of the training config (values are checked with it),
+    not one the grid sets itself (it would be silently replaced)."""
+    from .schema import sections_of
+    from .train.config import TrainConfig
+
+    sections = sections_of(TrainConfig)
+    for key in overrides:
+        if key in _GRID_OWNED:
+            raise ConfigError(f"{where}: {key!r} is set by the grid itself ({_GRID_OWNED[key]})")
+        section, dot, _name = str(key).partition(".")
+        if not dot or section not in sections:
+            hint = nearest(section, sections) if dot else ""
+            raise ConfigError(f"{where}: {key!r} is not a training config key 'section.key'{hint}")
+
+
 def _toml_literal(value: Any) -> str:
     from .schema import toml_value
 
     return toml_value(value)
 
 
-def train_run(grid: Grid, run: RunSpec, *, progress: bool = True, log: Callable[[str], None] = print) -> Path:
-    """Train one (configuration, seed) to the last epoch, saving every epoch; skip when done."""
-    from .train import TrainConfig, train
+def run_config(grid: Grid, run: RunSpec) -> Any:
+    """The validated :class:`~higanbana.train.TrainConfig` of one run (an error names the grid and the run)."""
+    from .train import TrainConfig
 
-    folder = grid.out / "runs" / run.name
-    final = folder / "model.safetensors"
+    folder = run_folder(grid, run)
     overrides = [f"{k}={_toml_literal(v)}" for k, v in run.overrides.items()]
     overrides += [
         f"training.seed={run.seed}",
@@ -180,7 +265,25 @@ def train_run(grid: Grid, run: RunSpec, *, progress: bool = True, log: Callable[
         "save.save_state=true",
         'training.resume="latest"',
     ]
-    config = TrainConfig.load(grid.train, overrides)
+    try:
+        return TrainConfig.load(grid.train, overrides)
+    except ConfigError as exc:
+        raise ConfigError(f"{grid.source}: configuration {run.config!r} (run {run.name}): {exc}") from None
+
+
+def run_folder(grid: Grid, run: RunSpec) -> Path:
+    """``out/runs/<configuration>-s<seed>``; the name is checked, so the folder stays under ``out/runs``."""
+    check_name(run.name, f"{grid.source}: run {run.name!r}")
+    return inside(grid.out / "runs", grid.out / "runs" / run.name, f"{grid.source}: run {run.name!r}")
+
+
+def train_run(grid: Grid, run: RunSpec, *, progress: bool = True, log: Callable[[str], None] = print) -> Path:
+    """Train one (configuration, seed) to the last epoch, saving every epoch; skip when done."""
+    from .train import train
+
+    folder = run_folder(grid, run)
+    final = folder / "model.safetensors"
+    config = run_config(grid, run)
     run.params.setdefault("algo", config.network.algo)
     run.params.setdefault("preset", config.network.preset)
     run.params.setdefault("lr", config.optimizer.unet_lr)
@@ -211,10 +314,25 @@ def run_experiment(
 ) -> Any:
     """Train every run of the grid, then evaluate all checkpoints together; returns the EvalResult."""
     from .evaluate.config import Checkpoint, EvalConfig
+    from .evaluate.prompts import concepts_from_toml
     from .evaluate.run import evaluate
+    from .evaluate.run import preflight as evaluation_preflight
+    from .train.trainer import preflight as training_preflight
 
     grid = Grid.load(grid_path)
     runs = grid.runs()
+    writable_folder(grid.out, f"{grid.source}: out", create=False)
+    # every run's training config and the evaluation's are checked before the first run trains
+    for run in runs:
+        config = run_config(grid, run)
+        try:
+            training_preflight(config)
+        except ConfigError as exc:
+            raise ConfigError(f"{grid.source}: configuration {run.config!r} (run {run.name}): {exc}") from None
+    eval_overrides = [f'output.dir="{(grid.out / "eval").as_posix()}"', *evaluate_overrides]
+    eval_config = EvalConfig.load(grid.evaluate, eval_overrides)
+    evaluation_preflight(eval_config)
+    concepts_from_toml(eval_config.concepts.file)
     log(f"{len(grid.configs)} configuration(s) × {len(grid.seeds)} seed(s) = {len(runs)} run(s); epochs {grid.epochs}")
     last = max(grid.epochs)
     checkpoints = []
@@ -225,7 +343,7 @@ def run_experiment(
             if not path.is_file():
                 raise HiganbanaError(f"{run.name}: no checkpoint for epoch {epoch} ({path})")
             checkpoints.append(Checkpoint(f"{run.name}-e{epoch}", str(path), 1.0, {**run.params, "epoch": epoch}))
-    config = EvalConfig.load(grid.evaluate, [f'output.dir="{(grid.out / "eval").as_posix()}"', *evaluate_overrides])
+    config = EvalConfig.load(grid.evaluate, eval_overrides)
     config.checkpoints = checkpoints
     if grid.group_by:
         config.report.group_by = grid.group_by
@@ -233,8 +351,5 @@ def run_experiment(
     params = sorted({k for c in checkpoints for k in c.params} - {"config"} - labels)
     config.report.features = config.report.features or params
     config.validate()
-    grid.out.mkdir(parents=True, exist_ok=True)
-    (grid.out / "checkpoints.json").write_text(
-        json.dumps([c.__dict__ for c in checkpoints], indent=1, default=str), encoding="utf-8"
-    )
+    write_text(grid.out / "checkpoints.json", json.dumps([c.__dict__ for c in checkpoints], indent=1, default=str))
     return evaluate(config, progress=progress, log=log)

@@ -90,10 +90,23 @@ def test_evaluate_produces_every_artefact_and_caches(world):
     # a re-run generates nothing and reads the cached features
     stamps = {p: p.stat().st_mtime_ns for p in (out / "images").rglob("*.png")}
     features = {p: p.stat().st_mtime_ns for p in (out / "features").rglob("*.safetensors")}
+    # a killed run's temporaries (a dead writer's pid in the name) are removed by the next run
+    import subprocess
+    import sys
+
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True).stdout)
+    stale = [
+        out / "images" / "base" / "toy" / "trigger" / f".0000.png.{dead}.tmp.png",
+        out / "features" / "dinov2" / "base" / "toy" / f".trigger.safetensors.{dead}.tmp",
+        out / f".report.html.{dead}.tmp",
+    ]
+    for path in stale:
+        path.write_bytes(b"half")
     again = evaluate(EvalConfig.load(config_path), progress=False, log=lambda _m: None)
     assert {p: p.stat().st_mtime_ns for p in (out / "images").rglob("*.png")} == stamps
     assert {p: p.stat().st_mtime_ns for p in (out / "features").rglob("*.safetensors")} == features
     pd.testing.assert_frame_equal(again.raw.reset_index(drop=True), result.raw.reset_index(drop=True))
+    assert not [p for p in stale if p.exists()]
     # other generation settings in the same folder are refused, not mixed in
     with pytest.raises(HiganbanaError, match="other settings .*steps"):
         evaluate(EvalConfig.load(config_path, ["generation.steps=3"]), progress=False, log=lambda _m: None)
@@ -119,7 +132,7 @@ def test_config_errors(world, tmp_path):
     config = EvalConfig.load(config_path, ['encoders.dinov2=""', f'output.dir="{tmp_path / "o"}"'])
     with pytest.raises(HiganbanaError, match="encoders.dinov2 not set"):
         evaluate(config, progress=False, log=lambda _m: None)
-    assert os.path.isdir(tmp_path / "o")
+    assert not os.path.exists(tmp_path / "o")  # refused before any image is generated: nothing written
 
 
 class Brightness:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from higanbana.errors import ConfigError, HiganbanaError, nearest
+from higanbana.safeio import atomic_path
 
 METRICS: dict[str, str] = {
     "fidelity_cos": "higher",
@@ -64,28 +64,11 @@ def label(metric: str, prompt_type: str | None = None) -> str:
 # ----------------------------------------------------------------------------- files
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-_UMASK = _umask()
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_UMASK)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+def atomic_write(path: str | os.PathLike, write) -> None:
+    """Call ``write(tmp)`` on a temporary path beside ``path``, then rename it over ``path``
+    (:func:`higanbana.safeio.atomic_path`: fsync'd, removed on any error, Ctrl-C included)."""
+    with atomic_path(path) as tmp:
+        write(str(tmp))
 
 
 def _parquet_engine() -> str:

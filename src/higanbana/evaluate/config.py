@@ -32,7 +32,20 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, nearest
-from ..schema import apply_override, build_section, build_sections, choice, load_toml, resolve_paths, sections_to_toml
+from ..safeio import check_name
+from ..schema import (
+    SEED,
+    apply_override,
+    at_least,
+    build_section,
+    build_sections,
+    check_fields,
+    choice,
+    load_toml,
+    resolve_paths,
+    sections_to_toml,
+    unbounded,
+)
 
 
 @dataclass
@@ -52,8 +65,8 @@ class ConceptsSection:
 @dataclass
 class PromptsSection:
     types: list = field(default_factory=lambda: ["train", "trigger", "alter", "style"])
-    n_images: int = 100  # per concept and prompt type
-    seed_start: int = 1000
+    n_images: int = field(default=100, metadata=at_least(1))  # per concept and prompt type
+    seed_start: int = field(default=1000, metadata=SEED)
     # category -> templates with one "{}" (the descriptor); empty: the paper's 40 alter templates
     alter_templates: dict = field(default_factory=dict)
     style_templates: list = field(default_factory=list)  # templates with one "{}"; empty: the paper's 6
@@ -62,12 +75,12 @@ class PromptsSection:
 @dataclass
 class GenerationSection:
     sampler: str = "ddim"
-    steps: int = 25
-    cfg_scale: float = 7.0
-    width: int = 512
-    height: int = 512
+    steps: int = field(default=25, metadata=at_least(1))
+    cfg_scale: float = field(default=7.0, metadata=at_least(0))
+    width: int = field(default=512, metadata=at_least(8))  # a multiple of 8
+    height: int = field(default=512, metadata=at_least(8))  # a multiple of 8
     negative_prompt: str = ""
-    batch_size: int = 4
+    batch_size: int = field(default=4, metadata=at_least(1))
 
 
 @dataclass
@@ -76,16 +89,16 @@ class EncodersSection:
     clip: str = ""  # a local transformers CLIPModel folder with its tokenizer (controllability)
     vgg19: str = ""  # a torchvision VGG-19 state dict (base preservation); an AutoencoderKL/SD folder: VAE Grams
     quality: str = ""  # optional image-quality scorer, a plug-in "package.module:factory"
-    image_size: int = 224
+    image_size: int = field(default=224, metadata=at_least(1))
     letterbox: bool = True  # letterbox dataset images (the paper's choice); False: plain resize
-    batch_size: int = 32
+    batch_size: int = field(default=32, metadata=at_least(1))
 
 
 @dataclass
 class OutputSection:
     dir: str = "eval-output"
     overwrite: bool = False  # regenerate images even when they exist (or settings changed)
-    grid_images: int = 8  # images per model × prompt type in the report's grids
+    grid_images: int = field(default=8, metadata=at_least(0))  # images per model × prompt type in the report's grids
 
 
 @dataclass
@@ -100,7 +113,7 @@ class ReportSection:
 class Checkpoint:
     name: str = ""
     path: str = ""
-    strength: float = 1.0
+    strength: float = field(default=1.0, metadata=unbounded())  # any finite multiplier (negative: inverted)
     params: dict = field(default_factory=dict)
 
 
@@ -147,7 +160,12 @@ class EvalConfig:
             },
         )
         for c in data.get("checkpoints", []) if isinstance(data.get("checkpoints"), list) else []:
-            if isinstance(c, dict) and isinstance(c.get("path"), str) and not Path(c["path"]).is_absolute():
+            if (
+                isinstance(c, dict)
+                and isinstance(c.get("path"), str)
+                and c["path"]
+                and not Path(c["path"]).is_absolute()
+            ):
                 c["path"] = str(path.parent / c["path"])
         for item in overrides:
             apply_override(data, item)
@@ -164,9 +182,9 @@ class EvalConfig:
         for t in self.prompts.types:
             if t not in PROMPT_TYPES:
                 raise ConfigError(f"{where}: prompts.types: unknown type {t!r}{nearest(str(t), PROMPT_TYPES)}")
-        for key in ("n_images",):
-            if getattr(self.prompts, key) < 1:
-                raise ConfigError(f"{where}: prompts.{key} must be at least 1")
+        for section in dataclasses.fields(self):
+            if section.name not in ("source", "checkpoints"):
+                check_fields(getattr(self, section.name), f"{where}: {section.name}")
         from .prompts import CATEGORIES, check_templates
 
         for category, templates in self.prompts.alter_templates.items():
@@ -176,26 +194,47 @@ class EvalConfig:
                 )
             check_templates(templates, f"{where}: prompts.alter_templates.{category}")
         check_templates(self.prompts.style_templates, f"{where}: prompts.style_templates")
-        if self.generation.steps < 1 or self.generation.batch_size < 1:
-            raise ConfigError(f"{where}: generation.steps and generation.batch_size must be at least 1")
+        for key in ("width", "height"):
+            value = getattr(self.generation, key)
+            if value % 8:
+                raise ConfigError(f"{where}: generation.{key} must be a multiple of 8 (the latent grid), got {value}")
+        if self.report.device:
+            import torch
+
+            try:
+                torch.device(self.report.device)
+            except (RuntimeError, ValueError):
+                raise ConfigError(
+                    f"{where}: report.device: {self.report.device!r} is not a device (e.g. 'cpu', 'cuda', 'cuda:1')"
+                ) from None
+        if not self.output.dir:
+            raise ConfigError(f"{where}: output.dir must name a folder")
         from ..models.pipeline import canonical_sampler
 
         try:
             canonical_sampler(self.generation.sampler)
         except ConfigError as exc:
             raise ConfigError(f"{where}: generation.sampler: {exc}") from None
-        names = set()
+        names: dict[str, str] = {}
         for i, c in enumerate(self.checkpoints):
+            if not isinstance(c, Checkpoint):
+                raise ConfigError(f"{where}: checkpoints[{i}] must be a [[checkpoints]] table")
+            check_fields(c, f"{where}: checkpoints[{i}]")
             if not c.name or not c.path:
                 raise ConfigError(f"{where}: checkpoints[{i}] needs a name and a path")
-            if not re.fullmatch(r"[A-Za-z0-9._+=-]+", c.name) or c.name == "base":
+            # the name is a folder under output.dir/images and features: one plain path component
+            check_name(c.name, f"{where}: checkpoints[{i}].name")
+            if not re.fullmatch(r"[A-Za-z0-9._+=-]+", c.name) or c.name.casefold() == "base":
                 raise ConfigError(
                     f"{where}: checkpoints[{i}].name {c.name!r} must be a plain file name "
                     "([A-Za-z0-9._+=-]) other than 'base'"
                 )
-            if c.name in names:
-                raise ConfigError(f"{where}: checkpoint name {c.name!r} is used twice")
-            names.add(c.name)
+            # folders of names that differ only in case are one folder on macOS and Windows
+            key = c.name.casefold()
+            if key in names:
+                same = "" if names[key] == c.name else f" (as {names[key]!r}: names that differ only in case)"
+                raise ConfigError(f"{where}: checkpoint name {c.name!r} is used twice{same}")
+            names[key] = c.name
 
     def to_toml(self) -> str:
         data = dataclasses.asdict(self)

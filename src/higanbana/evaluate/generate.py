@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from ..errors import HiganbanaError
+from ..safeio import atomic_path, check_name, write_text
 
 
 @dataclass(frozen=True)
@@ -45,34 +46,38 @@ def file_digest(path: str | os.PathLike) -> str:
 
 
 def image_path(root: str | os.PathLike, model: str, item: Any) -> Path:
+    """``root/<model>/<concept>/<prompt type>/<index>.png``; model and concept are checked names."""
+    check_name(model, "model name")
+    check_name(item.concept, "concept name")
     return Path(root) / model / item.concept / item.prompt_type / f"{item.index:04d}.png"
 
 
 def _check_settings(folder: Path, record: dict[str, Any], overwrite: bool) -> None:
     path = folder / "settings.json"
     if path.is_file() and not overwrite:
-        old = json.loads(path.read_text(encoding="utf-8"))
+        try:
+            old = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise HiganbanaError(
+                f"{path}: unreadable ({exc}); remove it or pass overwrite to regenerate the images"
+            ) from None
         if old != record:
             changed = sorted(k for k in {*old, *record} if old.get(k) != record.get(k))
             raise HiganbanaError(
                 f"{folder}: images there were generated with other settings ({', '.join(changed)} differ); "
                 "use another output folder or pass overwrite"
             )
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".settings.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(record, indent=1, sort_keys=True), encoding="utf-8")
-    os.replace(tmp, path)
+    write_text(path, json.dumps(record, indent=1, sort_keys=True))
 
 
 def _save_png(image: Any, path: Path, item: Any) -> None:
+    """One image, atomically (the folder's stale temporaries are swept once per run, see generate_all)."""
     from PIL import PngImagePlugin
 
-    path.parent.mkdir(parents=True, exist_ok=True)
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", f"{item.prompt}\nSeed: {item.seed}")
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
-    image.save(tmp, pnginfo=info)
-    os.replace(tmp, path)
+    with atomic_path(path, sweep=False, suffix=".png") as tmp:
+        image.save(tmp, pnginfo=info)
 
 
 @torch.no_grad()

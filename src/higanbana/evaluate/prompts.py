@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ConfigError, nearest
+from ..safeio import check_name
 
 __all__ = [
     "ALTER_TEMPLATES",
@@ -127,8 +128,8 @@ class Concept:
     clip_rule: str = ""  # overrides the category's default trigger rule; "" = default
 
     def __post_init__(self) -> None:
-        if not self.name or "/" in self.name or "\\" in self.name:
-            raise ConfigError(f"concept name {self.name!r} must be non-empty and hold no '/' or '\\'")
+        # the name is a folder of the evaluation's images and features: one plain path component
+        check_name(self.name, "concept name")
         if not self.trigger.strip():
             raise ConfigError(f"concept {self.name!r}: 'trigger' must not be empty")
         if self.category not in CATEGORIES:
@@ -288,8 +289,7 @@ def build_all(concepts: Iterable[Concept], prompt_types: Sequence[str] = PROMPT_
     for t in prompt_types:
         _check_type(t)
     concepts = list(concepts)
-    names = [c.name for c in concepts]
-    dupes = sorted({n for n in names if names.count(n) > 1})
+    dupes = _duplicates([c.name for c in concepts])
     if dupes:
         raise ConfigError(f"duplicate concept name(s) {dupes}: prompt keys would collide")
     return [item for c in concepts for t in prompt_types for item in build_prompt_set(c, t, **kw)]
@@ -399,6 +399,12 @@ _CONCEPT_KEYS = (
 _REQUIRED = ("name", "trigger", "category")
 
 
+def read_text(path: Path, what: str) -> str:
+    from ..schema import read_text as read
+
+    return read(path, what)
+
+
 def _read_folder(name: str, images_dir: Path | None, caption_dir: Path | None, ext: str) -> tuple[list[str], list[str]]:
     """Images of ``images_dir`` (or ``caption_dir``) and the captions beside them (same stem)."""
     folder = images_dir or caption_dir
@@ -414,7 +420,7 @@ def _read_folder(name: str, images_dir: Path | None, caption_dir: Path | None, e
     for img in images:
         txt = cap_folder / (img.stem + ext)
         if txt.is_file():
-            text = txt.read_text(encoding="utf-8").strip()
+            text = read_text(txt, "caption file").strip()
             if text:
                 captions.append(text)
     return [str(p) for p in images], captions
@@ -430,10 +436,9 @@ def concepts_from_toml(path) -> list[Concept]:
     against the TOML file's folder. Captions of ``captions`` come before those of the folder.
     """
     path = Path(path)
+    text = read_text(path, "concept file")
     try:
-        doc = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"concept file {str(path)!r} does not exist") from None
+        doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: invalid TOML: {exc}") from None
     extra = [k for k in doc if k != "concept"]
@@ -490,8 +495,19 @@ def concepts_from_toml(path) -> list[Concept]:
             )
         except ConfigError as exc:
             raise ConfigError(f"{path}: {exc}") from None
-    names = [c.name for c in concepts]
-    dupes = sorted({n for n in names if names.count(n) > 1})
+    dupes = _duplicates([c.name for c in concepts])
     if dupes:
-        raise ConfigError(f"{path}: duplicate concept name(s) {dupes}")
+        raise ConfigError(f"{path}: duplicate concept name(s) {dupes} (each name is a folder of the evaluation)")
     return concepts
+
+
+def _duplicates(names: list[str]) -> list[str]:
+    """Names used twice, counting names that differ only in case (one folder on macOS and Windows)."""
+    seen: dict[str, str] = {}
+    dupes = []
+    for name in names:
+        key = name.casefold()
+        if key in seen:
+            dupes.append(name if seen[key] == name else f"{seen[key]}/{name}")
+        seen.setdefault(key, name)
+    return sorted(set(dupes))

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,9 @@ from typing import Any
 
 import torch
 
-from ..errors import HiganbanaError
+from ..errors import ConfigError, HiganbanaError
+from ..safeio import atomic_path, clean_stale_temps, write_text
+from ..schema import writable_folder
 from .config import EvalConfig
 
 BASE = "base"
@@ -68,10 +69,8 @@ def cached_features(cache: Path, paths: list[Path], compute: Callable[[list[Path
         except (OSError, ValueError):
             pass  # unreadable: recompute
     features = compute(paths).to(torch.float32).contiguous()
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_name(f".{cache.stem}.{os.getpid()}.tmp")
-    save_file({"features": features}, str(tmp), metadata={"images": digest, "count": str(len(paths))})
-    os.replace(tmp, cache)
+    with atomic_path(cache) as tmp:
+        save_file({"features": features}, str(tmp), metadata={"images": digest, "count": str(len(paths))})
     return features
 
 
@@ -120,7 +119,7 @@ def generate_all(config: EvalConfig, items: list[Any], *, progress: bool = True)
         net = None
         adapter = None
         if path is not None:
-            if not Path(path).is_file():
+            if not Path(path).is_file():  # (checked before any work by preflight; a file removed since)
                 raise HiganbanaError(f"checkpoint {name}: {path} does not exist")
             net = load_sd_network(path, parts).attach()
             net.to(device)
@@ -153,8 +152,12 @@ def _is_plugin(value: str) -> bool:
     return ":" in value and not Path(value).exists()
 
 
-def _load_encoders(config: EvalConfig, device: torch.device) -> dict[str, Any]:
-    from .encoders import encoder_kind_of, load_encoder, load_plugin
+def _check_encoders(config: EvalConfig) -> None:
+    """Every encoder slot the prompt types need is set, its path exists (or its plug-in module can be
+    imported), read from ``config.json`` files only: before any image is generated."""
+    import importlib.util
+
+    from .encoders import encoder_kind_of
 
     e = config.encoders
     needed = {"dinov2": e.dinov2, "clip": e.clip, "vgg19": e.vgg19}
@@ -169,6 +172,32 @@ def _load_encoders(config: EvalConfig, device: torch.device) -> dict[str, Any]:
             "VGG-19: a torchvision-format state dict file, or an AutoencoderKL / Stable Diffusion folder whose "
             "VAE encoder gives the Gram matrices), or a 'package.module:factory' plug-in"
         )
+    slots = {**{k: v for k, v in needed.items() if v and (k != "vgg19" or "style" in types)}}
+    if e.quality:
+        slots["quality"] = e.quality
+    for slot, value in slots.items():
+        if _is_plugin(value) or slot == "quality":
+            module, sep, factory = value.partition(":")
+            if not (sep and module and factory):
+                raise ConfigError(
+                    f"encoders.{slot}: {value} does not exist (nor is it a 'package.module:factory' plug-in)"
+                )
+            try:
+                found = importlib.util.find_spec(module) is not None
+            except (ImportError, ValueError):
+                found = False
+            if not found:
+                raise ConfigError(f"encoders.{slot}: plug-in module {module!r} cannot be imported")
+            continue
+        encoder_kind_of(slot, value)  # a missing path is an error naming the slot
+
+
+def _load_encoders(config: EvalConfig, device: torch.device) -> dict[str, Any]:
+    from .encoders import encoder_kind_of, load_encoder, load_plugin
+
+    e = config.encoders
+    types = set(config.prompts.types)
+    _check_encoders(config)
 
     def load(slot: str, value: str) -> Any:
         # a "package.module:factory" value plugs in another encoder with the same interface
@@ -323,6 +352,28 @@ def report(config: EvalConfig, raw: Any, images: dict[str, list[Path]], items: l
     return path, ranking
 
 
+def preflight(config: EvalConfig) -> None:
+    """Every check that needs no model weights, before any image is generated: the config's values and
+    names (again: a library caller may have changed fields), the base model's and every checkpoint's
+    path, the encoders, and that ``output.dir`` can be written (nothing is created here)."""
+    config.validate()
+    m = config.model
+    if not Path(m.pretrained).exists():
+        raise ConfigError(f"model.pretrained: {m.pretrained} does not exist")
+    if m.config and not Path(m.config).is_dir():
+        raise ConfigError(f"model.config: {m.config} is not a folder")
+    for i, c in enumerate(config.checkpoints):
+        path = Path(c.path)
+        if not path.exists():
+            raise ConfigError(f"checkpoints[{i}].path: {c.path} does not exist (checkpoint {c.name!r})")
+        if not path.is_file():
+            raise ConfigError(
+                f"checkpoints[{i}].path: {c.path} is a folder, not an adapter file (checkpoint {c.name!r})"
+            )
+    _check_encoders(config)
+    writable_folder(config.output.dir, "output.dir", create=False)
+
+
 def evaluate(config: EvalConfig, *, progress: bool = True, log: Callable[[str], None] = print) -> EvalResult:
     """Run the whole evaluation ``config`` describes (see the module docstring)."""
     from accelerate import PartialState
@@ -330,6 +381,7 @@ def evaluate(config: EvalConfig, *, progress: bool = True, log: Callable[[str], 
     from .prompts import alter_diversity_warnings, build_all, concepts_from_toml
 
     out = Path(config.output.dir)
+    preflight(config)
     concepts = concepts_from_toml(config.concepts.file)
     items = build_all(
         concepts,
@@ -342,11 +394,14 @@ def evaluate(config: EvalConfig, *, progress: bool = True, log: Callable[[str], 
     )
     state = PartialState()
     if state.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.toml").write_text(config.to_toml(), encoding="utf-8")
-        (out / "prompts.json").write_text(
-            json.dumps([{**it.__dict__, "key": it.key} for it in items], indent=1), encoding="utf-8"
-        )
+        writable_folder(out, "output.dir", create=True)
+        # a killed run's temporaries, once (images are written without a sweep per file; cached
+        # features may never be written again)
+        for folder in ("images", "features"):
+            clean_stale_temps(out / folder, recursive=True)
+        write_text(out / "config.toml", config.to_toml())
+        write_text(out / "prompts.json", json.dumps([{**it.__dict__, "key": it.key} for it in items], indent=1))
+    state.wait_for_everyone()
     log(f"{len(concepts)} concept(s), {len(items)} prompt items, {1 + len(config.checkpoints)} model(s)")
     for warning in alter_diversity_warnings(items):
         log(f"warning: {warning}")
