@@ -26,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from ..safeio import write_text
+from ..schema import writable_folder
 from .shipped import shipped_model
 from .world import CONCEPTS, write_concept_folder
 
@@ -130,7 +132,7 @@ def write_demo(out: str | Path, plan: DemoPlan) -> Path:
     the grid file. Paths inside are absolute, so the files can be re-run from anywhere."""
     out = Path(out).resolve()
     data = out / "data"
-    out.mkdir(parents=True, exist_ok=True)
+    writable_folder(out, "demo --out", create=True)
     sd, clip = shipped_model("sd"), shipped_model("clip")
     concept_lines = []
     for name in plan.concepts:
@@ -145,7 +147,7 @@ def write_demo(out: str | Path, plan: DemoPlan) -> Path:
             f"images = {_toml(folder.as_posix())}",
             "",
         ]
-    (out / "concepts.toml").write_text("\n".join(concept_lines), encoding="utf-8")
+    write_text(out / "concepts.toml", "\n".join(concept_lines))
     train = f"""# the shared training config of every demo run (the grid overrides algorithm and learning rate)
 [model]
 pretrained = {_toml(sd.as_posix())}
@@ -168,7 +170,7 @@ dtype = "fp32"
 [logging]
 log_with = "none"
 """
-    (out / "train.toml").write_text(train, encoding="utf-8")
+    write_text(out / "train.toml", train)
     alter = "\n".join(f"{cat} = {_toml(t)}" for cat, t in WORLD_ALTER_TEMPLATES.items())
     evaluation = f"""# the evaluation of every checkpoint (and the base model), with the world's own encoders
 [model]
@@ -199,7 +201,7 @@ grid_images = 8
 title = "higanbana demo: the miniature world"
 device = "cpu"
 """
-    (out / "eval.toml").write_text(evaluation, encoding="utf-8")
+    write_text(out / "eval.toml", evaluation)
     grid = [
         "# configurations (algorithm x learning rate) x seeds x epochs: `higanbana experiment grid.toml`",
         f"out = {_toml(out.as_posix())}",
@@ -222,7 +224,7 @@ device = "cpu"
                 "",
             ]
     path = out / "grid.toml"
-    path.write_text("\n".join(grid), encoding="utf-8")
+    write_text(path, "\n".join(grid))
     return path
 
 
@@ -286,7 +288,6 @@ def run_demo(
     the tables also written to ``out/summary.txt`` and ``out/summary.json``."""
     import torch
 
-    from ..evaluate.aggregate import atomic_write
     from ..experiment import run_experiment
 
     if isinstance(plan, str):
@@ -311,6 +312,6 @@ def run_demo(
         "seconds": round(demo.seconds, 1),
     }
     for name, text in (("summary.txt", demo.summary), ("summary.json", json.dumps(summary, indent=1))):
-        atomic_write(grid.parent / name, lambda tmp, text=text: Path(tmp).write_text(text + "\n", encoding="utf-8"))
+        write_text(grid.parent / name, text + "\n")
     log(demo.summary)
     return demo

@@ -40,6 +40,7 @@ from ..evaluate.encoders import (  # images_to_tensor and VaeStyleEncoder: re-ex
     VaeStyleEncoder,
     images_to_tensor,
 )
+from ..safeio import atomic_folder, write_text
 from .checker import check
 from .tokenizer import MAX_LENGTH, world_tokenizer
 from .world import dataset, render, sample_scene
@@ -559,20 +560,16 @@ def _count(m: torch.nn.Module) -> int:
 def _stage(folder: Path, name: str, key: dict, train, load, save):
     """Stage ``name`` from its checkpoint ``folder/stages/name`` when that was made with the same
     ``key`` (plan, seed, data), else trained by ``train()`` and checkpointed (written atomically:
-    a partial folder is never taken for a finished stage). Returns (model, trained_now)."""
-    import shutil
-
+    a partial folder is never taken for a finished stage, and an old one is replaced rename-then-delete).
+    Returns (model, trained_now)."""
     path = folder / "stages" / name
     marker = path / "stage.json"
     if marker.is_file() and json.loads(marker.read_text(encoding="utf-8")) == key:
         return load(path), False
     model = train()
-    tmp = path.with_name(name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save(model, tmp)
-    (tmp / "stage.json").write_text(json.dumps(key, indent=2) + "\n", encoding="utf-8")
-    shutil.rmtree(path, ignore_errors=True)
-    tmp.rename(path)
+    with atomic_folder(path, overwrite=True) as tmp:
+        save(model, tmp)
+        (tmp / "stage.json").write_text(json.dumps(key, indent=2) + "\n", encoding="utf-8")
     return model, True
 
 
@@ -639,7 +636,7 @@ def pretrain(out, scale: str = "full", seed: int = 0, *, progress: bool = True, 
         record.update(steps_run={k: len(v) for k, v in losses.items()},
                       final_loss={k: float(np.mean(v[-50:])) for k, v in losses.items() if v},
                       times_s={k: round(v, 1) for k, v in times.items()})  # fmt: skip
-        (out / "stages.json").write_text(json.dumps(record, indent=2, default=str) + "\n", encoding="utf-8")
+        write_text(out / "stages.json", json.dumps(record, indent=2, default=str) + "\n")
         return record
 
     t = time.perf_counter()
@@ -683,5 +680,5 @@ def pretrain(out, scale: str = "full", seed: int = 0, *, progress: bool = True, 
         vae_reconstruction=recon,
         size_mb={"sd": round(folder_size_mb(paths["sd"]), 2), "clip": round(folder_size_mb(paths["clip"]), 2)},
     )
-    (out / "training.json").write_text(json.dumps(record, indent=2, default=str) + "\n", encoding="utf-8")
+    write_text(out / "training.json", json.dumps(record, indent=2, default=str) + "\n")
     return record

@@ -655,11 +655,16 @@ def write_concept_folder(name: str, root, n: int = 12, repeats: int = 10, seed: 
     concept = _concept(name)
     if repeats < 1:
         raise ConfigError(f"repeats must be >= 1, got {repeats}")
+    from ..safeio import atomic_path, clean_stale_temps
+
     folder = Path(root) / f"{repeats}_{concept.descriptor}"
     folder.mkdir(parents=True, exist_ok=True)
+    clean_stale_temps(folder)  # a killed run's temporaries; each file is then written atomically
     for i, (image, caption) in enumerate(concept_images(concept.name, n, seed, size)):
-        image.save(folder / f"img{i:03d}.png")
-        (folder / f"img{i:03d}.txt").write_text(caption + "\n", encoding="utf-8")
+        with atomic_path(folder / f"img{i:03d}.png", sweep=False, durable=False) as tmp:
+            image.save(tmp, format="PNG")
+        with atomic_path(folder / f"img{i:03d}.txt", sweep=False, durable=False) as tmp:
+            tmp.write_text(caption + "\n", encoding="utf-8")
     return folder
 
 
