@@ -502,11 +502,14 @@ def save_miniworld(folder, clip, vae, unet, tokenizer, *, dtype: torch.dtype = t
         return copy.deepcopy(m).to(dtype)
 
     parts = SDParts("sd1", cast(unet), [cast(te)], cast(vae), [tokenizer])
-    sd = save_tiny_sd(parts, folder / "sd")
+    # each folder is written whole, then swapped in (a kill never leaves half a model under its name)
+    with atomic_folder(folder / "sd", overwrite=True) as tmp:
+        save_tiny_sd(parts, tmp)
     clip_dir = folder / "clip"
-    cast(clip).save_pretrained(clip_dir)
-    tokenizer.save_pretrained(clip_dir)
-    return {"sd": sd, "clip": clip_dir}
+    with atomic_folder(clip_dir, overwrite=True) as tmp:
+        cast(clip).save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return {"sd": folder / "sd", "clip": clip_dir}
 
 
 def folder_size_mb(folder) -> float:
