@@ -113,6 +113,13 @@ OVERRIDES = [
         ["network.config.rules[0].options.alpha", "finite"],
     ),
     ("options-typo", ["network.options={rnak=2}"], ["network", "rnak", "rank"]),
+    ("options-rank-zero", ["network.options={rank=0}"], ["network:", "rank=0"]),
+    ("options-dropout-above-one", ["network.options={rank=2, dropout=2.0}"], ["network:", "dropout"]),
+    (
+        "rule-matches-nothing",
+        ["network.config={rules=[{names=['nomatch*'], options={rank=4}}]}"],
+        ["network:", "rules[0]", "matches none"],
+    ),
     ("algo-typo", ["network.algo='lorra'"], ["network", "lorra"]),
     ("preset-unknown", ["network.preset='nope'"], ["network", "nope"]),
     ("preset-file-missing", ["network.preset='{tmp}/missing.toml'"], ["network", "missing.toml"]),
@@ -237,6 +244,22 @@ def _prompt_folder(tmp: Path) -> list[str]:
     return [f"sample.prompts='{(tmp / 'p.txt').as_posix()}'", "sample.every_n_steps=1"]
 
 
+def _bad_caption(tmp: Path) -> list[str]:
+    from tests.train.test_trainer import make_images
+
+    make_images(tmp / "data" / "1_toy", count=1)
+    (tmp / "data" / "1_toy" / "img0.txt").write_bytes(b"a \xff toy")
+    return [f"data.train_data_dir='{(tmp / 'data').as_posix()}'"]
+
+
+def _bad_metadata(tmp: Path) -> list[str]:
+    from tests.train.test_trainer import make_images
+
+    make_images(tmp / "folder", count=1)
+    (tmp / "folder" / "metadata.jsonl").write_text('{"file_name": "img0.png", "text": \n', encoding="utf-8")
+    return [f"data.imagefolder='{(tmp / 'folder').as_posix()}'", "data.train_data_dir=''"]
+
+
 def _prompts(tmp: Path, name: str, data: bytes) -> list[str]:
     path = _bytes(tmp / name, data)
     return [f"sample.prompts='{path.as_posix()}'", "sample.every_n_steps=1"]
@@ -280,6 +303,8 @@ FILES = [
     ("dataset-repeats", lambda t, w: [write_config(t, w), *_dataset(t, w, "num_repeats = 0\n")], ["num_repeats"]),
     ("dataset-kohya-key", lambda t, w: [write_config(t, w), *_dataset(t, w, "color_aug = true\n")], ["color_aug"]),
     ("dataset-not-utf8", lambda t, w: [write_config(t, w), *_dataset_bytes(t, b"\xff")], ["d.toml", "UTF-8"]),
+    ("caption-not-utf8", lambda t, w: [write_config(t, w), *_bad_caption(t)], ["img0.txt", "caption"]),
+    ("metadata-not-json", lambda t, w: [write_config(t, w), *_bad_metadata(t)], ["metadata.jsonl:1", "JSON"]),
     ("prompts-not-utf8", lambda t, w: [write_config(t, w), *_prompts(t, "p.txt", b"a cat \xff\n")], ["p.txt", "UTF-8"]),
     (
         "prompts-cfg-nan",

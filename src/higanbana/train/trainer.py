@@ -148,14 +148,17 @@ def build_network(config: TrainConfig, parts):
         net_config.setdefault("preset", n.preset)
     else:
         net_config = n.preset
-    net = sd_network(
-        parts,
-        net_config,
-        n.algo,
-        train_unet=n.train_unet,
-        train_text_encoder=n.train_text_encoder,
-        **n.options,
-    )
+    try:
+        net = sd_network(
+            parts,
+            net_config,
+            n.algo,
+            train_unet=n.train_unet,
+            train_text_encoder=n.train_text_encoder,
+            **n.options,
+        )
+    except HiganbanaError as exc:  # name the section: the option's value does not fit a module
+        raise ConfigError(f"network: {exc}") from None
     net.attach()
     if not net.adapters:
         raise ConfigError(
