@@ -145,8 +145,38 @@ CHECKPOINTS = [
     ("path-missing", lambda a: checkpoint("lora", a + ".gone"), ["checkpoints[0].path", "does not exist"]),
     ("path-folder", lambda a: checkpoint("lora", str(Path(a).parent)), ["checkpoints[0].path", "folder"]),
     ("path-empty", lambda a: checkpoint("lora", ""), ["checkpoints[0]", "needs a name and a path"]),
+    (
+        "file-not-safetensors",
+        lambda a: checkpoint("lora", _garbage(a)),
+        ["checkpoints[0].path", "'lora'", "safetensors"],
+    ),
+    ("file-with-nan", lambda a: checkpoint("lora", _nan_adapter(a)), ["checkpoints[0].path", "'lora'"]),
     ("key-typo", lambda a: checkpoint("lora", a, "strenght = 1.0\n"), ["checkpoints[0].strenght", "strength"]),
 ]
+
+
+def _garbage(adapter: str) -> str:
+    path = Path(adapter).parent / "garbage.safetensors"
+    if not path.exists():
+        path.write_bytes(b"not a safetensors file")
+    return str(path)
+
+
+def _nan_adapter(adapter: str) -> str:
+    """A copy of the adapter with one NaN (written once beside it, in the module's world)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    path = Path(adapter).parent / "nan.safetensors"
+    if not path.exists():
+        with safe_open(adapter, "pt") as f:
+            metadata = f.metadata()
+        tensors = load_file(adapter)
+        key = next(k for k in tensors if k.endswith("lora_up.weight"))
+        tensors[key] = tensors[key].clone()
+        tensors[key].view(-1)[0] = float("nan")
+        save_file(tensors, str(path), metadata=metadata)
+    return str(path)
 
 
 @pytest.mark.parametrize(("tables", "fragments"), [pytest.param(t, f, id=i) for i, t, f in CHECKPOINTS])

@@ -354,8 +354,11 @@ def report(config: EvalConfig, raw: Any, images: dict[str, list[Path]], items: l
 
 def preflight(config: EvalConfig) -> None:
     """Every check that needs no model weights, before any image is generated: the config's values and
-    names (again: a library caller may have changed fields), the base model's and every checkpoint's
-    path, the encoders, and that ``output.dir`` can be written (nothing is created here)."""
+    names (again: a library caller may have changed fields), the base model's path, every checkpoint
+    file (read and validated as every reader does), the encoders, and that ``output.dir`` can be
+    written (nothing is created here)."""
+    from ..formats.reader import read_network_file
+
     config.validate()
     m = config.model
     if not Path(m.pretrained).exists():
@@ -370,6 +373,10 @@ def preflight(config: EvalConfig) -> None:
             raise ConfigError(
                 f"checkpoints[{i}].path: {c.path} is a folder, not an adapter file (checkpoint {c.name!r})"
             )
+        try:  # the file's metadata, keys, shapes and values (NaN/Inf), as every reader checks them
+            read_network_file(path)
+        except HiganbanaError as exc:
+            raise HiganbanaError(f"checkpoints[{i}].path (checkpoint {c.name!r}): {exc}") from None
     _check_encoders(config)
     writable_folder(config.output.dir, "output.dir", create=False)
 
