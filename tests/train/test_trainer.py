@@ -341,6 +341,19 @@ def test_nan_gradients_and_learning_rates_stop_before_the_step(models, images, t
     assert (tmp_path / "lr" / "tiny-last-good.safetensors").is_file()
 
 
+def test_a_state_with_nan_weights_is_not_resumed(models, images, tmp_path):
+    train(config_for(models["sd1"], images, tmp_path / "a", save={"every_n_steps": 1}), progress=False, log=print)
+    state = tmp_path / "a" / "state-00000001"
+    weights = load_file(str(state / "network.safetensors"))
+    next(iter(weights.values())).view(-1)[0] = float("nan")
+    from safetensors.torch import save_file
+
+    save_file(weights, str(state / "network.safetensors"))
+    resumed = config_for(models["sd1"], images, tmp_path / "b", training={"resume": str(state)})
+    with pytest.raises(HiganbanaError, match=r"training.resume: .*state-00000001 holds NaN/Inf weights in 1 module"):
+        train(resumed, progress=False, log=lambda _m: None)
+
+
 def test_library_callers_get_the_same_checks(models, images, tmp_path):
     """train() validates again: a field changed after loading cannot slip past the config's checks."""
     config = config_for(models["sd1"], images, tmp_path / "out")

@@ -794,6 +794,10 @@ class _Run:
                 scaler=self.scaler,
                 fingerprint=self.fingerprint,
             )
+            params = list(self.net.parameters())
+            bad = self._nonfinite_modules(params, params)
+            if bad:
+                raise HiganbanaError(f"training.resume: {resume} holds NaN/Inf weights in {_modules_text(bad)}")
             self.log(f"resumed from {resume} at step {state.step} (epoch {state.epoch})")
         if acc.is_main_process:
             write_text(self.out_dir / "config.toml", c.to_toml())
