@@ -176,14 +176,13 @@ def mutated(draw, sources):
             )
             if draw(st.booleans()):
                 meta["higanbana.format_version"] = draw(st.sampled_from(["1", "2", ""]))
-        elif kind == "option" and isinstance(records := _json(meta.get("higanbana.modules")), dict):
-            if records:
-                name = draw(st.sampled_from(sorted(records)))
-                option = draw(st.sampled_from(["rank", "alpha", "use_tucker", "weight_decompose", "factor", "wat"]))
-                value = draw(st.one_of(st.integers(-3, 10**6), st.floats(), st.booleans(), st.text(max_size=3)))
-                if isinstance(records[name], dict) and isinstance(records[name].get("options"), dict):
-                    records[name]["options"][option] = value
-                meta["higanbana.modules"] = json.dumps(records)
+        elif kind == "option" and isinstance(records := _json(meta.get("higanbana.modules")), dict) and records:
+            name = draw(st.sampled_from(sorted(records)))
+            option = draw(st.sampled_from(["rank", "alpha", "use_tucker", "weight_decompose", "factor", "wat"]))
+            value = draw(st.one_of(st.integers(-3, 10**6), st.floats(), st.booleans(), st.text(max_size=3)))
+            if isinstance(records[name], dict) and isinstance(records[name].get("options"), dict):
+                records[name]["options"][option] = value
+            meta["higanbana.modules"] = json.dumps(records)
     return tensors, meta
 
 

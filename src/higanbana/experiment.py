@@ -38,8 +38,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, HiganbanaError, nearest
-from .safeio import check_name, inside, write_text
-from .schema import SEED_MAX, check_finite, load_toml, writable_folder
+from .safeio import check_name, inside, writable_folder, write_text
+from .schema import SEED_MAX, check_finite, load_toml
 
 _GRID_KEYS = ("out", "train", "evaluate", "seeds", "epochs", "configs", "vary", "group_by")
 
@@ -321,7 +321,7 @@ def run_experiment(
 
     grid = Grid.load(grid_path)
     runs = grid.runs()
-    writable_folder(grid.out, f"{grid.source}: out", create=False)
+    writable_folder(grid.out, where=f"{grid.source}: out", create=False)
     # every run's training config and the evaluation's are checked before the first run trains
     for run in runs:
         config = run_config(grid, run)

@@ -150,25 +150,51 @@ def _write_error(path: Path, exc: OSError) -> HiganbanaError:
     return HiganbanaError(f"cannot write {path}: {exc.strerror or exc}; nothing was written")
 
 
-def check_writable(path: str | os.PathLike) -> Path:
-    """Fail early — before minutes of work — when ``path`` could not be written.
+def writable_folder(folder: str | os.PathLike, *, create: bool = False, where: str = "", target: object = None) -> Path:
+    """Fail early — before minutes of work — when nothing could be written into ``folder``.
 
-    The nearest existing folder above ``path`` must be a folder that accepts a file (a probe
-    temporary is created and removed there); nothing is left behind, no folder is created.
+    The nearest existing folder at or above it must be a folder that accepts a file (a hidden probe is
+    created and removed). With ``create`` the folder is made; without (a dry run), nothing is left.
+    A refusal is ``[where: ]cannot write TARGET: reason`` (``target`` defaults to the folder).
     """
-    path = Path(path)
-    folder = path.parent
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
-    if not folder.is_dir():
-        raise HiganbanaError(f"cannot write {path}: {folder} is a file, not a folder")
-    probe = folder / f".{path.name}.{os.getpid()}.tmp"
+    folder = Path(folder)
+    target = folder if target is None else target
+    prefix = f"{where}: " if where else ""
+    existing = folder
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        reason = "it is a file, not a folder" if existing == folder else f"{existing} is a file, not a folder"
+        raise HiganbanaError(f"{prefix}cannot write {target}: {reason}")
+    probe = (folder if create else existing) / f".write-test.{os.getpid()}.tmp"
     try:
+        if create:
+            folder.mkdir(parents=True, exist_ok=True)
         probe.touch()
     except OSError as exc:
-        raise _write_error(path, exc) from exc
-    probe.unlink(missing_ok=True)
-    return path
+        raise HiganbanaError(f"{prefix}cannot write {target}: {exc.strerror or exc}") from None
+    finally:
+        with contextlib.suppress(OSError):
+            probe.unlink(missing_ok=True)
+    return folder
+
+
+def check_writable(path: str | os.PathLike) -> Path:
+    """:func:`writable_folder` for the folder of the file ``path`` (nothing is created)."""
+    writable_folder(Path(path).parent, target=path)
+    return Path(path)
+
+
+def discard(path: str | os.PathLike) -> None:
+    """Remove a file or folder rename-first: a kill midway leaves a hidden temporary that the next write
+    into the folder sweeps away (:func:`clean_stale_temps`), never a half-deleted folder under its name."""
+    path = Path(path)
+    doomed = _temp_name(path, "tmpdir" if path.is_dir() else "tmp")
+    try:
+        os.replace(path, doomed)
+    except OSError:
+        doomed = path
+    _remove(doomed)
 
 
 # --------------------------------------------------------------------------- atomic writes

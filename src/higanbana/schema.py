@@ -17,7 +17,6 @@ of the same section (``unless``, e.g. ``optimizer.allow_nonpositive_lr``).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
@@ -28,7 +27,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError, HiganbanaError, nearest
+from .errors import ConfigError, nearest
 
 
 def choice(*values: str) -> dict[str, Any]:
@@ -297,34 +296,6 @@ def load_toml(path: str | os.PathLike, what: str = "config file") -> dict[str, A
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML ({exc})") from None
-
-
-def writable_folder(folder: str | os.PathLike, where: str, *, create: bool) -> Path:
-    """Check that ``folder`` can be written before any work (``where`` names the config field): the
-    nearest existing folder at or above it must be a folder that accepts a file (a hidden probe is
-    created and removed). With ``create`` the folder is made; without (``--dry-run``), nothing is.
-
-    A refusal is ``where: cannot write FOLDER: reason`` — a parent that is a file, a read-only folder.
-    """
-    folder = Path(folder)
-    existing = folder
-    while not existing.exists() and existing.parent != existing:
-        existing = existing.parent
-    if existing.exists() and not existing.is_dir():
-        reason = "it is a file, not a folder" if existing == folder else f"{existing} is a file, not a folder"
-        raise HiganbanaError(f"{where}: cannot write {folder}: {reason}")
-    target = folder if create else existing
-    probe = target / f".write-test.{os.getpid()}.tmp"
-    try:
-        if create:
-            folder.mkdir(parents=True, exist_ok=True)
-        probe.touch()
-    except OSError as exc:
-        raise HiganbanaError(f"{where}: cannot write {folder}: {exc.strerror or exc}") from None
-    finally:
-        with contextlib.suppress(OSError):
-            probe.unlink(missing_ok=True)
-    return folder
 
 
 def resolve_paths(data: dict[str, Any], root: Path, path_fields: dict[str, tuple[str, ...]]) -> None:

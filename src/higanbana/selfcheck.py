@@ -19,9 +19,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .errors import ConfigError
+from .errors import ConfigError, nearest
 from .models.tiny import tiny_sd_unet, tiny_unet_inputs
 from .network import AdapterNetwork
+from .safeio import writable_folder
 
 #: (label, algorithm, options, learning rate)
 SELFCHECK_SETUPS: list[tuple[str, str, dict[str, Any], float]] = [
@@ -132,9 +133,14 @@ def run_selfcheck(
     setups = [s for s in SELFCHECK_SETUPS if not only or s[0] in only]
     unknown = set(only or ()) - {s[0] for s in SELFCHECK_SETUPS}
     if unknown:
+        first = sorted(unknown)[0]
         raise ConfigError(
-            f"unknown selfcheck setup(s) {sorted(unknown)}; choose from {[s[0] for s in SELFCHECK_SETUPS]}"
+            f"unknown selfcheck setup(s) {sorted(unknown)}{nearest(first, [s[0] for s in SELFCHECK_SETUPS])}; "
+            f"choose from {[s[0] for s in SELFCHECK_SETUPS]}"
         )
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ConfigError(f"selfcheck --steps must be a whole number ≥ 1, got {steps!r}")
+    writable_folder(out, where="selfcheck --out")  # before the training, not after it
     rows = []
     for label, algo, options, lr in tqdm(setups, desc="selfcheck", unit="algo"):
         rows.append(run_setup(label, algo, options, lr, steps, out))

@@ -271,11 +271,15 @@ def test_selfcheck_unknown_algorithm_is_refused(tmp_path, unchanged):
     assert_refused(result, "lorra", "lora")
 
 
-@pytest.mark.xfail(
-    reason="selfcheck.py (not part of this change) accepts --steps below 1 and writes an untrained adapter"
-)
 @pytest.mark.parametrize("steps", ["0", "-1"])
 def test_selfcheck_steps_below_one_are_refused(tmp_path, unchanged, steps):
     with unchanged(tmp_path):
         result = cli("selfcheck", "--algos", "lora", "--steps", steps, "--out", tmp_path / "out")
     assert_refused(result, "--steps")
+
+
+def test_selfcheck_out_under_a_file_is_refused_before_training(tmp_path, unchanged):
+    (tmp_path / "afile").write_text("x")
+    with unchanged(tmp_path):
+        result = cli("selfcheck", "--algos", "lora", "--out", tmp_path / "afile" / "out")
+    assert_refused(result, "selfcheck --out", "cannot write", "afile")

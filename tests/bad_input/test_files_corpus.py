@@ -425,3 +425,27 @@ def test_strict_shape_mismatch_against_the_model_names_module_and_key(world, tmp
         with pytest.raises(HiganbanaError, match=module):
             load_sd_network(path, world["parts"])
     assert cli("info", path).code == 0  # on its own the file is consistent: only a model can tell
+
+
+@pytest.mark.parametrize(
+    "algo,options,fragment",
+    [
+        ("lora", {"rank": 2.5}, "rank=2.5 must be a whole number"),
+        ("loha", {"rank": "4"}, "rank='4' must be a whole number"),
+        ("lora", {"rank": 0}, "rank=0 must be ≥ 1"),
+        ("lora", {"rank": 2, "alpha": math.nan}, "alpha=nan must be a finite number"),
+        ("glora", {"rank": 2, "alpha": math.inf}, "alpha=inf"),
+        ("lokr", {"rank": 2, "factor": 1.5}, "factor=1.5"),
+        ("boft", {"rank": 4, "boft_stages": 1.5}, "boft_stages=1.5"),
+        ("oft", {"rank": 4, "constraint": math.nan}, "constraint=nan"),
+        ("oft", {"rank": 4, "constraint": -1.0}, "constraint"),
+        ("ia3", {"multiplier": math.inf}, "multiplier=inf"),
+        ("lora", {"rank": 2, "dropout": math.nan}, "dropout"),
+        ("lora", {"rank": 2, "rank_dropout": 1.5}, "rank_dropout"),
+    ],
+)
+def test_option_values_are_checked_naming_the_module(world, algo, options, fragment):
+    """Option values that would silently train something else (int(2.5) = 2, α = NaN) are refused."""
+    with pytest.raises(HiganbanaError, match="module lora_unet_") as info:
+        sd_network(world["parts"], "attn-only", algo, train_text_encoder=False, **options)
+    assert fragment in str(info.value)

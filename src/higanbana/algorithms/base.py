@@ -15,6 +15,7 @@ The forward has two modes that agree to rounding: *merged* (one ``op(x, W', b')`
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -124,6 +125,21 @@ def layer_spec(layer: nn.Module, algo: str = "") -> LayerSpec:
     )
 
 
+def whole_number(algo: str, name: str, value: Any) -> int:
+    """``value`` as an int when it is a whole number (``8`` or ``8.0``), else a ConfigError naming the
+    option: ``int(2.5)`` would silently train rank 2."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not float(value).is_integer():
+        raise ConfigError(f"{algo}: option {name}={value!r} must be a whole number")
+    return int(value)
+
+
+def finite_number(algo: str, name: str, value: Any) -> float:
+    """``value`` as a float when it is a finite number, else a ConfigError naming the option."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ConfigError(f"{algo}: option {name}={value!r} must be a finite number")
+    return float(value)
+
+
 def _check_fraction(name: str, value: float) -> float:
     value = float(value)
     if not 0.0 <= value <= 1.0:
@@ -158,7 +174,7 @@ class Adapter(nn.Module):
         self._layer = [layer]  # a list, so nn.Module does not register (or save) the base layer
         self._original_forward = None
         self._stack: list[Adapter | None] = [None, None]  # [inner, outer] on the same layer (not registered)
-        self.multiplier = float(multiplier)
+        self.multiplier = finite_number(self.algo, "multiplier", multiplier)
         self.dropout = _check_fraction("dropout", dropout)
         self.module_dropout = _check_fraction("module_dropout", module_dropout)
         if forward_mode not in FORWARD_MODES:
@@ -463,11 +479,11 @@ class FactoredAdapter(Adapter):
         **common: Any,
     ) -> None:
         super().__init__(layer, **common)
-        rank = int(rank)
+        rank = whole_number(self.algo, "rank", rank)
         if rank < 1:
             raise ConfigError(f"{self.algo}: option rank={rank} must be ≥ 1")
         self.rank = rank
-        self.alpha = float(rank if alpha in (None, 0) else alpha)
+        self.alpha = float(rank if alpha in (None, 0) else finite_number(self.algo, "alpha", alpha))
         self.rs_lora = bool(rs_lora)
         self.rank_dropout = _check_fraction("rank_dropout", rank_dropout)
         self.rank_dropout_scale = bool(rank_dropout_scale)

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from .base import layer_spec, require
+from .base import layer_spec, require, whole_number
 from .factorize import boft_block_size, is_power_of_two
 from .oft import OrthogonalAdapter
 
@@ -51,7 +51,9 @@ class BOFT(OrthogonalAdapter):
     def choose_block_size(self, out: int, rank: int) -> int:
         b = boft_block_size(out, rank)
         n, most = out // b, max_stages(out // b)
-        stages = most if self._stages_request in (None, 0) else int(self._stages_request)
+        stages = (
+            most if self._stages_request in (None, 0) else whole_number("boft", "boft_stages", self._stages_request)
+        )
         if not 1 <= stages <= most:
             raise ConfigError(
                 f"boft: option boft_stages={stages} must be between 1 and log2(n)+1 = {most} "

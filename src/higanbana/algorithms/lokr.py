@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from .base import FactoredAdapter, copy_checked, layer_spec, require
+from .base import FactoredAdapter, copy_checked, layer_spec, require, whole_number
 from .dora import dora_options
 from .factorize import factorize
 from .loha import tucker_rebuild
@@ -94,7 +94,7 @@ class LoKr(FactoredAdapter):
     ) -> None:
         super().__init__(layer, rank=rank, **options)
         spec, r = self.spec, self.rank
-        factor = int(factor)
+        factor = whole_number("lokr", "factor", factor)
         if factor == 0 or factor < -1:
             raise ConfigError(f"lokr: option factor={factor} must be -1 (most balanced split) or a positive integer")
         self.factor = factor

@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from .base import Adapter, copy_checked, layer_spec, require
+from .base import Adapter, copy_checked, finite_number, layer_spec, require, whole_number
 
 #: ``alpha`` written for "no constraint" (``alpha`` is never 0 in a file); ``α·out`` must fit a float32
 NO_CONSTRAINT = 1e30
@@ -94,11 +94,11 @@ class OrthogonalAdapter(Adapter):
         **common: Any,
     ) -> None:
         super().__init__(layer, **common)
-        rank = int(rank)
+        rank = whole_number(self.algo, "rank", rank)
         if rank < 1:
             raise ConfigError(f"{self.algo}: option rank={rank} (the block size) must be ≥ 1")
-        constraint = float(constraint)
-        if not (math.isfinite(constraint) and constraint >= 0):
+        constraint = finite_number(self.algo, "constraint", constraint)
+        if constraint < 0:
             raise ConfigError(f"{self.algo}: option constraint={constraint} must be a finite number ≥ 0 (0: none)")
         self.rank = rank
         # the file holds alpha as float32: round here so that the model and its file agree exactly

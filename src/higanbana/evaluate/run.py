@@ -28,8 +28,7 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError, HiganbanaError
-from ..safeio import atomic_path, clean_stale_temps, write_text
-from ..schema import writable_folder
+from ..safeio import atomic_path, clean_stale_temps, writable_folder, write_text
 from .config import EvalConfig
 
 BASE = "base"
@@ -378,7 +377,7 @@ def preflight(config: EvalConfig) -> None:
         except HiganbanaError as exc:
             raise HiganbanaError(f"checkpoints[{i}].path (checkpoint {c.name!r}): {exc}") from None
     _check_encoders(config)
-    writable_folder(config.output.dir, "output.dir", create=False)
+    writable_folder(config.output.dir, where="output.dir", create=False)
 
 
 def evaluate(config: EvalConfig, *, progress: bool = True, log: Callable[[str], None] = print) -> EvalResult:
@@ -401,7 +400,7 @@ def evaluate(config: EvalConfig, *, progress: bool = True, log: Callable[[str], 
     )
     state = PartialState()
     if state.is_main_process:
-        writable_folder(out, "output.dir", create=True)
+        writable_folder(out, where="output.dir", create=True)
         # a killed run's temporaries, once (images are written without a sweep per file; cached
         # features may never be written again)
         for folder in ("images", "features"):

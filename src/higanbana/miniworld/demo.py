@@ -26,8 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
-from ..safeio import write_text
-from ..schema import writable_folder
+from ..safeio import writable_folder, write_text
 from .shipped import shipped_model
 from .world import CONCEPTS, write_concept_folder
 
@@ -132,7 +131,7 @@ def write_demo(out: str | Path, plan: DemoPlan) -> Path:
     the grid file. Paths inside are absolute, so the files can be re-run from anywhere."""
     out = Path(out).resolve()
     data = out / "data"
-    writable_folder(out, "demo --out", create=True)
+    writable_folder(out, where="demo --out", create=True)
     sd, clip = shipped_model("sd"), shipped_model("clip")
     concept_lines = []
     for name in plan.concepts:

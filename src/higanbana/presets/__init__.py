@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, nearest
+from ..schema import load_toml
 
 
 def list_presets() -> list[str]:
@@ -25,13 +26,7 @@ def load_preset(name_or_path: str | os.PathLike) -> dict[str, Any]:
     """A built-in preset by name, or a TOML file by path, as a plain dict."""
     text = str(name_or_path)
     if text.endswith(".toml") or os.sep in text:
-        path = Path(text)
-        if not path.is_file():
-            raise ConfigError(f"preset file {path} does not exist")
-        try:
-            return tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"preset file {path}: {exc}") from exc
+        return load_toml(Path(text), "preset file")
     names = list_presets()
     if text not in names:
         raise ConfigError(f"unknown preset {text!r}{nearest(text, names)}; built-in presets: {', '.join(names)}")

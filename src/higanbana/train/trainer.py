@@ -37,8 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError, HiganbanaError
-from ..safeio import write_text
-from ..schema import writable_folder
+from ..safeio import discard, writable_folder, write_text
 from .config import TrainConfig
 from .state import TrainState, list_states, load_state, resolve_resume, save_state
 
@@ -252,7 +251,7 @@ def preflight(config: TrainConfig) -> None:
         if state is not None and not (state / "train_state.json").is_file():
             raise ConfigError(f"training.resume: {state} is not a training state (no train_state.json)")
     for where, folder in output_folders(c).items():
-        writable_folder(folder, where, create=False)
+        writable_folder(folder, where=where, create=False)
 
 
 def _fingerprint(config: TrainConfig, world: int) -> str:
@@ -285,20 +284,6 @@ def _check_clip_skip(config: TrainConfig, parts) -> None:
 def _modules_text(names: list[str]) -> str:
     shown = ", ".join(names[:5])
     return f"{len(names)} module(s) ({shown}{', …' if len(names) > 5 else ''})"
-
-
-def discard_folder(folder: Path) -> None:
-    """Remove ``folder`` rename-first: a kill midway leaves a hidden temporary that the next write into
-    the parent sweeps away (:func:`higanbana.safeio.clean_stale_temps`), never a half-deleted state
-    under its real name."""
-    import shutil
-
-    doomed = folder.with_name(f".{folder.name}.{os.getpid()}.tmpdir")
-    try:
-        os.replace(folder, doomed)
-    except OSError:
-        doomed = folder
-    shutil.rmtree(doomed, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------- text
@@ -462,7 +447,7 @@ class _Run:
             )
         if not dry_run and acc.is_main_process:  # the folders are made (and probed) only now, after every check
             for where, folder in output_folders(c).items():
-                writable_folder(folder, where, create=True)
+                writable_folder(folder, where=where, create=True)
         return self.plan()
 
     def plan(self) -> str:
@@ -739,7 +724,7 @@ class _Run:
             old.unlink(missing_ok=True)
         del files[:-keep]
         for old in list_states(self.out_dir)[:-keep]:
-            discard_folder(old)
+            discard(old)
 
     # ----------------------------------------------------------------- sampling
     def sample(self, step: int, epoch: int) -> None:
