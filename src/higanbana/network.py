@@ -800,11 +800,15 @@ class AdapterNetwork(nn.Module):
         net.adapters = nn.ModuleDict()
         net.records = {}
         order = {n: i for i, n in enumerate(names)}
+        by_module: dict[str, dict[str, Tensor]] = {}
+        for key, value in tensors.items():
+            module, _, suffix = key.partition(".")
+            by_module.setdefault(module, {})[suffix] = value
         for name in sorted(wanted, key=order.__getitem__):
             part, path = names[name]
             record = records[name]
             layer = part.module.get_submodule(path)
-            suffixes = {k.partition(".")[2]: v for k, v in tensors.items() if k.partition(".")[0] == name}
+            suffixes = by_module.get(name, {})
             try:
                 if record.get("options") is None:  # a foreign file: options from the tensors' keys and shapes
                     opts = dict(algorithm_class(record["algo"]).options_from_state(suffixes, layer))
