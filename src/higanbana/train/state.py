@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..errors import HiganbanaError
@@ -89,8 +90,9 @@ def save_state(
             save_file(weights, str(tmp / "network.safetensors"))
             save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
             (tmp / "train_state.json").write_text(text, encoding="utf-8")
-        except OSError as exc:
-            raise HiganbanaError(f"cannot write {folder}: {exc.strerror or exc} (the training state)") from exc
+        except (OSError, SafetensorError) as exc:  # safetensors' I/O errors (a full disk) are not OSError
+            reason = getattr(exc, "strerror", None) or exc
+            raise HiganbanaError(f"cannot write {folder}: {reason} (the training state)") from exc
     return folder
 
 
