@@ -171,7 +171,7 @@ def _check_encoders(config: EvalConfig) -> None:
             "VGG-19: a torchvision-format state dict file, or an AutoencoderKL / Stable Diffusion folder whose "
             "VAE encoder gives the Gram matrices), or a 'package.module:factory' plug-in"
         )
-    slots = {**{k: v for k, v in needed.items() if v and (k != "vgg19" or "style" in types)}}
+    slots = {k: v for k, v in needed.items() if v and (k != "vgg19" or "style" in types)}
     if e.quality:
         slots["quality"] = e.quality
     for slot, value in slots.items():
