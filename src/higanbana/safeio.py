@@ -11,7 +11,8 @@ Every file or folder higanbana writes goes through :func:`atomic_path` or :func:
   one takes its name, then the old one is removed — at no moment is neither on disk;
 - temporaries left by a process that died (``kill -9``, a power cut) carry its pid: the next write
   into the same folder removes them (:func:`clean_stale_temps`; a stranded ``.old`` folder is put
-  back when its destination is missing);
+  back when its destination is missing). Liveness is the pid's, on this machine: a writer in
+  another pid namespace (another container) sharing the folder would look dead;
 - an ``OSError`` (read-only folder, full disk, a parent that is a file) becomes a
   :class:`HiganbanaError` that says ``cannot write PATH: reason``, with nothing left behind.
 
