@@ -19,25 +19,17 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .algorithms import algorithm_classes
 from .errors import ConfigError, nearest
 from .models.tiny import tiny_sd_unet, tiny_unet_inputs
 from .network import AdapterNetwork
 from .safeio import writable_folder
 
-#: (label, algorithm, options, learning rate)
-SELFCHECK_SETUPS: list[tuple[str, str, dict[str, Any], float]] = [
-    ("lora", "lora", {"rank": 4}, 3e-3),
-    ("lora-tucker", "lora", {"rank": 4, "use_tucker": True}, 3e-3),
-    ("dora", "lora", {"rank": 4, "weight_decompose": True}, 3e-3),
-    ("loha", "loha", {"rank": 4}, 3e-3),
-    ("lokr", "lokr", {"rank": 4, "factor": 4}, 3e-3),
-    ("ia3", "ia3", {}, 1e-2),
-    ("glora", "glora", {"rank": 4}, 3e-3),
-    ("oft", "oft", {"rank": 4}, 3e-3),
-    ("boft", "boft", {"rank": 4}, 3e-3),
-    ("full", "full", {}, 3e-4),
-    ("norm", "norm", {}, 3e-3),
-]
+
+def selfcheck_setups() -> list[tuple[str, str, dict[str, Any], float]]:
+    """``(label, algorithm, options, learning rate)``: every registered algorithm's ``examples``."""
+    return [(label, cls.algo, dict(options), lr) for cls in algorithm_classes() for label, options, lr in cls.examples]
+
 
 _BLOCKS = ("down_blocks.", "mid_block.", "up_blocks.")
 
@@ -130,14 +122,13 @@ def run_selfcheck(
 ) -> list[SelfcheckRow]:
     """Run every setup (or those in ``only``) and return one row each."""
     out = Path(out_dir)
-    setups = [s for s in SELFCHECK_SETUPS if not only or s[0] in only]
-    unknown = set(only or ()) - {s[0] for s in SELFCHECK_SETUPS}
+    every = selfcheck_setups()
+    labels = [s[0] for s in every]
+    setups = [s for s in every if not only or s[0] in only]
+    unknown = set(only or ()) - set(labels)
     if unknown:
         first = sorted(unknown)[0]
-        raise ConfigError(
-            f"unknown selfcheck setup(s) {sorted(unknown)}{nearest(first, [s[0] for s in SELFCHECK_SETUPS])}; "
-            f"choose from {[s[0] for s in SELFCHECK_SETUPS]}"
-        )
+        raise ConfigError(f"unknown selfcheck setup(s) {sorted(unknown)}{nearest(first, labels)}; choose from {labels}")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ConfigError(f"selfcheck --steps must be a whole number ≥ 1, got {steps!r}")
     writable_folder(out, where="selfcheck --out")  # before the training, not after it

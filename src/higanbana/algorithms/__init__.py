@@ -1,7 +1,10 @@
 """The LyCORIS-family algorithms, one file each, behind one registry.
 
 ``make_adapter("lokr", layer, rank=8, factor=4)`` wraps a layer; unknown algorithms and options
-are errors that name the nearest valid one. A new algorithm is one file plus one line below.
+are errors that name the nearest valid one. A new algorithm is one file plus one line below: the
+class declares its maths and its file facts (keys, detection, shape checks, rank text, PEFT
+mapping, tool verdicts, selfcheck examples; see :mod:`.files`), and every other layer loops over
+:func:`algorithm_classes`. A plug-in outside the package calls :func:`register`.
 """
 
 from __future__ import annotations
@@ -15,8 +18,8 @@ from torch import Tensor, nn
 from ..errors import ConfigError, nearest
 from .base import Adapter, FactoredAdapter, LayerSpec, layer_spec
 
-#: algorithm name -> "module:Class" (imported on first use)
-REGISTRY: dict[str, str] = {
+#: algorithm name -> "module:Class" (imported on first use), or a class :func:`register` added
+REGISTRY: dict[str, str | type[Adapter]] = {
     "lora": "lora:LoRA",
     "loha": "loha:LoHa",
     "lokr": "lokr:LoKr",
@@ -46,8 +49,33 @@ def algorithm_class(name: str) -> type[Adapter]:
     key = ALIASES.get(name, (name, {}))[0]
     if key not in REGISTRY:
         raise ConfigError(f"unknown algorithm {name!r}{nearest(name, [*REGISTRY, *ALIASES])}")
-    module, cls = REGISTRY[key].split(":")
+    entry = REGISTRY[key]
+    if not isinstance(entry, str):
+        return entry
+    module, cls = entry.split(":")
     return getattr(importlib.import_module(f"{__name__}.{module}"), cls)
+
+
+def algorithm_classes() -> list[type[Adapter]]:
+    """Every registered class, in registry order: what the formats layer loops over."""
+    return [algorithm_class(name) for name in REGISTRY]
+
+
+def register(cls: type[Adapter]) -> type[Adapter]:
+    """Register an algorithm class under its ``algo`` (a plug-in's one line; usable as a decorator)."""
+    if not (isinstance(cls, type) and issubclass(cls, Adapter)) or not cls.algo:
+        raise ConfigError(f"{cls!r} is not an Adapter subclass with an algo name")
+    if cls.algo in REGISTRY or cls.algo in ALIASES:
+        raise ConfigError(f"algorithm {cls.algo!r} is already registered")
+    REGISTRY[cls.algo] = cls
+    return cls
+
+
+def unregister(name: str) -> None:
+    """Remove an algorithm :func:`register` added (built-in algorithms stay)."""
+    if isinstance(REGISTRY.get(name), str):
+        raise ConfigError(f"{name!r} is a built-in algorithm")
+    REGISTRY.pop(name, None)
 
 
 def accepted_options(cls: type[Adapter]) -> set[str]:
@@ -103,8 +131,11 @@ __all__ = [
     "accepted_options",
     "adapter_from_state",
     "algorithm_class",
+    "algorithm_classes",
     "check_keys_read",
     "layer_spec",
     "list_algorithms",
     "make_adapter",
+    "register",
+    "unregister",
 ]

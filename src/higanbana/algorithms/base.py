@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError, HiganbanaError, UnsupportedLayerError
+from .files import DEVIATE, REJECT, SKIP, TOOLS, Verdicts, dora_axis, merge_verdicts
 
 FORWARD_MODES = ("auto", "merged", "bypass")
 
@@ -156,8 +158,29 @@ class Adapter(nn.Module):
     """
 
     algo: ClassVar[str] = ""
+    #: the name tools and papers use (``LoRA``, ``IA3``): in messages
+    title: ClassVar[str] = ""
     #: the factors initialised to zero (LoRA's "up"): LoRA+ gives them a larger learning rate
     up_factors: ClassVar[tuple[str, ...]] = ()
+
+    # ----------------------------------------------------------------- what files hold (see files.py)
+    #: every key a module of this algorithm may hold in a file
+    file_keys: ClassVar[frozenset[str]] = frozenset()
+    #: the keys whose presence identifies the algorithm (detection of foreign files)
+    marker_keys: ClassVar[tuple[str, ...]] = ()
+    #: ``(option, key)``: a recorded option that is true exactly when the module holds the key
+    key_flags: ClassVar[tuple[tuple[str, str], ...]] = ()
+    #: PEFT's ``peft_type`` when the mapping is exact; otherwise why PEFT cannot hold the algorithm
+    peft_type: ClassVar[str | None] = None
+    peft_refusal: ClassVar[str] = "PEFT has no equivalent adapter"
+    #: whether diffusers' ``pytorch_lora_weights`` layout can carry the PEFT export
+    diffusers_export: ClassVar[bool] = False
+    #: the tools that load this algorithm's modules at all (the rest skip them, or reject the file)
+    loaded_by: ClassVar[frozenset[str]] = frozenset()
+    #: a caveat every tool verdict of a file with this algorithm carries
+    tool_note: ClassVar[str] = ""
+    #: ``(label, options, learning rate)``: the setups ``higanbana selfcheck`` trains
+    examples: ClassVar[tuple[tuple[str, dict[str, Any], float], ...]] = ()
 
     def __init__(
         self,
@@ -302,8 +325,58 @@ class Adapter(nn.Module):
         ``rank`` does not size the factors); a network clamps larger requests to it."""
         return None
 
+    # ----------------------------------------------------------------- file facts (the formats layer asks)
+    @classmethod
+    def detect(cls, tensors: Mapping[str, Tensor]) -> bool:
+        """Whether a module's keys (``{suffix: tensor}``) are this algorithm's."""
+        return any(k in tensors for k in cls.marker_keys)
+
+    @classmethod
+    def check_file_shapes(cls, tensors: Mapping[str, Tensor]) -> tuple[int | None, int | None]:
+        """Check that a module's tensors fit together, without the layer (:class:`FileStateError` names
+        the key); returns the layer's ``(out, in)`` where the tensors tell them."""
+        return None, None
+
+    @classmethod
+    def describe_rank(cls, tensors: Mapping[str, Tensor]) -> str:
+        """The rank (or block layout) of a module, read from its shapes, as ``info`` shows it."""
+        return "-"
+
+    @classmethod
+    def tool_verdicts(cls, tensors: Mapping[str, Tensor], options: Mapping[str, Any] | None) -> Verdicts:
+        """How ComfyUI, A1111 and diffusers treat one (valid) module: a tool not in the result loads it
+        as we compute it. Tools outside ``loaded_by`` skip it (diffusers rejects the whole file)."""
+        name = cls.title or cls.algo
+        out: Verdicts = {}
+        for tool in TOOLS:
+            if tool in cls.loaded_by:
+                continue
+            if tool == "diffusers":
+                out[tool] = (REJECT, f"load_lora_weights rejects non-LoRA keys ({cls.algo})")
+            else:
+                out[tool] = (SKIP, f"{tool} has no {name}")
+        return out
+
+    @classmethod
+    def peft_export(
+        cls,
+        modules: Mapping[str, Mapping[str, Tensor]],
+        paths: Mapping[str, str],
+        root: str,
+        records: Mapping[str, Mapping[str, Any]],
+        shapes: Mapping[str, tuple[int, ...]],
+    ) -> tuple[dict[str, Tensor], dict[str, int], dict[str, float], dict[str, Any]]:
+        """PEFT-keyed tensors, rank and α per module path, and extra config of modules of this
+        algorithm — only for exact mappings (``peft_type``); anything else is an error saying why."""
+        raise HiganbanaError(f"{cls.algo} cannot be exported to PEFT: {cls.peft_refusal}")
+
+    @classmethod
+    def from_peft(cls, tensors: dict[str, Tensor], alpha: float, rank: int) -> tuple[dict[str, Tensor], float]:
+        """A PEFT module's tensors and our file α from PEFT's α and ``r`` (the identity for most)."""
+        return tensors, alpha
+
     def state_tensors(self) -> dict[str, Tensor]:
-        """The adapter's tensors under their DESIGN.md file-key suffixes (detached copies)."""
+        """The adapter's tensors under their file-key suffixes (detached copies)."""
         raise NotImplementedError
 
     def load_state_tensors(self, tensors: dict[str, Tensor]) -> None:
@@ -464,6 +537,48 @@ class FactoredAdapter(Adapter):
 
     supports_dora: ClassVar[bool] = False
 
+    @classmethod
+    def tool_verdicts(cls, tensors: Mapping[str, Tensor], options: Mapping[str, Any] | None) -> Verdicts:
+        """The tools that do not load the algorithm; then alpha 0 (ComfyUI, A1111 and diffusers read
+        scale 0); then the algorithm's own rules (:meth:`own_tool_verdicts`); then DoRA (ComfyUI divides
+        by ‖W0‖ instead of ‖W0+ΔW‖, A1111 supports only the input axis, diffusers drops ``dora_scale``).
+        Per tool the most severe verdict wins (reject > skip > deviate), the first among equals."""
+        out = super().tool_verdicts(tensors, options)
+        if _alpha_is_zero(cls, tensors):
+            merge_verdicts(
+                out,
+                {
+                    tool: (DEVIATE, ALPHA_ZERO.format(tool="load_lora_weights" if tool == "diffusers" else tool))
+                    for tool in TOOLS
+                },
+            )
+        merge_verdicts(out, cls.own_tool_verdicts(tensors, options))
+        axis = dora_axis(tensors, options)
+        if axis == "output":
+            merge_verdicts(
+                out,
+                {
+                    "ComfyUI": (DEVIATE, "DoRA on the output axis: ComfyUI divides by ‖W0‖ instead of ‖W0+ΔW‖"),
+                    "A1111": (DEVIATE, "DoRA on the output axis: A1111 supports only the input axis (wrong result)"),
+                },
+            )
+        if axis is not None:
+            merge_verdicts(
+                out, {"diffusers": (DEVIATE, "DoRA: load_lora_weights drops dora_scale (plain LoRA result)")}
+            )
+        return out
+
+    @classmethod
+    def own_tool_verdicts(cls, tensors: Mapping[str, Tensor], options: Mapping[str, Any] | None) -> Verdicts:
+        """The algorithm's own deviations, between the alpha-0 and the DoRA rules."""
+        return {}
+
+    @classmethod
+    def alpha_scales(cls, tensors: Mapping[str, Tensor]) -> bool:
+        """Whether ``α/r`` is this module's scale (true for every factored algorithm but LoKr with both
+        blocks full, whose scale is 1)."""
+        return True
+
     def __init__(
         self,
         layer: nn.Module,
@@ -608,6 +723,15 @@ def copy_checked(param: Tensor, value: Tensor, key: str) -> None:
     if tuple(value.shape) != tuple(param.shape):
         raise ValueError(f"tensor {key!r} has shape {tuple(value.shape)}, expected {tuple(param.shape)}")
     param.copy_(value.to(param.dtype))
+
+
+#: the note for a factored module whose file alpha is 0
+ALPHA_ZERO = "alpha 0: {tool} reads scale 0 (no effect), where higanbana, kohya and LyCORIS read alpha = rank"
+
+
+def _alpha_is_zero(cls: type[FactoredAdapter], tensors: Mapping[str, Tensor]) -> bool:
+    alpha = tensors.get("alpha")
+    return alpha is not None and float(alpha.reshape(-1)[0]) == 0 and cls.alpha_scales(tensors)
 
 
 def require(tensors: dict[str, Tensor], key: str) -> Tensor:

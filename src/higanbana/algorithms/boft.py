@@ -43,6 +43,11 @@ class BOFT(OrthogonalAdapter):
     """Butterfly orthogonal fine-tuning of Linear and ConvNd layers."""
 
     algo = "boft"
+    title = "BOFT"
+    block_dims = 4
+    loaded_by = frozenset({"ComfyUI"})
+    peft_refusal = "PEFT's BOFT acts on the input side with its own butterfly parametrisation; ours rotates output rows"
+    examples = (("boft", {"rank": 4}, 3e-3),)
 
     def __init__(self, layer: nn.Module, *, boft_stages: int | None = None, **options: Any) -> None:
         self._stages_request = boft_stages

@@ -11,18 +11,26 @@ always cheaper (bypass would be two full-size ops), so ``auto`` runs merged; byp
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from .base import Adapter, copy_checked, layer_spec, require
+from .files import FileStateError, dims, need, shape
 
 
 class Full(Adapter):
     """Native fine-tuning of a Linear/ConvNd layer's weight and bias, as a difference to W0."""
 
     algo = "full"
+    title = "Full"
+    file_keys = frozenset({"diff", "diff_b"})
+    marker_keys = ("diff",)
+    peft_refusal = "PEFT has no full weight-difference adapter"
+    loaded_by = frozenset({"ComfyUI", "A1111"})
+    examples = (("full", {}, 3e-4),)
 
     def __init__(self, layer: nn.Module, *, train_bias: bool = True, **options: Any) -> None:
         super().__init__(layer, **options)
@@ -86,3 +94,13 @@ class Full(Adapter):
 
     def extra_state_options(self) -> dict[str, Any]:
         return {"train_bias": self.train_bias}
+
+    # ------------------------------------------------------------------ files
+    @classmethod
+    def check_file_shapes(cls, tensors: Mapping[str, Tensor]) -> tuple[int | None, int | None]:
+        """diff (out, in, *k); diff_b (out,)."""
+        (diff,) = need(tensors, "diff")
+        dims(diff, "diff", 2, 5)
+        if "diff_b" in tensors and shape(tensors["diff_b"]) != (diff.shape[0],):
+            raise FileStateError(f"tensor 'diff_b' has shape {shape(tensors['diff_b'])}; expected ({diff.shape[0]},)")
+        return diff.shape[0], diff.shape[1]

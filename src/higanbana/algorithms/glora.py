@@ -28,12 +28,14 @@ and loaded.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from .base import FactoredAdapter, LayerSpec, copy_checked, layer_spec, require
+from .files import DEVIATE, SKIP, FileStateError, Verdicts, dims, need
 
 KEYS = ("a1.weight", "a2.weight", "b1.weight", "b2.weight")
 
@@ -74,7 +76,13 @@ class GLoRA(FactoredAdapter):
     """Generalised LoRA of Linear and ConvNd layers (no DoRA)."""
 
     algo = "glora"
+    title = "GLoRA"
     up_factors = ("a2", "b2")
+    file_keys = frozenset({"a1.weight", "a2.weight", "b1.weight", "b2.weight", "alpha"})
+    marker_keys = ("a1.weight",)
+    peft_refusal = "PEFT's GLoRA is element-wise (W0 + W0⊙A + B); ours is the matrix product W0·a1·a2 + b1·b2"
+    loaded_by = frozenset({"ComfyUI", "A1111"})
+    examples = (("glora", {"rank": 4}, 3e-3),)
 
     def __init__(self, layer: nn.Module, *, rank: int = 4, use_tucker: bool = False, **options: Any) -> None:
         # use_tucker is accepted with every factored algorithm; GLoRA has no Tucker form (ignored)
@@ -241,3 +249,47 @@ class GLoRA(FactoredAdapter):
         """The rank, from the (new or old layout) factors."""
         spec = layer_spec(layer, cls.algo)
         return {"rank": _new_layout(tensors, spec)["a1.weight"].shape[1]}
+
+    # ------------------------------------------------------------------ files
+    @classmethod
+    def check_file_shapes(cls, tensors: Mapping[str, Tensor]) -> tuple[int | None, int | None]:
+        """The four factors fit the new layout (a1 (in, r), a2 (r, in), b1 (out, r), b2 (r, in·∏k)) or
+        the old one (the same factors under swapped names)."""
+        factors = need(tensors, *KEYS)
+        for key, t in zip(KEYS, factors, strict=True):
+            dims(t, key, 2, 5)
+        layout = glora_layout(tensors)
+        a1, _a2, b1, b2 = factors
+        if (a1.shape[1] if layout == "new" else a1.shape[0]) < 1:
+            raise FileStateError("GLoRA rank 0")
+        return (b1.shape[0] if layout == "new" else b2.shape[0]), None
+
+    @classmethod
+    def describe_rank(cls, tensors: Mapping[str, Tensor]) -> str:
+        a1 = tensors["a1.weight"]
+        return str(a1.shape[1] if glora_layout(tensors) == "new" else a1.shape[0])
+
+    @classmethod
+    def own_tool_verdicts(cls, tensors: Mapping[str, Tensor], options: Mapping[str, Any] | None) -> Verdicts:
+        """ComfyUI reads both layouts (by shapes); A1111 only the old one."""
+        if glora_layout(tensors) == "old":
+            return {"ComfyUI": (DEVIATE, "old GLoRA layout: ComfyUI reads it (by shapes)")}
+        return {"A1111": (SKIP, "A1111 reads only the old GLoRA layout")}
+
+
+def glora_layout(tensors: Mapping[str, Tensor]) -> str:
+    """``"new"`` (a1 (in,r), a2 (r,in), b1 (out,r), b2 (r,in·∏k)) or ``"old"`` (names swapped within each
+    pair), decided by the shared rank axis without the layer; a square, ambiguous set reads as new."""
+    try:
+        a1, a2, b1, b2 = (tensors[k].shape for k in KEYS)
+    except KeyError as exc:
+        raise FileStateError(f"GLoRA module lacks {exc.args[0]!r} (has {sorted(tensors)})") from None
+    if min(len(a1), len(a2), len(b1), len(b2)) < 2:
+        raise FileStateError(f"GLoRA factors must be at least 2-D (a1 {tuple(a1)}, a2 {tuple(a2)})")
+    if a2[0] == a1[1] and a2[1] == a1[0] and b1[1] == a1[1] and b2[0] == a1[1]:
+        return "new"
+    if a2[0] == a1[1] and a2[1] == a1[0] and b1[0] == a1[0] and b2[1] == a1[0]:
+        return "old"
+    raise FileStateError(
+        f"GLoRA shapes fit neither layout: a1 {tuple(a1)}, a2 {tuple(a2)}, b1 {tuple(b1)}, b2 {tuple(b2)}"
+    )

@@ -14,18 +14,29 @@ With dropout in training the adapter branch ``y' − y`` is dropped: output side
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from .base import Adapter, copy_checked, layer_spec, require
+from .files import FileStateError, need, shape
 
 
 class IA3(Adapter):
     """Per-channel scaling of the output (default) or input channels of a Linear/ConvNd layer."""
 
     algo = "ia3"
+    title = "IA3"
+    file_keys = frozenset({"weight", "on_input"})
+    marker_keys = ("on_input",)
+    peft_refusal = (
+        "PEFT's IA3 stores l = 1 + w and, for output scaling, also multiplies the bias by l (ours leaves the "
+        "bias unchanged), so the results differ for layers with a bias"
+    )
+    loaded_by = frozenset({"A1111"})
+    examples = (("ia3", {}, 1e-2),)
 
     def __init__(self, layer: nn.Module, *, on_input: bool = False, **options: Any) -> None:
         super().__init__(layer, **options)
@@ -137,3 +148,16 @@ class IA3(Adapter):
 
     def extra_state_options(self) -> dict[str, Any]:
         return {"on_input": self.on_input}
+
+    # ------------------------------------------------------------------ files
+    @classmethod
+    def check_file_shapes(cls, tensors: Mapping[str, Tensor]) -> tuple[int | None, int | None]:
+        """weight (C,) or (1, C, 1..); on_input one value 0 or 1."""
+        (weight,) = need(tensors, "weight")
+        if weight.dim() == 0 or sum(d != 1 for d in weight.shape) > 1:
+            raise FileStateError(f"tensor 'weight' has shape {shape(weight)}; expected (C,) or (1, C, 1..)")
+        if "on_input" in tensors:
+            flag = tensors["on_input"]
+            if flag.numel() != 1 or float(flag.reshape(-1)[0]) not in (0.0, 1.0):
+                raise FileStateError(f"tensor 'on_input' must be one value 0 or 1, got {flag.tolist()!r}")
+        return None, None

@@ -12,13 +12,16 @@ the two full-size products are rebuilt there instead of being held between forwa
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from ..errors import HiganbanaError
 from .base import FactoredAdapter, LayerSpec, copy_checked, layer_spec, require
 from .dora import dora_options
+from .files import FileStateError, alpha_of, dims, need, same, shape
 
 
 class HadamardProduct(torch.autograd.Function):
@@ -55,8 +58,17 @@ class LoHa(FactoredAdapter):
     """Low-rank Hadamard-product adaptation of Linear and ConvNd layers."""
 
     algo = "loha"
+    title = "LoHa"
     up_factors = ("hada_w2_a",)
     supports_dora = True
+    file_keys = frozenset(
+        {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2", "alpha", "dora_scale"}
+    )
+    marker_keys = ("hada_w1_a",)
+    key_flags = (("weight_decompose", "dora_scale"), ("use_tucker", "hada_t1"))
+    peft_type = "LOHA"
+    loaded_by = frozenset({"ComfyUI", "A1111"})
+    examples = (("loha", {"rank": 4}, 3e-3),)
 
     def __init__(self, layer: nn.Module, *, rank: int = 4, use_tucker: bool = False, **options: Any) -> None:
         super().__init__(layer, rank=rank, **options)
@@ -153,3 +165,57 @@ class LoHa(FactoredAdapter):
 
     def extra_state_options(self) -> dict[str, Any]:
         return {**super().extra_state_options(), "use_tucker": self.use_tucker}
+
+    # ------------------------------------------------------------------ files
+    @classmethod
+    def check_file_shapes(cls, tensors: Mapping[str, Tensor]) -> tuple[int | None, int | None]:
+        """w?_a (out, r), w?_b (r, in·∏k); Tucker: t? (r, r, *k), w?_a (r, out), w?_b (r, in)."""
+        names = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
+        w1a, w1b, w2a, w2b = need(tensors, *names)
+        if ("hada_t1" in tensors) != ("hada_t2" in tensors):
+            raise FileStateError("a Tucker LoHa needs both 'hada_t1' and 'hada_t2'")
+        for key, t in zip(names, (w1a, w1b, w2a, w2b), strict=True):
+            dims(t, key, 2)
+        rank = w1b.shape[0]
+        if "hada_t1" in tensors:
+            for j, (wa, wb) in ((1, (w1a, w1b)), (2, (w2a, w2b))):
+                t = tensors[f"hada_t{j}"]
+                dims(t, f"hada_t{j}", 3, 5)
+                if shape(t)[:2] != (rank, rank) or wa.shape[0] != rank or wb.shape[0] != rank:
+                    raise FileStateError(
+                        f"Tucker LoHa branch {j}: hada_t{j} {shape(t)}, hada_w{j}_a {shape(wa)}, hada_w{j}_b "
+                        f"{shape(wb)} do not share the rank {rank}"
+                    )
+            same(w1a.shape[1], w2a.shape[1], "hada_w1_a and hada_w2_a disagree on the output channels")
+            same(w1b.shape[1], w2b.shape[1], "hada_w1_b and hada_w2_b disagree on the input channels")
+            return w1a.shape[1], w1b.shape[1]
+        same(w1a.shape[1], rank, f"hada_w1_a {shape(w1a)} and hada_w1_b {shape(w1b)} disagree on the rank")
+        same(w2a.shape[1], w2b.shape[0], f"hada_w2_a {shape(w2a)} and hada_w2_b {shape(w2b)} disagree on the rank")
+        same(w2b.shape[0], rank, "the two Hadamard branches have different ranks")
+        same(w1a.shape[0], w2a.shape[0], "hada_w1_a and hada_w2_a disagree on the output channels")
+        same(w1b.shape[1], w2b.shape[1], "hada_w1_b and hada_w2_b disagree on the input width")
+        return w1a.shape[0], None
+
+    @classmethod
+    def describe_rank(cls, tensors: Mapping[str, Tensor]) -> str:
+        return str(tensors["hada_w1_b"].shape[0])
+
+    @classmethod
+    def peft_export(cls, modules, paths, root, records, shapes):
+        """The same keys under PEFT's names; Tucker (Conv2d only) as ``use_effective_conv2d``; no DoRA."""
+        out, ranks, alphas = {}, {}, {}
+        tucker = {n for n, mod in modules.items() if "hada_t1" in mod}
+        for name, mod in modules.items():
+            if "dora_scale" in mod:
+                raise HiganbanaError(f"module {name!r}: PEFT's LoHa has no DoRA (dora_scale)")
+            path = paths[name]
+            rank = mod["hada_w1_b"].shape[0]
+            ranks[path] = rank
+            alphas[path] = alpha_of(mod, rank)
+            for key in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"):
+                if key in mod:
+                    t = mod[key]
+                    if key in ("hada_t1", "hada_t2") and t.dim() != 4:
+                        raise HiganbanaError(f"module {name!r}: PEFT's LoHa Tucker form is for Conv2d only")
+                    out[f"{root}{path}.{key}"] = t
+        return out, ranks, alphas, {"use_effective_conv2d": bool(tucker)}

@@ -24,15 +24,17 @@ factored; with neither side factored there is no rank axis and rank dropout does
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, HiganbanaError
 from .base import FactoredAdapter, copy_checked, layer_spec, require, whole_number
 from .dora import dora_options
 from .factorize import factorize
+from .files import FileStateError, alpha_of, dims, need, same, shape
 from .loha import tucker_rebuild
 
 
@@ -77,8 +79,18 @@ class LoKr(FactoredAdapter):
     """Low-rank Kronecker-product adaptation of Linear and ConvNd layers."""
 
     algo = "lokr"
+    title = "LoKr"
     up_factors = ("lokr_w2", "lokr_w2_b")
     supports_dora = True
+    file_keys = frozenset(
+        {"lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2", "alpha", "dora_scale"}
+    )
+    marker_keys = ("lokr_w1", "lokr_w1_a")
+    key_flags = (("weight_decompose", "dora_scale"),)
+    peft_type = "LOKR"
+    diffusers_export = True
+    loaded_by = frozenset({"ComfyUI", "A1111"})
+    examples = (("lokr", {"rank": 4, "factor": 4}, 3e-3),)
 
     def __init__(
         self,
@@ -342,3 +354,190 @@ class LoKr(FactoredAdapter):
             "unbalanced_factorization": self.unbalanced_factorization,
             "use_tucker": self.use_tucker,
         }
+
+    # ------------------------------------------------------------------ files
+    @classmethod
+    def check_file_shapes(cls, tensors: Mapping[str, Tensor]) -> tuple[int | None, int | None]:
+        """w1 (u1, v1) or w1_a (u1, r) + w1_b (r, v1); w2 (u2, v2, *k) or w2_a (u2, r) + w2_b (r, v2·∏k);
+        Tucker: t2 (r, r, *k), w2_a (r, u2), w2_b (r, v2). Factored sides share one rank."""
+        if ("lokr_w1" in tensors) == ("lokr_w1_a" in tensors or "lokr_w1_b" in tensors):
+            raise FileStateError("LoKr needs either 'lokr_w1' or both 'lokr_w1_a' and 'lokr_w1_b'")
+        if ("lokr_w2" in tensors) == ("lokr_w2_a" in tensors or "lokr_w2_b" in tensors):
+            raise FileStateError("LoKr needs either 'lokr_w2' or both 'lokr_w2_a' and 'lokr_w2_b'")
+        ranks = set()
+        if "lokr_w1" in tensors:
+            w1 = tensors["lokr_w1"]
+            dims(w1, "lokr_w1", 2)
+            u1, v1 = w1.shape
+        else:
+            a, b = need(tensors, "lokr_w1_a", "lokr_w1_b")
+            dims(a, "lokr_w1_a", 2)
+            dims(b, "lokr_w1_b", 2)
+            same(a.shape[1], b.shape[0], f"lokr_w1_a {shape(a)} and lokr_w1_b {shape(b)} disagree on the rank")
+            (u1, _), v1 = a.shape, b.shape[1]
+            ranks.add(b.shape[0])
+        if "lokr_t2" in tensors and "lokr_w2" in tensors:
+            raise FileStateError("'lokr_t2' (Tucker) goes with 'lokr_w2_a'/'lokr_w2_b', not 'lokr_w2'")
+        if "lokr_w2" in tensors:
+            w2 = tensors["lokr_w2"]
+            dims(w2, "lokr_w2", 2, 5)
+            u2 = w2.shape[0]
+        else:
+            a, b = need(tensors, "lokr_w2_a", "lokr_w2_b")
+            dims(a, "lokr_w2_a", 2)
+            dims(b, "lokr_w2_b", 2)
+            if "lokr_t2" in tensors:
+                t2 = tensors["lokr_t2"]
+                dims(t2, "lokr_t2", 3, 5)
+                r = t2.shape[0]
+                if t2.shape[1] != r or a.shape[0] != r or b.shape[0] != r:
+                    raise FileStateError(
+                        f"lokr_t2 {shape(t2)}, lokr_w2_a {shape(a)}, lokr_w2_b {shape(b)} do not share a rank"
+                    )
+                u2 = a.shape[1]
+            else:
+                same(a.shape[1], b.shape[0], f"lokr_w2_a {shape(a)} and lokr_w2_b {shape(b)} disagree on the rank")
+                u2, r = a.shape
+            ranks.add(r)
+        if len(ranks) > 1:
+            raise FileStateError(f"w1 and w2 are factored with different ranks {sorted(ranks)}")
+        if min(u1, v1, u2) < 1 or (ranks and min(ranks) < 1):
+            raise FileStateError("a LoKr factor has an empty dimension")
+        return u1 * u2, None
+
+    @classmethod
+    def describe_rank(cls, tensors: Mapping[str, Tensor]) -> str:
+        for key in ("lokr_w2_b", "lokr_w1_b"):
+            if key in tensors:
+                return str(tensors[key].shape[0])
+        return "full"
+
+    @classmethod
+    def alpha_scales(cls, tensors: Mapping[str, Tensor]) -> bool:
+        return bool({"lokr_w1_a", "lokr_w2_a"} & set(tensors))  # both blocks full: the scale is 1
+
+    @classmethod
+    def from_peft(cls, tensors: dict[str, Tensor], alpha: float, rank: int) -> tuple[dict[str, Tensor], float]:
+        """Both blocks full: our scale is 1 while PEFT's is ``α/r``, so ``α/r`` is folded into ``lokr_w2``
+        and the file α is ``r``."""
+        if "lokr_w1" in tensors and "lokr_w2" in tensors:
+            return {**tensors, "lokr_w2": tensors["lokr_w2"] * (alpha / rank)}, float(rank)
+        return tensors, alpha
+
+    @classmethod
+    def peft_export(cls, modules, paths, root, records, shapes):
+        """PEFT's LoKr keys; ``decompose_both``, ``decompose_factor`` and ``use_effective_conv2d`` are one
+        setting per config, so every module must fit them. PEFT's scale is always ``α/r``: modules with
+        both blocks full (our scale 1) get ``alpha = r``."""
+        hints = {n: (records.get(n) or {}).get("options", {}).get("rank") for n in modules}
+        plans = {n: _lokr_plan(n, mod, hints[n]) for n, mod in modules.items()}
+        if any("dora_scale" in mod for mod in modules.values()):
+            raise HiganbanaError("PEFT's LoKr has no DoRA (dora_scale)")
+        decompose_both = any(not p["w1_full"] for p in plans.values())
+        tucker = any(p["tucker"] for p in plans.values())
+        splits = set()
+        for name, p in plans.items():
+            if p["v2"] is None:
+                flat = modules[name]["lokr_w2_b"].shape[1]
+                kernel = math.prod((shapes or {}).get(name, (0, 0))[2:])
+                if flat % kernel:
+                    raise HiganbanaError(f"module {name!r}: lokr_w2_b width {flat} does not fit kernel size {kernel}")
+                p["v2"] = flat // kernel
+            splits.add((p["u"][0] * p["u"][1], p["v1"] * p["v2"], p["u"], (p["v1"], p["v2"])))
+        out, ranks, alphas = {}, {}, {}
+        for name, p in plans.items():
+            u1, u2 = p["u"]
+            r = p["rank"]
+            need_w2 = math.ceil(max(u2, p["v2"]) / 2)
+            need_w1 = math.ceil(max(u1, p["v1"]) / 2) if decompose_both else 1
+            if p["w1_full"] and p["w2_full"]:
+                r = max(int(r or 1), need_w2, need_w1)
+            else:
+                if p["w2_full"] and r < need_w2:
+                    raise HiganbanaError(
+                        f"module {name!r}: lokr w2 is full with rank {r} (full_matrix); PEFT factors it below "
+                        f"rank {need_w2} and cannot hold it"
+                    )
+                if p["w1_full"] and r < need_w1:
+                    raise HiganbanaError(
+                        f"module {name!r}: lokr w1 is full while other modules factor it (decompose_both); "
+                        f"PEFT would factor it at rank {r}"
+                    )
+            path = paths[name]
+            ranks[path] = int(r)
+            alphas[path] = p["scale"] * r
+            for key in ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2"):
+                if key in modules[name]:
+                    t = modules[name][key]
+                    if key == "lokr_t2" and t.dim() != 4:
+                        raise HiganbanaError(f"module {name!r}: PEFT's LoKr Tucker form is for Conv2d only")
+                    out[f"{root}{path}.{key}"] = t
+        extra = {
+            "decompose_both": decompose_both,
+            "decompose_factor": _peft_factor(splits),
+            "use_effective_conv2d": tucker,
+            "rank_dropout_scale": False,
+        }
+        return out, ranks, alphas, extra
+
+
+# ---------------------------------------------------------------------------- PEFT's LoKr
+def peft_factorization(dim: int, factor: int = -1) -> tuple[int, int]:
+    """PEFT's LoKr ``factorization``: like ours, but a positive dividing factor is returned unsorted."""
+    if factor > 0 and dim % factor == 0:
+        return factor, dim // factor
+    bound = dim if factor == -1 else factor
+    m, n = 1, dim
+    while m < n:
+        new_m = m + 1
+        while dim % new_m:
+            new_m += 1
+        new_n = dim // new_m
+        if new_m + new_n > m + n or new_m > bound:
+            break
+        m, n = new_m, new_n
+    return (n, m) if m > n else (m, n)
+
+
+def _peft_factor(splits: set[tuple[int, int, tuple[int, int], tuple[int, int]]]) -> int:
+    """A ``decompose_factor`` with which PEFT splits every (out, in) pair like our tensors do."""
+    dims_ = {d for out, inp, _, _ in splits for d in (out, inp)}
+    marks = {x for d in dims_ for x in range(1, d + 1) if d % x == 0}
+    for f in [-1, *sorted(marks | {x + 1 for x in marks})]:
+        if all(peft_factorization(out, f) == u and peft_factorization(inp, f) == v for out, inp, u, v in splits):
+            return f
+    shown = "; ".join(f"out {o} = {u[0]}·{u[1]}, in {i} = {v[0]}·{v[1]}" for o, i, u, v in sorted(splits))
+    raise HiganbanaError(
+        f"lokr: no PEFT decompose_factor reproduces the Kronecker splits ({shown}); "
+        "a conv LoKr with a factored, non-Tucker w2 needs the layer shapes (to_peft(..., shapes=...))"
+    )
+
+
+def _lokr_plan(name: str, mod: Mapping[str, Tensor], rank_hint: int | None) -> dict[str, Any]:
+    """Block shapes, factored sides, rank and our scale of one LoKr module (``v2`` is None while unknown)."""
+    w1_full, w2_full, tucker = "lokr_w1" in mod, "lokr_w2" in mod, "lokr_t2" in mod
+    u1, v1 = mod["lokr_w1"].shape[:2] if w1_full else (mod["lokr_w1_a"].shape[0], mod["lokr_w1_b"].shape[1])
+    ranks = set() if w1_full else {mod["lokr_w1_a"].shape[1]}
+    v2 = None  # a factored, non-Tucker w2_b is (r, v2·∏k): the kernel comes from the layer shape
+    if w2_full:
+        u2, v2 = mod["lokr_w2"].shape[:2]
+    elif tucker:  # w2_a (r, u2), w2_b (r, v2)
+        u2, v2 = mod["lokr_w2_a"].shape[1], mod["lokr_w2_b"].shape[1]
+        ranks.add(mod["lokr_w2_a"].shape[0])
+    else:
+        u2 = mod["lokr_w2_a"].shape[0]
+        ranks.add(mod["lokr_w2_a"].shape[1])
+    if len(ranks) > 1:
+        raise HiganbanaError(f"module {name!r}: lokr factors of different ranks {sorted(ranks)}")
+    rank = ranks.pop() if ranks else None
+    factored = not (w1_full and w2_full)
+    return {
+        "u": (int(u1), int(u2)),
+        "v1": int(v1),
+        "v2": None if v2 is None else int(v2),
+        "w1_full": w1_full,
+        "w2_full": w2_full,
+        "tucker": tucker,
+        "rank": rank if rank is not None else rank_hint,
+        "scale": alpha_of(mod, rank) / rank if factored else 1.0,
+    }

@@ -8,21 +8,36 @@ Bypass: ``up(down(x))`` (conv: ``down`` carries the layer's kernel, stride and p
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from ..errors import HiganbanaError
 from .base import FactoredAdapter, LayerSpec, copy_checked, layer_spec, require
 from .dora import dora_options
+from .files import REJECT, FileStateError, Verdicts, alpha_of, dims, dora_axis, need, ones_from, same, shape
 
 
 class LoRA(FactoredAdapter):
     """Low-rank adaptation of Linear and ConvNd layers (LoCon for convs)."""
 
     algo = "lora"
+    title = "LoRA"
     up_factors = ("lora_up",)
     supports_dora = True
+    file_keys = frozenset({"lora_down.weight", "lora_up.weight", "lora_mid.weight", "alpha", "dora_scale"})
+    marker_keys = ("lora_up.weight",)
+    key_flags = (("weight_decompose", "dora_scale"), ("use_tucker", "lora_mid.weight"))
+    peft_type = "LORA"
+    diffusers_export = True
+    loaded_by = frozenset({"ComfyUI", "A1111", "diffusers"})
+    examples = (
+        ("lora", {"rank": 4}, 3e-3),
+        ("lora-tucker", {"rank": 4, "use_tucker": True}, 3e-3),
+        ("dora", {"rank": 4, "weight_decompose": True}, 3e-3),
+    )
 
     def __init__(self, layer: nn.Module, *, rank: int = 4, use_tucker: bool = False, **options: Any) -> None:
         super().__init__(layer, rank=rank, **options)
@@ -146,3 +161,62 @@ class LoRA(FactoredAdapter):
 
     def extra_state_options(self) -> dict[str, Any]:
         return {**super().extra_state_options(), "use_tucker": self.use_tucker}
+
+    # ------------------------------------------------------------------ files
+    @classmethod
+    def check_file_shapes(cls, tensors: Mapping[str, Tensor]) -> tuple[int | None, int | None]:
+        """down (r, in, *k), up (out, r, 1..); Tucker: down (r, in, 1..), mid (r, r, *k)."""
+        down, up = need(tensors, "lora_down.weight", "lora_up.weight")
+        dims(down, "lora_down.weight", 2, 5)
+        dims(up, "lora_up.weight", down.dim())
+        rank = down.shape[0]
+        same(up.shape[1], rank, f"lora_up.weight {shape(up)} and lora_down.weight {shape(down)} disagree on the rank")
+        ones_from(up, "lora_up.weight", 2)
+        if "lora_mid.weight" in tensors:
+            mid = tensors["lora_mid.weight"]
+            dims(mid, "lora_mid.weight", down.dim())
+            if shape(mid)[:2] != (rank, rank):
+                raise FileStateError(
+                    f"tensor 'lora_mid.weight' has shape {shape(mid)}; expected ({rank}, {rank}, *kernel)"
+                )
+            ones_from(down, "lora_down.weight", 2)
+        return up.shape[0], down.shape[1]
+
+    @classmethod
+    def describe_rank(cls, tensors: Mapping[str, Tensor]) -> str:
+        return str(tensors["lora_down.weight"].shape[0])
+
+    @classmethod
+    def own_tool_verdicts(cls, tensors: Mapping[str, Tensor], options: Mapping[str, Any] | None) -> Verdicts:
+        if "lora_mid.weight" in tensors:
+            return {"diffusers": (REJECT, "load_lora_weights rejects non-LoRA keys (LoCon with a Tucker mid)")}
+        return {}
+
+    @classmethod
+    def peft_export(cls, modules, paths, root, records, shapes):
+        """``lora_A``/``lora_B`` (+ ``lora_magnitude_vector`` for output-axis DoRA: ``(out,)`` for Linear,
+        ``(1, out, 1..)`` for convs, as PEFT saves it); ``use_dora`` is one switch for the whole config."""
+        dora = {n for n, mod in modules.items() if "dora_scale" in mod}
+        if dora and dora != set(modules):
+            raise HiganbanaError(
+                f"PEFT's use_dora is one switch per config, but only some modules have DoRA (e.g. {sorted(dora)[0]!r})"
+            )
+        out, ranks, alphas = {}, {}, {}
+        for name, mod in modules.items():
+            if "lora_mid.weight" in mod:
+                raise HiganbanaError(f"module {name!r}: LoCon Tucker (lora_mid) has no PEFT equivalent")
+            down, up = mod["lora_down.weight"], mod["lora_up.weight"]
+            path = paths[name]
+            ranks[path] = down.shape[0]
+            alphas[path] = alpha_of(mod, down.shape[0])
+            out[f"{root}{path}.lora_A.weight"] = down
+            out[f"{root}{path}.lora_B.weight"] = up
+            if "dora_scale" in mod:
+                if dora_axis(mod, None) != "output":
+                    raise HiganbanaError(
+                        f"module {name!r}: DoRA on the input axis (dora_scale {tuple(mod['dora_scale'].shape)}) "
+                        "has no PEFT equivalent; PEFT normalises per output row"
+                    )
+                mag = mod["dora_scale"].reshape(-1)
+                out[f"{root}{path}.lora_magnitude_vector"] = mag if up.dim() == 2 else mag.reshape(1, -1, *up.shape[2:])
+        return out, ranks, alphas, {"use_dora": bool(dora)}

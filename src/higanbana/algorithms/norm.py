@@ -18,6 +18,7 @@ dropout on the adapter branch needs it.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +28,7 @@ from torch import Tensor, nn
 
 from ..errors import UnsupportedLayerError
 from .base import Adapter, copy_checked, require
+from .files import SKIP, FileStateError, Verdicts, dims, merge_verdicts, need, shape
 
 
 @dataclass(frozen=True)
@@ -90,6 +92,12 @@ class Norm(Adapter):
     """Trains additive differences of a norm layer's affine weight and bias."""
 
     algo = "norm"
+    title = "Norm"
+    file_keys = frozenset({"w_norm", "b_norm"})
+    marker_keys = ("w_norm",)
+    peft_refusal = "PEFT has no LayerNorm/GroupNorm difference adapter"
+    loaded_by = frozenset({"ComfyUI", "A1111"})
+    examples = (("norm", {}, 3e-3),)
 
     def __init__(self, layer: nn.Module, **options: Any) -> None:
         super().__init__(layer, **options)
@@ -140,6 +148,25 @@ class Norm(Adapter):
         if tuple(w.shape) != spec.param_shape:
             raise ValueError(f"tensor 'w_norm' has shape {tuple(w.shape)}, expected {spec.param_shape}")
         return {}
+
+    # ------------------------------------------------------------------ files
+    @classmethod
+    def check_file_shapes(cls, tensors: Mapping[str, Tensor]) -> tuple[int | None, int | None]:
+        """w_norm (C,); b_norm the same shape."""
+        (w,) = need(tensors, "w_norm")
+        dims(w, "w_norm", 1)
+        if "b_norm" in tensors and shape(tensors["b_norm"]) != shape(w):
+            raise FileStateError(
+                f"tensor 'b_norm' has shape {shape(tensors['b_norm'])}; expected {shape(w)} like 'w_norm'"
+            )
+        return None, None
+
+    @classmethod
+    def tool_verdicts(cls, tensors: Mapping[str, Tensor], options: Mapping[str, Any] | None) -> Verdicts:
+        out = super().tool_verdicts(tensors, options)
+        if "b_norm" not in tensors:
+            merge_verdicts(out, {"A1111": (SKIP, "A1111 needs both w_norm and b_norm")})
+        return out
 
     def extra_repr(self) -> str:
         layer = self.layer

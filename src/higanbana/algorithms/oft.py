@@ -31,13 +31,15 @@ is one small batched matmul and is exactly ``y`` at init. The dropout acts on th
 from __future__ import annotations
 
 import math
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
 from .base import Adapter, copy_checked, finite_number, layer_spec, require, whole_number
+from .files import DEVIATE, SKIP, FileStateError, Verdicts, dims, merge_verdicts, need, shape
 
 #: ``alpha`` written for "no constraint" (``alpha`` is never 0 in a file); ``α·out`` must fit a float32
 NO_CONSTRAINT = 1e30
@@ -83,6 +85,72 @@ class OrthogonalAdapter(Adapter):
     Subclasses choose the block size and the blocks' shape, and implement :meth:`rotate`: the
     orthogonal transform of the output channels (the rows of ``flat(W)``).
     """
+
+    file_keys = frozenset({"oft_blocks", "alpha", "rescale"})
+    marker_keys = ("oft_blocks",)
+    key_flags = (("rescaled", "rescale"),)
+    loaded_by = frozenset({"ComfyUI", "A1111"})
+    tool_note = "OFT/BOFT at strengths other than 1: each tool interpolates differently"
+    #: the number of dims of ``oft_blocks``: 3 for OFT (n, b, b), 4 for BOFT (M, n, b, b)
+    block_dims: ClassVar[int] = 3
+
+    @classmethod
+    def detect(cls, tensors: Mapping[str, Tensor]) -> bool:
+        blocks = tensors.get("oft_blocks")
+        if blocks is None:
+            return False
+        if blocks.dim() not in (3, 4):
+            raise FileStateError(
+                f"oft_blocks has {blocks.dim()} dims ({tuple(blocks.shape)}); "
+                "expected 3 (OFT: n, b, b) or 4 (BOFT: M, n, b, b)"
+            )
+        return blocks.dim() == cls.block_dims
+
+    @classmethod
+    def check_file_shapes(cls, tensors: Mapping[str, Tensor]) -> tuple[int | None, int | None]:
+        """oft_blocks (n, b, b) — BOFT (M, n, b, b) with b even, n a power of two, M ≤ log2(n)+1 —;
+        rescale (n·b, 1..)."""
+        (blocks,) = need(tensors, "oft_blocks")
+        stages = cls.block_dims == 4
+        dims(blocks, "oft_blocks", cls.block_dims)
+        s = shape(blocks)
+        m, n, b = (s[0], s[1], s[2]) if stages else (1, s[0], s[1])
+        if s[-1] != s[-2] or min(m, n, b) < 1:
+            raise FileStateError(
+                f"tensor 'oft_blocks' has shape {s}; expected {'(M, n, b, b)' if stages else '(n, b, b)'}"
+            )
+        if stages and (b % 2 or n & (n - 1) or m > n.bit_length()):
+            raise FileStateError(
+                f"tensor 'oft_blocks' has shape {s}: BOFT needs b even, n a power of two and M ≤ log2(n)+1"
+            )
+        if "rescale" in tensors:
+            rescale = tensors["rescale"]
+            if rescale.dim() < 1 or rescale.shape[0] != n * b or rescale.numel() != n * b:
+                raise FileStateError(f"tensor 'rescale' has shape {shape(rescale)}; expected ({n * b}, 1..)")
+        return n * b, None
+
+    @classmethod
+    def describe_rank(cls, tensors: Mapping[str, Tensor]) -> str:
+        return "x".join(str(d) for d in tensors["oft_blocks"].shape[:-1])
+
+    @classmethod
+    def tool_verdicts(cls, tensors: Mapping[str, Tensor], options: Mapping[str, Any] | None) -> Verdicts:
+        """ComfyUI clamps ‖Q‖ with α instead of α·out and ignores ``rescale``; A1111 needs α > 0 and
+        ignores ``rescale``."""
+        out = super().tool_verdicts(tensors, options)
+        rules: list[tuple[str, tuple[str, str]]] = []
+        if _comfy_clamps_differently(tensors):
+            rules.append(("ComfyUI", (DEVIATE, "OFT constraint: ComfyUI clamps ‖Q‖ with α instead of α·out")))
+        if "alpha" not in tensors:
+            rules.append(("A1111", (SKIP, "A1111 needs alpha for OFT")))
+        elif cls.block_dims == 3 and float(tensors["alpha"].reshape(-1)[0]) == 0:
+            rules.append(("A1111", (DEVIATE, "OFT with alpha 0: A1111 applies no rotation")))
+        if cls.block_dims == 3 and "rescale" in tensors:
+            rules.append(("ComfyUI", (DEVIATE, "OFT rescale: ComfyUI ignores it")))
+            rules.append(("A1111", (DEVIATE, "OFT rescale: A1111 ignores it")))
+        for tool, verdict in rules:
+            merge_verdicts(out, {tool: verdict})
+        return out
 
     def __init__(
         self,
@@ -277,6 +345,21 @@ class OrthogonalAdapter(Adapter):
         return f"{super().extra_repr()}, blocks={tuple(self.oft_blocks.shape)}, constraint={self.constraint}"
 
 
+def _comfy_clamps_differently(tensors: Mapping[str, Tensor]) -> bool:
+    """Whether ComfyUI's raw-α clamp changes this OFT/BOFT module differently from the α·out clamp.
+
+    Both clamp ``Q = B − Bᵀ`` by its norm over all blocks (per stage for BOFT): ComfyUI to α, the
+    others to α·out. Whenever ComfyUI clamps (‖Q‖ > α), the results differ: the others either do not
+    clamp or clamp to α·out. α = 0 and our 1e30 "no constraint" never engage.
+    """
+    alpha = tensors.get("alpha")
+    blocks = tensors.get("oft_blocks")
+    if alpha is None or blocks is None or not 0 < float(alpha.reshape(-1)[0]) < NO_CONSTRAINT:
+        return False
+    stages = blocks.float() if blocks.dim() == 4 else blocks.float().unsqueeze(0)
+    return any(float((stage - stage.transpose(-1, -2)).norm()) > float(alpha.reshape(-1)[0]) for stage in stages)
+
+
 def oft_block_size(out: int, rank: int) -> int:
     """OFT's block size: the largest divisor of ``out`` that is ≤ ``rank``.
 
@@ -298,6 +381,12 @@ class OFT(OrthogonalAdapter):
     """Diagonal (block) orthogonal fine-tuning of Linear and ConvNd layers."""
 
     algo = "oft"
+    title = "OFT"
+    peft_refusal = (
+        "PEFT's OFT rotates the layer's input features (W·Rᵀ) with its own parametrisation; ours rotates "
+        "output rows, so the tensors cannot be carried over"
+    )
+    examples = (("oft", {"rank": 4}, 3e-3),)
 
     def choose_block_size(self, out: int, rank: int) -> int:
         return oft_block_size(out, rank)

@@ -14,9 +14,10 @@ from typing import Any
 
 from torch import Tensor
 
-from .detect import glora_layout
+from ..algorithms import algorithm_class
+from ..algorithms.files import DEVIATE, REJECT, SKIP, TOOLS, Verdicts, merge_verdicts
+from .detect import detect_algo
 
-TOOLS = ("ComfyUI", "A1111", "diffusers")
 LOADS, DEVIATES, FAILS = "loads", "loads with deviation", "does not load"
 
 #: the text-encoder modules kohya names that ComfyUI maps (interop.md A.2, LORA_CLIP_MAP)
@@ -105,123 +106,71 @@ def compatibility(
 ) -> list[ToolVerdict]:
     """Verdicts of ComfyUI, A1111 and diffusers for modules ``{name: {suffix: tensor}}`` and their records.
 
-    ``base`` (``sd1``, ``sd2``, ``sdxl`` or unknown) matters for A1111's OpenCLIP attention rule.
-    ``non_finite`` names modules with NaN/Inf values: every tool loads them, and its output is NaN.
+    The naming rules are the tools' and live here (an SD prefix, ComfyUI's text-encoder map, A1111's
+    compvis names and OpenCLIP attention rule, the ``lycoris_`` prefix); what a tool does with an
+    algorithm's module each algorithm declares (``tool_verdicts``). ``base`` (``sd1``, ``sd2``,
+    ``sdxl`` or unknown) matters for A1111's OpenCLIP attention rule. ``non_finite`` names modules
+    with NaN/Inf values: every tool loads them, and its output is NaN.
     """
-    comfy, a1111, diffusers = _Tally(), _Tally(), _Tally()
+    tallies = {tool: _Tally() for tool in TOOLS}
     diffusers_whole: str | None = None
     partial_attention = _a1111_partial_attention(list(modules), base)
+    notes: list[str] = []
     for name, module in modules.items():
         record = records.get(name, {})
-        algo, options = record.get("algo", ""), record.get("options") or {}
-        alpha_zero = _alpha_zero_scales(algo, module)
-        standalone = name.startswith("lycoris_")  # LyCORIS standalone / SimpleTuner: diffusers UNet paths
-        if not name.startswith(SD_PREFIXES) and not standalone:
-            prefix = name.split("_")[0]
-            reason = f"prefix {prefix!r} is not an SD model name (kohya lora_unet_/lora_te*_)"
-            comfy.skip(reason, name)
-            a1111.skip(reason, name)
-            diffusers_whole = diffusers_whole or f"module {name}: {reason}"
-            continue
-        # ------------------------------------------------------------------ ComfyUI (interop.md A)
-        is_te = name.startswith("lora_te")
-        if is_te and not name.endswith(COMFY_TE_SUFFIXES) and not name.endswith("text_projection"):
-            comfy.skip("ComfyUI maps only q/k/v/out_proj and mlp fc1/fc2 of text encoders", name)
-        elif algo == "ia3":
-            comfy.skip("ComfyUI has no IA3", name)
-        elif alpha_zero:
-            comfy.deviate(ALPHA_ZERO.format(tool="ComfyUI"), name)
-        elif algo == "glora" and glora_layout(module) == "old":
-            comfy.deviate("old GLoRA layout: ComfyUI reads it (by shapes)", name)
-        elif _dora_axis(module, options) == "output":
-            comfy.deviate("DoRA on the output axis: ComfyUI divides by ‖W0‖ instead of ‖W0+ΔW‖", name)
-        elif algo in ("oft", "boft") and _comfy_clamps_differently(module):
-            comfy.deviate("OFT constraint: ComfyUI clamps ‖Q‖ with α instead of α·out", name)
-        elif algo == "oft" and "rescale" in module:
-            comfy.deviate("OFT rescale: ComfyUI ignores it", name)
-        else:
-            comfy.loaded += 1
-        # ------------------------------------------------------------------ A1111 (interop.md B)
-        if standalone:
-            a1111.skip("A1111 has no mapping for the lycoris_ prefix", name)
-            diffusers_whole = diffusers_whole or f"load_lora_weights has no mapping for the lycoris_ prefix ({name})"
-            continue
-        if name.startswith("lora_unet_") and not _A1111_UNET.fullmatch(name):
-            a1111.skip("A1111 has no compvis name for this UNet module", name)
-        elif name in partial_attention:
-            a1111.skip("A1111 applies OpenCLIP attention q/k/v/out only all four together", name)
-        elif algo == "boft":
-            a1111.skip("A1111 has no BOFT", name)
-        elif algo == "glora" and glora_layout(module) == "new":
-            a1111.skip("A1111 reads only the old GLoRA layout", name)
-        elif algo == "norm" and "b_norm" not in module:
-            a1111.skip("A1111 needs both w_norm and b_norm", name)
-        elif algo in ("oft", "boft") and "alpha" not in module:
-            a1111.skip("A1111 needs alpha for OFT", name)
-        elif alpha_zero:
-            a1111.deviate(ALPHA_ZERO.format(tool="A1111"), name)
-        elif algo == "oft" and float(module["alpha"]) == 0:
-            a1111.deviate("OFT with alpha 0: A1111 applies no rotation", name)
-        elif _dora_axis(module, options) == "output":
-            a1111.deviate("DoRA on the output axis: A1111 supports only the input axis (wrong result)", name)
-        elif algo == "oft" and "rescale" in module:
-            a1111.deviate("OFT rescale: A1111 ignores it", name)
-        elif algo == "lokr" and not ({"lokr_w1", "lokr_w1_a"} & set(module) and {"lokr_w2", "lokr_w2_a"} & set(module)):
-            a1111.skip("A1111's LoKr needs both sides", name)
-        else:
-            a1111.loaded += 1
-        # ------------------------------------------------------------------ diffusers (interop.md D)
-        if algo != "lora" or "lora_mid.weight" in module:
-            what = "LoCon with a Tucker mid" if algo == "lora" else algo
-            diffusers_whole = diffusers_whole or f"load_lora_weights rejects non-LoRA keys ({what}: {name})"
-        elif alpha_zero:
-            diffusers.deviate(ALPHA_ZERO.format(tool="load_lora_weights"), name)
-        elif "dora_scale" in module:
-            diffusers.deviate("DoRA: load_lora_weights drops dora_scale (plain LoRA result)", name)
-        else:
-            diffusers.loaded += 1
+        cls = algorithm_class(record.get("algo") or detect_algo(name, module))
+        if cls.tool_note and cls.tool_note not in notes:
+            notes.append(cls.tool_note)
+        verdicts = _naming_verdicts(name, partial_attention)
+        merge_verdicts(verdicts, cls.tool_verdicts(module, record.get("options")))
+        for tool, tally in tallies.items():
+            kind, reason = verdicts.get(tool, ("load", ""))
+            if kind == REJECT:
+                diffusers_whole = diffusers_whole or f"{reason}, e.g. module {name}"
+            elif kind == SKIP:
+                tally.skip(reason, name)
+            elif kind == DEVIATE:
+                tally.deviate(reason, name)
+            else:
+                tally.loaded += 1
     total = len(modules)
-    out = [_verdict("ComfyUI", comfy, total), _verdict("A1111", a1111, total)]
-    out.append(_verdict("diffusers", diffusers, total, diffusers_whole))
+    out = [
+        _verdict("ComfyUI", tallies["ComfyUI"], total),
+        _verdict("A1111", tallies["A1111"], total),
+        _verdict("diffusers", tallies["diffusers"], total, diffusers_whole),
+    ]
     if non_finite:
         for verdict in out:
             if verdict.status != FAILS:
                 verdict.status = DEVIATES
                 verdict.notes.append(f"NaN/Inf values, the output becomes NaN: {_examples(list(non_finite))}")
                 verdict.deviating = sorted({*verdict.deviating, *non_finite})
-    oft = [n for n, r in records.items() if r.get("algo") in ("oft", "boft")]
-    if oft:
+    for note in notes:
         for verdict in out[:2]:
             if verdict.status != FAILS:
-                verdict.notes.append("OFT/BOFT at strengths other than 1: each tool interpolates differently")
+                verdict.notes.append(note)
     return out
 
 
-#: the note for a factored module whose file alpha is 0
-ALPHA_ZERO = "alpha 0: {tool} reads scale 0 (no effect), where higanbana, kohya and LyCORIS read alpha = rank"
-
-
-def _alpha_zero_scales(algo: str, module: Mapping[str, Tensor]) -> bool:
-    """Whether a module's ``alpha`` is 0 where ``α/r`` is its scale (LoRA, LoHa, GLoRA, factored LoKr)."""
-    alpha = module.get("alpha")
-    if alpha is None or algo not in ("lora", "loha", "lokr", "glora") or float(alpha.reshape(-1)[0]) != 0:
-        return False
-    return algo != "lokr" or bool({"lokr_w1_a", "lokr_w2_a"} & set(module))
-
-
-def _comfy_clamps_differently(module: Mapping[str, Tensor]) -> bool:
-    """Whether ComfyUI's raw-α clamp changes this OFT/BOFT module differently from the α·out clamp.
-
-    Both clamp ``Q = B − Bᵀ`` by its norm over all blocks (per stage for BOFT): ComfyUI to α, the
-    others to α·out. Whenever ComfyUI clamps (‖Q‖ > α), the results differ: the others either do not
-    clamp or clamp to α·out. α = 0 and our 1e30 "no constraint" never engage.
-    """
-    alpha = module.get("alpha")
-    blocks = module.get("oft_blocks")
-    if alpha is None or blocks is None or not 0 < float(alpha) < 1e30:
-        return False
-    stages = blocks.float() if blocks.dim() == 4 else blocks.float().unsqueeze(0)
-    return any(float((stage - stage.transpose(-1, -2)).norm()) > float(alpha) for stage in stages)
+def _naming_verdicts(name: str, partial_attention: set[str]) -> Verdicts:
+    """What the tools' name mapping alone decides for a module (before its algorithm is asked)."""
+    standalone = name.startswith("lycoris_")  # LyCORIS standalone / SimpleTuner: diffusers UNet paths
+    if not name.startswith(SD_PREFIXES) and not standalone:
+        prefix = name.split("_")[0]
+        reason = f"prefix {prefix!r} is not an SD model name (kohya lora_unet_/lora_te*_)"
+        return {"ComfyUI": (SKIP, reason), "A1111": (SKIP, reason), "diffusers": (REJECT, reason)}
+    out: Verdicts = {}
+    is_te = name.startswith("lora_te")
+    if is_te and not name.endswith(COMFY_TE_SUFFIXES) and not name.endswith("text_projection"):
+        out["ComfyUI"] = (SKIP, "ComfyUI maps only q/k/v/out_proj and mlp fc1/fc2 of text encoders")
+    if standalone:
+        out["A1111"] = (SKIP, "A1111 has no mapping for the lycoris_ prefix")
+        out["diffusers"] = (REJECT, "load_lora_weights has no mapping for the lycoris_ prefix")
+    elif name.startswith("lora_unet_") and not _A1111_UNET.fullmatch(name):
+        out["A1111"] = (SKIP, "A1111 has no compvis name for this UNet module")
+    elif name in partial_attention:
+        out["A1111"] = (SKIP, "A1111 applies OpenCLIP attention q/k/v/out only all four together")
+    return out
 
 
 _A1111_UNET = re.compile(

@@ -15,6 +15,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ..algorithms import algorithm_class, algorithm_classes
+from ..algorithms.files import FileStateError
+from ..algorithms.glora import glora_layout as glora_layout  # re-exported: a GLoRA module's layout
 from ..errors import HiganbanaError
 from .safetensors_io import load_tensors
 
@@ -52,55 +55,17 @@ def group_modules(tensors: Mapping[str, Tensor]) -> dict[str, dict[str, Tensor]]
 
 
 def detect_algo(module: str, suffixes: Mapping[str, Tensor]) -> str:
-    """The algorithm of one module from its key suffixes and shapes (DESIGN.md §4 detection rules)."""
-    keys = set(suffixes)
-    if "lora_up.weight" in keys:
-        return "lora"
-    if "hada_w1_a" in keys:
-        return "loha"
-    if "on_input" in keys:
-        return "ia3"
-    if "lokr_w1" in keys or "lokr_w1_a" in keys:
-        return "lokr"
-    if "diff" in keys:
-        return "full"
-    if "w_norm" in keys:
-        return "norm"
-    if "oft_blocks" in keys:
-        dim = suffixes["oft_blocks"].dim()
-        if dim == 3:
-            return "oft"
-        if dim == 4:
-            return "boft"
-        raise HiganbanaError(
-            f"module {module!r}: oft_blocks has {dim} dims ({tuple(suffixes['oft_blocks'].shape)}); "
-            "expected 3 (OFT: n, b, b) or 4 (BOFT: M, n, b, b)"
-        )
-    if "a1.weight" in keys:
-        return "glora"
-    raise HiganbanaError(f"module {module!r}: unknown adapter keys {sorted(keys)} (no known algorithm matches)")
-
-
-def glora_layout(suffixes: Mapping[str, Tensor]) -> str:
-    """``"new"`` (a1 (in,r), a2 (r,in), b1 (out,r), b2 (r,in·∏k)) or ``"old"`` (names swapped within each pair).
-
-    Decided by the shared rank axis; a square, ambiguous set is read as the new layout.
-    """
+    """The algorithm of one module from its keys and shapes: the registered class whose ``detect``
+    claims them (each algorithm declares its marker keys; see :mod:`higanbana.algorithms.files`)."""
     try:
-        a1, a2, b1, b2 = (suffixes[k].shape for k in ("a1.weight", "a2.weight", "b1.weight", "b2.weight"))
-    except KeyError as exc:
-        raise HiganbanaError(f"GLoRA module lacks {exc.args[0]!r} (has {sorted(suffixes)})") from None
-    if min(len(a1), len(a2), len(b1), len(b2)) < 2:
-        raise HiganbanaError(f"GLoRA factors must be at least 2-D (a1 {tuple(a1)}, a2 {tuple(a2)})")
-    new = a2[0] == a1[1] and a2[1] == a1[0] and b1[1] == a1[1] and b2[0] == a1[1]
-    old = a2[0] == a1[1] and a2[1] == a1[0] and b1[0] == a1[0] and b2[1] == a1[0]
-    if new:
-        return "new"
-    if old:
-        return "old"
-    raise HiganbanaError(
-        f"GLoRA shapes fit neither layout: a1 {tuple(a1)}, a2 {tuple(a2)}, b1 {tuple(b1)}, b2 {tuple(b2)}"
-    )
+        found = [cls.algo for cls in algorithm_classes() if cls.detect(suffixes)]
+    except FileStateError as exc:
+        raise HiganbanaError(f"module {module!r}: {exc}") from None
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise HiganbanaError(f"module {module!r}: unknown adapter keys {sorted(suffixes)} (no known algorithm matches)")
+    raise HiganbanaError(f"module {module!r}: keys of several algorithms ({', '.join(found)}): {sorted(suffixes)}")
 
 
 def dora_axis(suffixes: Mapping[str, Tensor], out_features: int) -> str | None:
@@ -327,12 +292,9 @@ def load_peft_folder(
     ranks = peft_ranks(config, paths.values())
     groups = group_modules(tensors)
     for name, path in paths.items():
-        mod = groups[name]
-        algo = detect_algo(name, mod)
-        alpha = alphas[path]
-        if algo == "lokr" and "lokr_w1" in mod and "lokr_w2" in mod:
-            r = ranks[path]
-            tensors[f"{name}.lokr_w2"] = mod["lokr_w2"] * (alpha / r)
-            alpha = float(r)
+        cls = algorithm_class(detect_algo(name, groups[name]))
+        mod, alpha = cls.from_peft(groups[name], alphas[path], ranks[path])
+        for suffix, value in mod.items():
+            tensors[f"{name}.{suffix}"] = value
         tensors[f"{name}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
     return tensors, config

@@ -10,8 +10,9 @@ from typing import Any
 
 from torch import Tensor
 
+from ..algorithms import FactoredAdapter, algorithm_class
 from .compat import compatibility
-from .detect import base_from_names, glora_layout, group_modules
+from .detect import base_from_names, group_modules
 from .metadata import read_base_model
 from .reader import read_network_file
 from .validate import non_finite_modules
@@ -43,26 +44,8 @@ def module_prefix(name: str) -> str:
 
 
 def module_rank(algo: str, module: dict[str, Tensor]) -> str:
-    """The rank (or block layout) of one module, read from its shapes."""
-    if algo == "lora":
-        return str(module["lora_down.weight"].shape[0])
-    if algo == "loha":
-        return str(module["hada_w1_b"].shape[0])
-    if algo == "lokr":
-        for key in ("lokr_w2_b", "lokr_w1_b"):
-            if key in module:
-                return str(module[key].shape[0])
-        return "full"
-    if algo == "glora":
-        a1 = module["a1.weight"]
-        return str(a1.shape[1] if glora_layout(module) == "new" else a1.shape[0])
-    if algo == "oft":
-        n, b = module["oft_blocks"].shape[:2]
-        return f"{n}x{b}"
-    if algo == "boft":
-        stages, n, b = module["oft_blocks"].shape[:3]
-        return f"{stages}x{n}x{b}"
-    return "-"
+    """The rank (or block layout) of one module, read from its shapes (the algorithm describes it)."""
+    return algorithm_class(algo).describe_rank(module)
 
 
 def file_info(path: str | os.PathLike, *, unsafe_pickle: bool = False) -> dict[str, Any]:
@@ -77,7 +60,7 @@ def file_info(path: str | os.PathLike, *, unsafe_pickle: bool = False) -> dict[s
     for name, module in modules.items():
         algo = records[name]["algo"]
         ranks.setdefault(algo, Counter())[module_rank(algo, module)] += 1
-        if "alpha" in module and algo not in ("oft", "boft"):
+        if "alpha" in module and issubclass(algorithm_class(algo), FactoredAdapter):  # OFT's alpha is a constraint
             alphas[float(module["alpha"])] += 1
     dtypes = Counter(
         str(t.dtype).replace("torch.", "")

@@ -53,10 +53,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..algorithms import algorithm_class
 from ..errors import ConfigError, HiganbanaError, nearest
 from ..formats.detect import detect_algo, group_modules, load_peft_folder, normalize_with_paths, peft_alphas
 from ..formats.metadata import model_hashes, read_base_model
-from ..formats.peft import PEFT_REFUSALS, save_peft_folder, to_peft
+from ..formats.peft import peft_refusals, save_peft_folder, to_peft
 from ..formats.reader import read_tensors, records_from_tensors
 from ..formats.safetensors_io import save_tensors
 from ..formats.validate import check_file
@@ -64,8 +65,6 @@ from ..safeio import check_writable
 from .resize import DTYPES, parse_dtype
 
 TARGETS = ("kohya", "peft", "diffusers")
-_PEFT_OK = {"lora", "loha", "lokr"}
-_DIFFUSERS_OK = {"lora", "lokr"}
 _PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
 _DIFFUSERS_FILES = ("adapter_config.json", "pytorch_lora_weights.safetensors")
 
@@ -393,12 +392,16 @@ def _to_peft(src, dst, net, to, part, allow_lossy, dtype, report) -> ConvertRepo
         )
         dropped.update({n: why for n in others})
     names = [n for n, r in net.records.items() if r.prefix == chosen]
-    ok = _PEFT_OK if to == "peft" else _DIFFUSERS_OK
-    bad = [n for n in names if net.records[n].algo not in ok]
+
+    def holds(algo: str) -> bool:  # each algorithm declares its PEFT mapping and whether diffusers reads it
+        cls = algorithm_class(algo)
+        return cls.peft_type is not None and (to == "peft" or cls.diffusers_export)
+
+    bad = [n for n in names if not holds(net.records[n].algo)]
     if bad and len(bad) == len(names):
         algo = net.records[bad[0]].algo
         fallback = "diffusers' load_lora_weights reads LoRA and LoKr only" if to == "diffusers" else ""
-        why = PEFT_REFUSALS.get(algo, fallback)
+        why = peft_refusals().get(algo, fallback)
         raise HiganbanaError(f"{src}: {algo} (module {bad[0]}) cannot be written to {to}: {why or 'no equivalent'}")
     for n in bad:
         dropped[n] = f"{net.records[n].algo} has no {to} equivalent"

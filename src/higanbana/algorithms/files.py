@@ -1,0 +1,95 @@
+"""What an algorithm declares about its modules in files, and the helpers its declarations use.
+
+Every :class:`~higanbana.algorithms.base.Adapter` subclass states, next to its maths:
+
+- ``file_keys`` (every key a module may hold) and ``marker_keys`` (the keys that identify it), with
+  :meth:`detect` for what the keys alone cannot say;
+- :meth:`check_file_shapes`: whether a module's tensors fit together, without the layer;
+- :meth:`describe_rank`: the rank (or block layout) ``info`` shows;
+- ``key_flags``: the options that decide whether a key exists (``weight_decompose`` ↔ ``dora_scale``);
+- ``peft_type``/``peft_refusal`` and :meth:`peft_export`: the exact PEFT mapping, or why there is none;
+- ``loaded_by`` and :meth:`tool_verdicts`: which tools load its modules, and where they deviate;
+- ``examples``: the setups ``higanbana selfcheck`` trains.
+
+The ``formats`` package loops over the registry and asks each class; it holds no per-algorithm
+branch. So a new algorithm is one file and one registry line.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from torch import Tensor
+
+from ..errors import HiganbanaError
+
+#: the tools ``info`` gives a verdict for
+TOOLS = ("ComfyUI", "A1111", "diffusers")
+#: a tool leaves the module out / loads it with another result / (diffusers) rejects the whole file
+SKIP, DEVIATE, REJECT = "skip", "deviate", "reject"
+
+#: a per-tool verdict on one module: ``(kind, reason)``; a tool missing from the mapping loads it as we do
+Verdicts = dict[str, tuple[str, str]]
+
+
+_SEVERITY = {REJECT: 3, SKIP: 2, DEVIATE: 1}
+
+
+def merge_verdicts(into: Verdicts, new: Mapping[str, tuple[str, str]]) -> Verdicts:
+    """Add ``new`` verdicts to ``into``: per tool the more severe wins (reject > skip > deviate), and
+    among equals the one already there."""
+    for tool, verdict in new.items():
+        if tool not in into or _SEVERITY[verdict[0]] > _SEVERITY[into[tool][0]]:
+            into[tool] = verdict
+    return into
+
+
+class FileStateError(HiganbanaError, ValueError):
+    """A module's tensors cannot be this algorithm's (the message names the key)."""
+
+
+def shape(t: Tensor) -> tuple[int, ...]:
+    return tuple(t.shape)
+
+
+def need(mod: Mapping[str, Tensor], *keys: str) -> list[Tensor]:
+    """The tensors of ``keys``, or an error naming the missing ones."""
+    missing = [k for k in keys if k not in mod]
+    if missing:
+        raise FileStateError(f"missing key(s) {', '.join(repr(k) for k in missing)} (has {sorted(mod)})")
+    return [mod[k] for k in keys]
+
+
+def dims(t: Tensor, key: str, low: int, high: int | None = None) -> None:
+    """``t`` has between ``low`` and ``high`` (default ``low``) dims."""
+    high = low if high is None else high
+    if not low <= t.dim() <= high:
+        want = f"{low}" if low == high else f"{low} to {high}"
+        raise FileStateError(f"tensor {key!r} has shape {shape(t)}; expected {want} dims")
+
+
+def ones_from(t: Tensor, key: str, start: int) -> None:
+    """The dims of ``t`` from ``start`` on are all 1 (a 1×1 kernel)."""
+    if any(d != 1 for d in t.shape[start:]):
+        raise FileStateError(f"tensor {key!r} has shape {shape(t)}; its dims after {start} must be 1")
+
+
+def same(a: int, b: int, what: str) -> None:
+    if a != b:
+        raise FileStateError(f"{what}: {a} ≠ {b}")
+
+
+def alpha_of(mod: Mapping[str, Tensor], rank: int) -> float:
+    """A module's file α: a missing alpha, or 0, reads as the rank (scale 1), as kohya and LyCORIS read it."""
+    a = float(mod["alpha"].reshape(-1)[0]) if "alpha" in mod else 0.0
+    return float(rank) if a == 0 else a
+
+
+def dora_axis(mod: Mapping[str, Tensor], options: Mapping[str, object] | None) -> str | None:
+    """``"output"``/``"input"`` for a module with ``dora_scale`` (recorded option first, else its shape)."""
+    scale = mod.get("dora_scale")
+    if scale is None:
+        return None
+    if options and "wd_on_output" in options:
+        return "output" if options["wd_on_output"] else "input"
+    return "input" if scale.dim() >= 2 and scale.shape[0] == 1 and scale.shape[1] > 1 else "output"
