@@ -3,7 +3,8 @@
 Raw metrics are a long table, one row per (model, concept, prompt_type, metric), with columns
 ``model, concept, category, subclass, prompt_type, metric, value``. Model hyper-parameters live in a
 separate ``models`` table (index or column ``model``; free-form columns such as ``algo``, ``lr``,
-``preset``, ``capacity``, ``epoch``, ``seed``).
+``preset``, ``capacity``, ``epoch``, ``seed``). Each metric's direction, label, criterion and ranked
+prompt types are read from the metric registry (:func:`higanbana.evaluate.metrics.registry`).
 """
 
 from __future__ import annotations
@@ -18,47 +19,43 @@ import numpy as np
 import pandas as pd
 
 from higanbana.errors import ConfigError, HiganbanaError, nearest
+from higanbana.evaluate import metrics, prompts
 from higanbana.safeio import atomic_path
 
-METRICS: dict[str, str] = {
-    "fidelity_cos": "higher",
-    "fidelity_scd": "lower",
-    "text_alignment": "higher",
-    "vendi": "higher",
-    "style_loss": "lower",
-    "quality": "higher",
-}
-"""Metric name -> direction ("higher" or "lower" is better)."""
-
-LABELS: dict[str, str] = {
-    "fidelity_cos": "Image similarity (cos)",
-    "fidelity_scd": "Image similarity (SCD)",
-    "text_alignment": "Text similarity",
-    "vendi": "Vendi",
-    "style_loss": "Style preservation (loss)",
-    "quality": "Image quality",
-}
-"""Metric name -> human-readable name."""
-
-PROMPT_TYPES: tuple[str, ...] = ("train", "trigger", "alter", "style")
+PROMPT_TYPES: tuple[str, ...] = prompts.PROMPT_TYPES
 
 KEY_COLUMNS: tuple[str, ...] = ("model", "concept", "category", "subclass", "prompt_type", "metric")
 """Columns of a raw metric table besides ``value``."""
 
-CRITERIA: dict[str, tuple[str, tuple[str, ...]]] = {
-    "Fidelity": ("fidelity_cos", ("train", "trigger", "alter")),
-    "Controllability": ("text_alignment", ("alter",)),
-    "Diversity": ("vendi", ("trigger", "alter")),
-    "Base preservation": ("style_loss", ("style",)),
-}
-"""Criterion -> (metric, prompt types averaged). Fidelity averages the cosine image similarity of the
-train, trigger and alter prompts; diversity the Vendi score of trigger and alter prompts."""
+FIDELITY_CONTRASTS: tuple[tuple[str, str], ...] = (("fidelity_scd", "trigger"),)
+"""(metric, prompt type) columns that stand for fidelity in :func:`fidelity_correlations` besides the
+ranked fidelity metric: SCD on ``<trigger>``, fidelity without the low diversity the cosine rewards."""
+
+
+def metric_directions() -> dict[str, str]:
+    """Metric name -> direction ("higher" or "lower" is better), from the registry."""
+    return {m.name: m.direction for m in metrics.registry()}
+
+
+def ranked_criteria() -> dict[str, tuple[str, tuple[str, ...]]]:
+    """Criterion -> (metric, prompt types averaged) of every ranked metric in the registry, e.g. fidelity
+    averages the cosine image similarity of the train, trigger and alter prompts, diversity the Vendi
+    score of the trigger and alter prompts."""
+    return {m.criterion: (m.name, m.ranked_on) for m in metrics.registry() if m.ranked_on}
 
 
 def label(metric: str, prompt_type: str | None = None) -> str:
     """Human name of a metric, with the prompt type in angle brackets when given."""
-    name = LABELS.get(metric, metric)
+    name = next((m.label for m in metrics.registry() if m.name == metric), metric)
     return f"{name} <{prompt_type}>" if prompt_type else name
+
+
+def column_order(columns: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+    """(metric, prompt_type) columns sorted as the registry declares the metrics, then by prompt type;
+    unregistered metrics and prompt types go last, by name."""
+    order = {m.name: i for i, m in enumerate(metrics.registry())}
+    pts = {p: i for i, p in enumerate(PROMPT_TYPES)}
+    return sorted(columns, key=lambda c: (order.get(c[0], len(order)), c[0], pts.get(c[1], len(pts)), c[1]))
 
 
 # ----------------------------------------------------------------------------- files
@@ -131,10 +128,10 @@ def _require(df: pd.DataFrame, columns: Iterable[str], what: str) -> None:
         raise ConfigError(f"{what} lacks column(s) {missing}; it has {list(df.columns)}")
 
 
-def _directions(metrics: Iterable[str], directions: Mapping[str, str] | None) -> dict[str, str]:
-    table = {**METRICS, **(directions or {})}
+def _directions(names: Iterable[str], extra: Mapping[str, str] | None) -> dict[str, str]:
+    table = {**metric_directions(), **(extra or {})}
     out = {}
-    for m in metrics:
+    for m in names:
         if m not in table:
             raise ConfigError(f"unknown metric {m!r}{nearest(m, table)}; pass directions={{{m!r}: 'higher'}}")
         if table[m] not in ("higher", "lower"):
@@ -223,7 +220,7 @@ def criterion_scores(
     value: str = "score",
 ) -> pd.DataFrame:
     """Model x criterion table of category-averaged scores (columns absent when a metric is missing)."""
-    criteria = CRITERIA if criteria is None else criteria
+    criteria = ranked_criteria() if criteria is None else criteria
     avg = average_hierarchy(scores, value)
     avg = avg.loc[avg["category"] == category]
     if avg.empty:
@@ -252,7 +249,7 @@ def tentative_ranking(
     """The paper's Table 1: criteria as rows, groups as columns, entry = rank of the group's mean score.
 
     Ranks run 1 (worst) .. k (best) among the k groups, ties share the lowest rank. ``criteria`` maps a
-    criterion to (metric, prompt types) (default :data:`CRITERIA`); criteria without data are left out.
+    criterion to (metric, prompt types) (default :func:`ranked_criteria`); criteria without data are left out.
     """
     models = models_frame(models)
     _require(models, (group_by,), "models table")
@@ -278,23 +275,22 @@ def correlations(scores: pd.DataFrame, value: str = "score") -> pd.DataFrame:
     _require(scores, ("model", "concept", "prompt_type", "metric", value), "scores")
     rows = ["model", *(c for c in ("category", "concept", "subclass") if c in scores.columns)]
     wide = scores.pivot_table(index=rows, columns=["metric", "prompt_type"], values=value, aggfunc="mean")
-    order = {m: i for i, m in enumerate(METRICS)}
-    pt_order = {p: i for i, p in enumerate(PROMPT_TYPES)}
-    cols = sorted(wide.columns, key=lambda c: (order.get(c[0], 99), c[0], pt_order.get(c[1], 99), c[1]))
-    return wide[cols].corr(method="pearson")
+    return wide[column_order(wide.columns)].corr(method="pearson")
 
 
 def fidelity_correlations(
     corr: pd.DataFrame, criteria: Mapping[str, tuple[str, Sequence[str]]] | None = None
 ) -> pd.Series:
-    """Correlations of fidelity (fidelity_cos per prompt type, fidelity_scd on trigger) with the other
-    criteria's (metric, prompt type) columns, indexed by ("metric/prompt", "metric/prompt")."""
-    criteria = CRITERIA if criteria is None else criteria
-    fid = [c for c in corr.columns if c[0] == "fidelity_cos" or c == ("fidelity_scd", "trigger")]
+    """Correlations of fidelity (the ranked fidelity metric per prompt type, and :data:`FIDELITY_CONTRASTS`)
+    with the other criteria's (metric, prompt type) columns, indexed by ("metric/prompt", "metric/prompt")."""
+    criteria = ranked_criteria() if criteria is None else criteria
+    criterion_of = {m.name: m.criterion for m in metrics.registry()}
+    ranked = {m.name for m in metrics.registry() if m.criterion == metrics.FIDELITY and m.ranked_on}
+    fid = [c for c in corr.columns if c[0] in ranked or c in FIDELITY_CONTRASTS]
     wanted = {
         (metric, pt)
         for metric, pts in criteria.values()
-        if not metric.startswith("fidelity")
+        if criterion_of.get(metric) != metrics.FIDELITY
         for pt in ([pts] if isinstance(pts, str) else pts)
     }
     other = [c for c in corr.columns if c in wanted]

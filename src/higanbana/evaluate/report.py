@@ -23,11 +23,11 @@ from matplotlib.lines import Line2D
 
 from higanbana.errors import ConfigError, HiganbanaError
 from higanbana.evaluate.aggregate import (
-    METRICS,
     PROMPT_TYPES,
     _require,
     atomic_write,
     average_hierarchy,
+    column_order,
     label,
     models_frame,
     save_table,
@@ -294,12 +294,9 @@ def _html_table(df: pd.DataFrame, *, shade: bool = False, index: bool = True) ->
 
 
 def _wide(df: pd.DataFrame, value: str) -> pd.DataFrame:
-    """model x (metric, prompt_type) table in the canonical metric and prompt order."""
+    """model x (metric, prompt_type) table in the registry's metric order, then prompt order."""
     wide = df.pivot_table(index="model", columns=["metric", "prompt_type"], values=value, aggfunc="mean", sort=False)
-    order = {m: i for i, m in enumerate(METRICS)}
-    pts = {p: i for i, p in enumerate(PROMPT_TYPES)}
-    cols = sorted(wide.columns, key=lambda c: (order.get(c[0], 99), c[0], pts.get(c[1], 99), c[1]))
-    return wide[cols]
+    return wide[column_order(wide.columns)]
 
 
 CSS = """
