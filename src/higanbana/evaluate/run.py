@@ -8,10 +8,11 @@ Phases (a re-run skips what is done):
 2. **Encode** (main process): DINOv2 features of generated and training images, CLIP image and
    text features, cached per (encoder, model, concept, prompt type) and invalidated when the
    images change.
-3. **Measure** per (model, concept, prompt type): fidelity (cosine and SCD vs the concept's
-   training images), controllability (CLIP image–text), diversity (Vendi; per prompt for
-   ``<alter>``) and, for ``<style>``, base-model preservation (VGG-19 style loss against the base
-   model's image of the same prompt and seed).
+3. **Measure** every registered metric (:mod:`.metrics`) per (model, concept, prompt type) it is
+   declared for: fidelity (cosine and SCD vs the concept's training images), controllability (CLIP
+   image–text), diversity (Vendi; per prompt for ``<alter>``), for ``<style>`` base-model
+   preservation (VGG-19 style loss against the base model's image of the same prompt and seed),
+   and image quality when a scorer is configured.
 4. **Aggregate and report**: ``raw_metrics.csv``, rank-normalised scores, the tentative ranking,
    correlations, importance, and a self-contained ``report.html``.
 """
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ import torch
 
 from ..errors import ConfigError, HiganbanaError
 from ..safeio import atomic_path, clean_stale_temps, writable_folder, write_text
+from . import metrics as M
 from .config import EvalConfig
 
 BASE = "base"
@@ -151,17 +153,30 @@ def _is_plugin(value: str) -> bool:
     return ":" in value and not Path(value).exists()
 
 
+def _encoder_slots(prompt_types: Sequence[str]) -> dict[str, bool]:
+    """The ``encoders.*`` slots the registered metrics need on ``prompt_types``: slot -> whether it may be
+    left unset (its metrics are then not measured), in the order the metrics first need them."""
+    slots: dict[str, bool] = {}
+    for metric in M.registry():
+        if set(metric.prompt_types) & set(prompt_types):
+            for name in metric.inputs:
+                spec = M.INPUTS[name]
+                if spec.slot:
+                    slots[spec.slot] = slots.get(spec.slot, True) and spec.optional
+    return slots
+
+
 def _check_encoders(config: EvalConfig) -> None:
-    """Every encoder slot the prompt types need is set, its path exists (or its plug-in module can be
-    imported), read from ``config.json`` files only: before any image is generated."""
+    """Every encoder slot the registered metrics need on the prompt types is set, its path exists (or
+    its plug-in module can be imported), read from ``config.json`` files only: before any image is
+    generated."""
     import importlib.util
 
     from .encoders import encoder_kind_of
 
     e = config.encoders
-    needed = {"dinov2": e.dinov2, "clip": e.clip, "vgg19": e.vgg19}
-    types = set(config.prompts.types)
-    missing = [k for k, v in needed.items() if not v and (k != "vgg19" or "style" in types)]
+    needed = _encoder_slots(config.prompts.types)
+    missing = [slot for slot, optional in needed.items() if not optional and not getattr(e, slot)]
     if missing:
         raise HiganbanaError(
             "encoders."
@@ -171,9 +186,7 @@ def _check_encoders(config: EvalConfig) -> None:
             "VGG-19: a torchvision-format state dict file, or an AutoencoderKL / Stable Diffusion folder whose "
             "VAE encoder gives the Gram matrices), or a 'package.module:factory' plug-in"
         )
-    slots = {k: v for k, v in needed.items() if v and (k != "vgg19" or "style" in types)}
-    if e.quality:
-        slots["quality"] = e.quality
+    slots = {slot: getattr(e, slot) for slot in needed if getattr(e, slot)}
     for slot, value in slots.items():
         if _is_plugin(value) or slot == "quality":
             module, sep, factory = value.partition(":")
@@ -192,15 +205,15 @@ def _check_encoders(config: EvalConfig) -> None:
 
 
 def _load_encoders(config: EvalConfig, device: torch.device) -> dict[str, Any]:
+    """The encoders of the slots the registered metrics need (an unset optional slot is left out)."""
     from .encoders import encoder_kind_of, load_encoder, load_plugin
 
     e = config.encoders
-    types = set(config.prompts.types)
     _check_encoders(config)
 
     def load(slot: str, value: str) -> Any:
         # a "package.module:factory" value plugs in another encoder with the same interface
-        if _is_plugin(value):
+        if _is_plugin(value) or slot == "quality":
             return load_plugin(value, device=device)
         kind = encoder_kind_of(slot, value)  # reads config.json files only: a CLIP / VAE folder stands in
         if kind == "dinov2":
@@ -209,12 +222,91 @@ def _load_encoders(config: EvalConfig, device: torch.device) -> dict[str, Any]:
             return load_encoder(kind, value, device=device, letterbox=e.letterbox)
         return load_encoder(kind, value, device=device)
 
-    out = {"dinov2": load("dinov2", e.dinov2), "clip": load("clip", e.clip)}
-    if "style" in types:
-        out["vgg19"] = load("vgg19", e.vgg19)
-    if e.quality:
-        out["quality"] = load_plugin(e.quality, device=device)
-    return out
+    return {slot: load(slot, getattr(e, slot)) for slot in _encoder_slots(config.prompts.types) if getattr(e, slot)}
+
+
+class _Reiterable:
+    """An iterable that calls ``make()`` for a fresh iterator each time it is iterated."""
+
+    def __init__(self, make: Callable[[], Iterator[Any]]):
+        self._make = make
+
+    def __iter__(self) -> Iterator[Any]:
+        return self._make()
+
+
+@dataclass
+class _Measuring:
+    """What every set's inputs are computed from: encoders, feature cache, images, prompt items."""
+
+    enc: dict[str, Any]
+    batch_size: int
+    cache: Path
+    images: dict[str, list[Path]]
+    items: list[Any]
+    train_features: dict[str, torch.Tensor]
+    base_grams: dict[str, list[torch.Tensor]]
+
+    def dino(self, paths: list[Path]) -> torch.Tensor:
+        return self.enc["dinov2"].encode_images(_open(paths), batch_size=self.batch_size)
+
+    def clip(self, paths: list[Path]) -> torch.Tensor:
+        return self.enc["clip"].encode_images(_open(paths), batch_size=self.batch_size)
+
+
+class _SetInputs:
+    """The inputs (:data:`metrics.INPUTS`, one method each) of one (model, concept, prompt type) set,
+    each computed on first use and kept for the set's other metrics."""
+
+    def __init__(self, env: _Measuring, model: str, concept: str, prompt_type: str, idx: list[int]):
+        self.env, self.model, self.concept, self.ptype, self.idx = env, model, concept, prompt_type, idx
+        self.paths = [env.images[model][i] for i in idx]
+        self.items = [env.items[i] for i in idx]
+        self.stem = f"{model}/{concept}/{prompt_type}.safetensors"
+        self._values: dict[str, Any] = {}
+
+    def get(self, name: str) -> Any:
+        if name not in self._values:
+            self._values[name] = getattr(self, name)()
+        return self._values[name]
+
+    def image_features(self) -> torch.Tensor:
+        return cached_features(self.env.cache / "dinov2" / self.stem, self.paths, self.env.dino)
+
+    def train_features(self) -> torch.Tensor:
+        return self.env.train_features[self.concept]
+
+    def clip_image_features(self) -> torch.Tensor:
+        return cached_features(self.env.cache / "clip" / self.stem, self.paths, self.env.clip)
+
+    def clip_text_features(self) -> torch.Tensor:
+        return self.env.enc["clip"].encode_texts([it.clip_text for it in self.items], batch_size=self.env.batch_size)
+
+    def quality_scores(self) -> torch.Tensor:
+        return self.env.enc["quality"].score(_open(self.paths))
+
+    def prompt_type(self) -> str:
+        return self.ptype
+
+    def prompt_indices(self) -> list[int]:
+        return [it.prompt_index for it in self.items]
+
+    def style_grams(self) -> _Reiterable:
+        style = self.env.enc["vgg19"]
+        base = self.env.base_grams.get(self.concept)
+        if base is None:  # the base model's Grams, once per concept (float32 to halve the memory)
+            base_paths = [self.env.images[BASE][i] for i in self.idx]
+            chunks = [style.gram_matrices(_open(base_paths[s : s + 8])) for s in range(0, len(self.idx), 8)]
+            base = self.env.base_grams[self.concept] = [torch.cat(layer).float() for layer in zip(*chunks, strict=True)]
+
+        def pairs() -> Iterator[tuple[list[torch.Tensor], list[torch.Tensor]]]:
+            for start in range(0, len(self.paths), 8):  # 8 images' Grams at a time
+                yield (
+                    style.gram_matrices(_open(self.paths[start : start + 8])),
+                    [layer[start : start + 8] for layer in base],
+                )
+
+        return _Reiterable(pairs)
 
 
 def measure(
@@ -225,66 +317,39 @@ def measure(
     *,
     progress: bool = True,
 ) -> Any:
-    """Phases 2–3: the raw metrics table (long format)."""
+    """Phases 2–3: the raw metrics table (long format): every registered metric on every (model, concept,
+    prompt type) set it is declared for, its inputs computed once per set."""
     import pandas as pd
     from tqdm.auto import tqdm
 
-    from . import metrics as M
-
     device = _device(config)
     enc = _load_encoders(config, device)
-    bs = config.encoders.batch_size
-    cache = Path(config.output.dir) / "features"
+    # a set's own metrics in registry order, then those against the base model's images
+    chosen = sorted(
+        (m for m in M.registry() if all(M.INPUTS[name].slot in (None, *enc) for name in m.inputs)),
+        key=lambda m: m.against_base,
+    )
     by_concept = {c.name: c for c in concepts}
     groups: dict[tuple[str, str], list[int]] = {}
     for i, it in enumerate(items):
         groups.setdefault((it.concept, it.prompt_type), []).append(i)
-
-    def dino(paths: list[Path]) -> torch.Tensor:
-        return enc["dinov2"].encode_images(_open(paths), batch_size=bs)
-
-    def clip(paths: list[Path]) -> torch.Tensor:
-        return enc["clip"].encode_images(_open(paths), batch_size=bs)
-
-    train_features = {}
-    for c in concepts:
-        paths = [Path(p) for p in c.train_images]
-        if not paths:
-            raise HiganbanaError(f"concept {c.name}: no training images, so fidelity cannot be measured")
-        train_features[c.name] = cached_features(cache / "dinov2" / "_train" / f"{c.name}.safetensors", paths, dino)
+    env = _Measuring(enc, config.encoders.batch_size, Path(config.output.dir) / "features", images, items, {}, {})
+    if any("train_features" in m.inputs for m in chosen):
+        for c in concepts:
+            paths = [Path(p) for p in c.train_images]
+            if not paths:
+                raise HiganbanaError(f"concept {c.name}: no training images, so fidelity cannot be measured")
+            cache = env.cache / "dinov2" / "_train" / f"{c.name}.safetensors"
+            env.train_features[c.name] = cached_features(cache, paths, env.dino)
     rows = []
-    base_grams: dict[str, list[torch.Tensor]] = {}
     work = [(model, key) for model in images for key in groups]
     for model, (concept, ptype) in tqdm(work, desc="metrics", unit="set", disable=not progress):
-        idx = groups[(concept, ptype)]
-        paths = [images[model][i] for i in idx]
-        sub = [items[i] for i in idx]
+        inputs = _SetInputs(env, model, concept, ptype, groups[(concept, ptype)])
         c = by_concept[concept]
-        stem = f"{model}/{concept}/{ptype}.safetensors"
-        z = cached_features(cache / "dinov2" / stem, paths, dino)
-        zi = cached_features(cache / "clip" / stem, paths, clip)
-        zt = enc["clip"].encode_texts([it.clip_text for it in sub], batch_size=bs)
-        values = M.fidelity(z, train_features[concept])
-        values["text_alignment"] = M.text_alignment(zi, zt)
-        if ptype == "alter":
-            values["vendi"] = M.vendi_per_group(z, [it.prompt_index for it in sub])
-        else:
-            values["vendi"] = M.vendi(z)
-        if "quality" in enc:
-            values["quality"] = float(enc["quality"].score(_open(paths)).float().mean())
-        if ptype == "style" and model != BASE:
-            base = base_grams.get(concept)
-            if base is None:  # the base model's Grams, once per concept (float32 to halve the memory)
-                base_paths = [images[BASE][i] for i in idx]
-                chunks = [enc["vgg19"].gram_matrices(_open(base_paths[s : s + 8])) for s in range(0, len(idx), 8)]
-                base = base_grams[concept] = [torch.cat(layer).float() for layer in zip(*chunks, strict=True)]
-            losses = []
-            for start in range(0, len(paths), 8):
-                ga = enc["vgg19"].gram_matrices(_open(paths[start : start + 8]))
-                gb = [layer[start : start + 8] for layer in base]
-                losses.append(M.style_loss(ga, gb, per_pair=True))
-            values["style_loss"] = float(torch.cat(losses).mean())
-        for metric, value in values.items():
+        for metric in chosen:
+            if not metric.measured_on(ptype, base_model=model == BASE):
+                continue
+            value = metric.compute(**{name: inputs.get(name) for name in metric.inputs})
             rows.append(
                 {
                     "model": model,
@@ -292,7 +357,7 @@ def measure(
                     "category": c.category,
                     "subclass": c.subclass,
                     "prompt_type": ptype,
-                    "metric": metric,
+                    "metric": metric.name,
                     "value": float(value),
                 }
             )
