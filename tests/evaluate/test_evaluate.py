@@ -180,6 +180,65 @@ def test_quality_scorer_plugs_in_and_trigger_processing_reaches_clip(world, tmp_
     assert torch.equal(ta, tb)  # text similarity does not depend on the trigger word
 
 
+def test_a_toy_metric_is_one_declaration_measured_aggregated_ranked_and_reported(world):
+    """One registered declaration, nothing else: the toy metric is measured on its prompt types, lands in
+    the raw and normalised tables (its direction honoured), ranks its own criterion, enters the
+    correlations and the report; the registry is restored afterwards and the other metrics are untouched."""
+    from safetensors.torch import load_file
+
+    from higanbana.evaluate import aggregate as agg
+    from higanbana.evaluate import metrics as M
+
+    root, config_path = world
+    out = root / "out"
+    config = EvalConfig.load(config_path, [f'output.dir="{out}"'])
+    toy = M.Metric(
+        name="toy_norm",
+        criterion="Toyness",
+        direction="lower",
+        label="Toy feature norm",
+        inputs=("image_features",),
+        compute=lambda image_features: float(image_features.double().norm(dim=1).mean()),
+        prompt_types=("trigger", "alter"),
+        ranked_on=("trigger", "alter"),
+    )
+    before = M.registry()
+    with M.registered(toy):
+        result = evaluate(config, progress=False, log=lambda _m: None)
+        fid = agg.fidelity_correlations(agg.correlations(agg.rank_normalize(result.raw)))
+    assert M.registry() == before  # nothing left behind
+
+    raw = agg.load_table(out / "raw_metrics.csv")
+    rows = raw[raw["metric"] == "toy_norm"]
+    assert set(rows["prompt_type"]) == {"trigger", "alter"} and set(rows["concept"]) == {"toy", "paint"}
+    assert set(rows["model"]) == {"base", "lora", "lokr"} and len(rows) == 3 * 2 * 2
+    one = rows[(rows["model"] == "lora") & (rows["concept"] == "toy") & (rows["prompt_type"] == "alter")]
+    z = load_file(out / "features" / "dinov2" / "lora" / "toy" / "alter.safetensors")["features"]
+    assert float(one["value"].iloc[0]) == pytest.approx(float(z.double().norm(dim=1).mean()), rel=1e-12)
+    scores = agg.load_table(out / "scores.csv")
+    toy_scores = scores[scores["metric"] == "toy_norm"]
+    assert set(toy_scores["model"]) == {"lora", "lokr"}  # the base model is the reference
+    for (_concept, _pt), group in toy_scores.groupby(["concept", "prompt_type"]):
+        if group["value"].nunique() == 2:  # lower is better: the smaller norm scores 1
+            assert group.loc[group["value"].idxmin(), "score"] == 1.0
+    assert "Toyness" in result.ranking.index and set(result.ranking.columns) == {"lora", "lokr"}
+    ranking = pd.read_csv(out / "ranking.csv").set_index("criterion")
+    assert list(ranking.index) == ["Fidelity", "Controllability", "Diversity", "Base preservation", "Toyness"]
+    corr = pd.read_csv(out / "correlations.csv")
+    assert {"toy_norm/trigger", "toy_norm/alter"} <= set(corr.columns) and "toy_norm/train" not in set(corr.columns)
+    assert ("fidelity_cos/train", "toy_norm/alter") in fid.index
+    html = (out / "report.html").read_text(encoding="utf-8")
+    assert "Toy feature norm &lt;trigger&gt;" in html and "Toy feature norm &lt;alter&gt;" in html
+    assert "<th>Toyness</th>" in html
+
+    # without the declaration: no toy anywhere, and every other value as it was
+    again = evaluate(config, progress=False, log=lambda _m: None)
+    assert "toy_norm" not in set(again.raw["metric"]) and "Toyness" not in again.ranking.index
+    assert "Toy feature norm" not in (out / "report.html").read_text(encoding="utf-8")
+    kept = result.raw[result.raw["metric"] != "toy_norm"].reset_index(drop=True)
+    pd.testing.assert_frame_equal(again.raw.reset_index(drop=True), kept)
+
+
 def test_every_config_field_is_documented():
     import dataclasses
     from pathlib import Path

@@ -80,3 +80,113 @@ def test_gram_and_style_loss():
 def test_bad_shapes_are_clear():
     with pytest.raises(HiganbanaError, match=r"expected features of shape \(n ≥ 1, d\)"):
         M.vendi(torch.zeros(0, 3))
+
+
+# ----------------------------------------------------------------------------- the registry
+
+
+def _toy(**change):
+    fields = dict(
+        name="toy",
+        criterion="Toyness",
+        direction="higher",
+        label="Toy",
+        inputs=("image_features",),
+        compute=lambda image_features: float(image_features.mean()),
+    )
+    return M.Metric(**{**fields, **change})
+
+
+def test_registry_declares_the_papers_metrics():
+    from higanbana.evaluate import aggregate as agg
+
+    names = ["fidelity_cos", "fidelity_scd", "text_alignment", "vendi", "style_loss", "quality"]
+    assert [m.name for m in M.registry()] == names
+    assert agg.metric_directions() == {
+        "fidelity_cos": "higher",
+        "fidelity_scd": "lower",
+        "text_alignment": "higher",
+        "vendi": "higher",
+        "style_loss": "lower",
+        "quality": "higher",
+    }
+    assert [agg.label(n) for n in names] == [
+        "Image similarity (cos)",
+        "Image similarity (SCD)",
+        "Text similarity",
+        "Vendi",
+        "Style preservation (loss)",
+        "Image quality",
+    ]
+    assert agg.label("vendi", "alter") == "Vendi <alter>" and agg.label("mine") == "mine"
+    assert agg.ranked_criteria() == {
+        "Fidelity": ("fidelity_cos", ("train", "trigger", "alter")),
+        "Controllability": ("text_alignment", ("alter",)),
+        "Diversity": ("vendi", ("trigger", "alter")),
+        "Base preservation": ("style_loss", ("style",)),
+    }
+    style = next(m for m in M.registry() if m.name == "style_loss")
+    assert style.against_base and style.measured_on("style", base_model=False)
+    assert not style.measured_on("style", base_model=True) and not style.measured_on("alter", base_model=False)
+    assert all(m.measured_on("train", base_model=True) for m in M.registry() if m.name != "style_loss")
+
+
+def test_every_input_has_a_provider_in_measure():
+    from higanbana.evaluate.run import _SetInputs
+
+    for name in M.INPUTS:
+        assert callable(getattr(_SetInputs, name, None)), name
+
+
+def test_metric_computations_match_the_functions():
+    z, ref = _rand(6, 4, 1), _rand(5, 4, 2)
+    by_name = {m.name: m for m in M.registry()}
+    assert by_name["fidelity_cos"].compute(image_features=z, train_features=ref) == M.cosine_similarity(z, ref)
+    assert by_name["fidelity_scd"].compute(image_features=z, train_features=ref) == M.centroid_distance(z, ref)
+    groups = [0, 0, 0, 1, 1, 1]
+    vendi = by_name["vendi"]
+    assert vendi.compute(image_features=z, prompt_type="alter", prompt_indices=groups) == M.vendi_per_group(z, groups)
+    assert vendi.compute(image_features=z, prompt_type="trigger", prompt_indices=groups) == M.vendi(z)
+    grams_a = [_rand(4, 3, 3).reshape(4, 3, 1).expand(4, 3, 3)]
+    grams_b = [_rand(4, 3, 4).reshape(4, 3, 1).expand(4, 3, 3)]
+    chunks = [
+        ([g[:2] for g in grams_a], [g[:2] for g in grams_b]),
+        ([g[2:] for g in grams_a], [g[2:] for g in grams_b]),
+    ]
+    assert by_name["style_loss"].compute(style_grams=chunks) == pytest.approx(M.style_loss(grams_a, grams_b))
+    assert by_name["quality"].compute(quality_scores=torch.tensor([1.0, 2.0])) == 1.5
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"name": "vendi"}, "'vendi' is already registered"),
+        ({"name": ""}, "non-empty name"),
+        ({"direction": "up"}, "direction must be 'higher' or 'lower'"),
+        ({"inputs": ("image_feature",)}, r"unknown input 'image_feature' \(did you mean 'image_features'\?\)"),
+        ({"compute": lambda z: 0.0}, "does not take its inputs"),
+        ({"prompt_types": ("styles",)}, r"unknown prompt type 'styles' \(did you mean 'style'\?\)"),
+        ({"prompt_types": ()}, "prompt_types is empty"),
+        ({"prompt_types": ("alter",), "ranked_on": ("train",)}, "not within prompt_types"),
+        ({"criterion": M.FIDELITY, "ranked_on": ("train",)}, "'Fidelity' is already ranked by 'fidelity_cos'"),
+    ],
+)
+def test_bad_declarations_are_refused(change, message):
+    before = M.registry()
+    with pytest.raises(HiganbanaError, match=message):
+        M.register(_toy(**change))
+    assert M.registry() == before
+
+
+def test_registered_adds_for_the_block_and_restores_even_on_error():
+    before = M.registry()
+    with pytest.raises(RuntimeError, match="inside"), M.registered(_toy()) as added:
+        assert [m.name for m in added] == ["toy"]
+
+        @M.declare("toy2", criterion="Toyness", direction="lower", label="Toy 2", inputs=("prompt_type",))
+        def _toy2(prompt_type):
+            return 1.0
+
+        assert [m.name for m in M.registry()][-2:] == ["toy", "toy2"]
+        raise RuntimeError("inside")
+    assert M.registry() == before
