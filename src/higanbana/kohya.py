@@ -41,10 +41,10 @@ silently dropped; files are safetensors only (``--save_model_as safetensors``).
 from __future__ import annotations
 
 import functools
-import inspect
 import json
 import logging
 import os
+import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -53,7 +53,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from .algorithms import accepted_options, algorithm_class, list_algorithms
+from .algorithms import accepted_options, algorithm_class, list_algorithms, option_types
 from .errors import ConfigError, HiganbanaError, nearest
 from .formats.metadata import SS_METADATA_MINIMUM_KEYS, model_hashes
 from .network import AdapterNetwork, LoadReport, NetworkConfig, Part
@@ -120,20 +120,16 @@ _SGM_NATIVE_NAMES = {
 # --------------------------------------------------------------------------- network_args
 @functools.cache
 def _option_types() -> dict[str, str]:
-    """Every network_arg name → ``"bool" | "int" | "float" | "str"`` (``"?"`` suffix: ``none`` allowed)."""
+    """Every network_arg name → ``"bool" | "int" | "float" | "str"`` (``"?"`` suffix: ``none`` allowed),
+    from the algorithms' declared ``Options`` (their field types)."""
     types = dict(_OWN_ARGS)
     for algo in list_algorithms():
-        cls = algorithm_class(algo)
-        for klass in cls.__mro__:
-            init = klass.__dict__.get("__init__")
-            if init is None or klass is nn.Module or klass is object:
+        for name, hint in option_types(algorithm_class(algo)).items():
+            if name in _NOT_ARGS or name in types:
                 continue
-            for p in inspect.signature(init).parameters.values():
-                if p.kind is not p.KEYWORD_ONLY or p.name in _NOT_ARGS or p.name in types:
-                    continue
-                ann = str(p.annotation)
-                base = next((t for t in ("bool", "int", "float", "str") if t in ann.split(" | ")), "str")
-                types[p.name] = base + ("?" if "None" in ann else "")
+            allowed = typing.get_args(hint) or (hint,)
+            base = next((t.__name__ for t in (bool, int, float, str) if t in allowed), "str")
+            types[name] = base + ("?" if type(None) in allowed else "")
     return types
 
 

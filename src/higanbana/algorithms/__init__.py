@@ -10,13 +10,13 @@ mapping, tool verdicts, selfcheck examples; see :mod:`.files`), and every other 
 from __future__ import annotations
 
 import importlib
-import inspect
+import typing
 from typing import Any
 
 from torch import Tensor, nn
 
 from ..errors import ConfigError, nearest
-from .base import Adapter, FactoredAdapter, LayerSpec, layer_spec
+from .base import Adapter, AdapterOptions, FactoredAdapter, FactoredOptions, LayerSpec, layer_spec, option_fields
 
 #: algorithm name -> "module:Class" (imported on first use), or a class :func:`register` added
 REGISTRY: dict[str, str | type[Adapter]] = {
@@ -79,16 +79,13 @@ def unregister(name: str) -> None:
 
 
 def accepted_options(cls: type[Adapter]) -> set[str]:
-    """Every keyword an algorithm class accepts, through its base classes."""
-    names: set[str] = set()
-    for klass in cls.__mro__:
-        init = klass.__dict__.get("__init__")
-        if init is None or klass is nn.Module or klass is object:
-            continue
-        for p in inspect.signature(init).parameters.values():
-            if p.kind is p.KEYWORD_ONLY:
-                names.add(p.name)
-    return names
+    """Every option an algorithm class takes: the fields of its declared ``Options``."""
+    return set(option_fields(cls.Options))
+
+
+def option_types(cls: type[Adapter]) -> dict[str, Any]:
+    """``{option: type}`` of an algorithm's declared ``Options`` (e.g. ``int``, ``float | None``)."""
+    return typing.get_type_hints(cls.Options)
 
 
 def make_adapter(algo: str, layer: nn.Module, **options: Any) -> Adapter:
@@ -126,7 +123,9 @@ __all__ = [
     "ALIASES",
     "REGISTRY",
     "Adapter",
+    "AdapterOptions",
     "FactoredAdapter",
+    "FactoredOptions",
     "LayerSpec",
     "accepted_options",
     "adapter_from_state",
@@ -136,6 +135,8 @@ __all__ = [
     "layer_spec",
     "list_algorithms",
     "make_adapter",
+    "option_fields",
+    "option_types",
     "register",
     "unregister",
 ]

@@ -14,17 +14,18 @@ The forward has two modes that agree to rounding: *merged* (one ``op(x, W', b')`
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import ConfigError, HiganbanaError, UnsupportedLayerError
+from ..errors import ConfigError, HiganbanaError, UnsupportedLayerError, nearest
 from .files import DEVIATE, REJECT, SKIP, TOOLS, Verdicts, dora_axis, merge_verdicts
 
 FORWARD_MODES = ("auto", "merged", "bypass")
@@ -149,6 +150,43 @@ def _check_fraction(name: str, value: float) -> float:
     return value
 
 
+def option(default: Any, help: str) -> Any:
+    """A declared option: its default and the one line ``higanbana algorithms`` shows."""
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class AdapterOptions:
+    """The options every algorithm takes. Each algorithm declares its own ``Options`` subclass: the
+    one schema that construction, validation of file records, kohya ``network_args`` parsing and
+    ``higanbana algorithms`` read (names, types, defaults, help)."""
+
+    multiplier: float = option(1.0, "strength m (0: the base layer)")
+    dropout: float = option(0.0, "dropout on the adapter branch's output, in training")
+    module_dropout: float = option(0.0, "probability of skipping the adapter for a whole step, in training")
+    forward_mode: str = option("auto", "auto, merged (one op with W0 + m·s·ΔW) or bypass (op(x, W0) + branch)")
+    dtype: torch.dtype | None = option(torch.float32, "dtype of the adapter's parameters")
+
+
+@dataclass(frozen=True)
+class FactoredOptions(AdapterOptions):
+    """The options of the algorithms whose ΔW is a product of factors (LoRA, LoHa, LoKr, GLoRA)."""
+
+    rank: int = option(4, "the factors' inner dimension r")
+    alpha: float | None = option(None, "scale numerator: s = alpha/r (missing or 0: alpha = r)")
+    rs_lora: bool = option(False, "rank-stabilised scale s = alpha/√r")
+    use_scalar: bool = option(False, "a learned scalar (init 0) allows a non-zero init of the up factor")
+    rank_dropout: float = option(0.0, "zero random rank channels, in training")
+    rank_dropout_scale: bool = option(False, "rescale the kept rank channels by 1/(1 - rank_dropout)")
+    weight_decompose: bool = option(False, "DoRA: learn the magnitude of W0 + s·ΔW separately")
+    wd_on_output: bool = option(True, "DoRA magnitude per output row (false: per input column, legacy)")
+
+
+def option_fields(options_cls: type) -> dict[str, dataclasses.Field]:
+    """``{name: field}`` of an algorithm's ``Options`` dataclass."""
+    return {f.name: f for f in dataclasses.fields(options_cls)}
+
+
 class Adapter(nn.Module):
     """One algorithm wrapped around one layer. Subclasses set ``algo`` and the hooks below.
 
@@ -158,6 +196,8 @@ class Adapter(nn.Module):
     """
 
     algo: ClassVar[str] = ""
+    #: the options the algorithm takes (a frozen dataclass; see :class:`AdapterOptions`)
+    Options: ClassVar[type] = AdapterOptions
     #: the name tools and papers use (``LoRA``, ``IA3``): in messages
     title: ClassVar[str] = ""
     #: the factors initialised to zero (LoRA's "up"): LoRA+ gives them a larger learning rate
@@ -182,30 +222,32 @@ class Adapter(nn.Module):
     #: ``(label, options, learning rate)``: the setups ``higanbana selfcheck`` trains
     examples: ClassVar[tuple[tuple[str, dict[str, Any], float], ...]] = ()
 
-    def __init__(
-        self,
-        layer: nn.Module,
-        *,
-        multiplier: float = 1.0,
-        dropout: float = 0.0,
-        module_dropout: float = 0.0,
-        forward_mode: str = "auto",
-        dtype: torch.dtype | None = torch.float32,
-    ) -> None:
+    def __init__(self, layer: nn.Module, **options: Any) -> None:
         super().__init__()
+        self.options = self.read_options(options)
+        o = self.options
         self.spec = self._make_spec(layer)
         self._layer = [layer]  # a list, so nn.Module does not register (or save) the base layer
         self._original_forward = None
         self._stack: list[Adapter | None] = [None, None]  # [inner, outer] on the same layer (not registered)
-        self.multiplier = finite_number(self.algo, "multiplier", multiplier)
-        self.dropout = _check_fraction("dropout", dropout)
-        self.module_dropout = _check_fraction("module_dropout", module_dropout)
-        if forward_mode not in FORWARD_MODES:
-            raise ConfigError(f"option forward_mode={forward_mode!r} must be one of {FORWARD_MODES}")
-        self.forward_mode = forward_mode
-        self.param_dtype = dtype or torch.float32
+        self.multiplier = finite_number(self.algo, "multiplier", o.multiplier)
+        self.dropout = _check_fraction("dropout", o.dropout)
+        self.module_dropout = _check_fraction("module_dropout", o.module_dropout)
+        if o.forward_mode not in FORWARD_MODES:
+            raise ConfigError(f"option forward_mode={o.forward_mode!r} must be one of {FORWARD_MODES}")
+        self.forward_mode = o.forward_mode
+        self.param_dtype = o.dtype or torch.float32
         self._merged_multiplier: float | None = None
         self._backup: tuple[Tensor, Tensor | None] | None = None
+
+    @classmethod
+    def read_options(cls, options: Mapping[str, Any]) -> Any:
+        """``options`` as this algorithm's ``Options``; an unknown name is an error naming the nearest."""
+        names = option_fields(cls.Options)
+        for name in options:
+            if name not in names:
+                raise ConfigError(f"{cls.algo}: unknown option {name!r}{nearest(name, names)}")
+        return cls.Options(**options)
 
     # ----------------------------------------------------------------- the wrapped layer
     def _make_spec(self, layer: nn.Module) -> LayerSpec:
@@ -579,34 +621,25 @@ class FactoredAdapter(Adapter):
         blocks full, whose scale is 1)."""
         return True
 
-    def __init__(
-        self,
-        layer: nn.Module,
-        *,
-        rank: int = 4,
-        alpha: float | None = None,
-        rs_lora: bool = False,
-        use_scalar: bool = False,
-        rank_dropout: float = 0.0,
-        rank_dropout_scale: bool = False,
-        weight_decompose: bool = False,
-        wd_on_output: bool = True,
-        **common: Any,
-    ) -> None:
-        super().__init__(layer, **common)
-        rank = whole_number(self.algo, "rank", rank)
+    Options = FactoredOptions
+
+    def __init__(self, layer: nn.Module, **options: Any) -> None:
+        super().__init__(layer, **options)
+        o = self.options
+        rank = whole_number(self.algo, "rank", o.rank)
         if rank < 1:
             raise ConfigError(f"{self.algo}: option rank={rank} must be ≥ 1")
         self.rank = rank
-        self.alpha = float(rank if alpha in (None, 0) else finite_number(self.algo, "alpha", alpha))
-        self.rs_lora = bool(rs_lora)
-        self.rank_dropout = _check_fraction("rank_dropout", rank_dropout)
-        self.rank_dropout_scale = bool(rank_dropout_scale)
-        if weight_decompose and not self.supports_dora:
+        self.alpha = float(rank if o.alpha in (None, 0) else finite_number(self.algo, "alpha", o.alpha))
+        self.rs_lora = bool(o.rs_lora)
+        self.rank_dropout = _check_fraction("rank_dropout", o.rank_dropout)
+        self.rank_dropout_scale = bool(o.rank_dropout_scale)
+        if o.weight_decompose and not self.supports_dora:
             raise ConfigError(f"{self.algo}: weight_decompose (DoRA) is only for lora, loha and lokr")
-        self.weight_decompose = bool(weight_decompose)
-        self.wd_on_output = bool(wd_on_output)
-        self.scalar = nn.Parameter(torch.zeros((), dtype=self.param_dtype, device=self.device)) if use_scalar else None
+        self.weight_decompose = bool(o.weight_decompose)
+        self.wd_on_output = bool(o.wd_on_output)
+        zero = torch.zeros((), dtype=self.param_dtype, device=self.device)
+        self.scalar = nn.Parameter(zero) if o.use_scalar else None
 
     @property
     def use_scalar(self) -> bool:

@@ -23,13 +23,14 @@ branch is ``rescale ⊙ S·z − z`` (exactly 0 at init).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from .base import layer_spec, require, whole_number
+from .base import layer_spec, option, require, whole_number
 from .factorize import boft_block_size, is_power_of_two
 from .oft import OrthogonalAdapter
 
@@ -49,15 +50,17 @@ class BOFT(OrthogonalAdapter):
     peft_refusal = "PEFT's BOFT acts on the input side with its own butterfly parametrisation; ours rotates output rows"
     examples = (("boft", {"rank": 4}, 3e-3),)
 
-    def __init__(self, layer: nn.Module, *, boft_stages: int | None = None, **options: Any) -> None:
-        self._stages_request = boft_stages
-        super().__init__(layer, **options)
+    @dataclass(frozen=True)
+    class Options(OrthogonalAdapter.Options):
+        boft_stages: int | None = option(None, "butterfly stages M (default and maximum log2(n) + 1)")
 
     def choose_block_size(self, out: int, rank: int) -> int:
         b = boft_block_size(out, rank)
         n, most = out // b, max_stages(out // b)
         stages = (
-            most if self._stages_request in (None, 0) else whole_number("boft", "boft_stages", self._stages_request)
+            most
+            if self.options.boft_stages in (None, 0)
+            else whole_number("boft", "boft_stages", self.options.boft_stages)
         )
         if not 1 <= stages <= most:
             raise ConfigError(

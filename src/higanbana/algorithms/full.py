@@ -12,12 +12,13 @@ always cheaper (bypass would be two full-size ops), so ``auto`` runs merged; byp
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .base import Adapter, copy_checked, layer_spec, require
+from .base import Adapter, AdapterOptions, copy_checked, layer_spec, option, require
 from .files import FileStateError, dims, need, shape
 
 
@@ -32,11 +33,15 @@ class Full(Adapter):
     loaded_by = frozenset({"ComfyUI", "A1111"})
     examples = (("full", {}, 3e-4),)
 
-    def __init__(self, layer: nn.Module, *, train_bias: bool = True, **options: Any) -> None:
+    @dataclass(frozen=True)
+    class Options(AdapterOptions):
+        train_bias: bool = option(True, "also train the bias difference diff_b (layers with a bias)")
+
+    def __init__(self, layer: nn.Module, **options: Any) -> None:
         super().__init__(layer, **options)
         self.diff = self.new_param(*self.base_weight.shape)
         b0 = self.base_bias
-        self.diff_b = self.new_param(*b0.shape) if (b0 is not None and train_bias) else None
+        self.diff_b = self.new_param(*b0.shape) if (b0 is not None and self.options.train_bias) else None
         self.reset_parameters()
 
     @torch.no_grad()

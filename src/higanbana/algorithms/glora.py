@@ -29,12 +29,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .base import FactoredAdapter, LayerSpec, copy_checked, layer_spec, require
+from .base import FactoredAdapter, FactoredOptions, LayerSpec, copy_checked, layer_spec, option, require
 from .files import DEVIATE, SKIP, FileStateError, Verdicts, dims, need
 
 KEYS = ("a1.weight", "a2.weight", "b1.weight", "b2.weight")
@@ -84,9 +85,12 @@ class GLoRA(FactoredAdapter):
     loaded_by = frozenset({"ComfyUI", "A1111"})
     examples = (("glora", {"rank": 4}, 3e-3),)
 
-    def __init__(self, layer: nn.Module, *, rank: int = 4, use_tucker: bool = False, **options: Any) -> None:
-        # use_tucker is accepted with every factored algorithm; GLoRA has no Tucker form (ignored)
-        super().__init__(layer, rank=rank, **options)
+    @dataclass(frozen=True)
+    class Options(FactoredOptions):
+        use_tucker: bool = option(False, "accepted like every factored algorithm's; GLoRA has no Tucker form (ignored)")
+
+    def __init__(self, layer: nn.Module, **options: Any) -> None:
+        super().__init__(layer, **options)
         spec, r = self.spec, self.rank
         self.use_tucker = False
         self.a1 = self.new_param(spec.in_features, r)

@@ -15,12 +15,13 @@ With dropout in training the adapter branch ``y' − y`` is dropped: output side
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .base import Adapter, copy_checked, layer_spec, require
+from .base import Adapter, AdapterOptions, copy_checked, layer_spec, option, require
 from .files import FileStateError, need, shape
 
 
@@ -38,10 +39,14 @@ class IA3(Adapter):
     loaded_by = frozenset({"A1111"})
     examples = (("ia3", {}, 1e-2),)
 
-    def __init__(self, layer: nn.Module, *, on_input: bool = False, **options: Any) -> None:
+    @dataclass(frozen=True)
+    class Options(AdapterOptions):
+        on_input: bool = option(False, "scale the input channels (columns of W0) instead of the output channels")
+
+    def __init__(self, layer: nn.Module, **options: Any) -> None:
         super().__init__(layer, **options)
         spec = self.spec
-        self.on_input = bool(on_input)
+        self.on_input = bool(self.options.on_input)
         channels = spec.in_features if self.on_input else spec.out_features
         self.channels = channels
         # (C,) for Linear, (1, C, 1..) for ConvNd: the stored shape also broadcasts over activations

@@ -13,13 +13,14 @@ the two full-size products are rebuilt there instead of being held between forwa
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ..errors import HiganbanaError
-from .base import FactoredAdapter, LayerSpec, copy_checked, layer_spec, require
+from .base import FactoredAdapter, FactoredOptions, LayerSpec, copy_checked, layer_spec, option, require
 from .dora import dora_options
 from .files import FileStateError, alpha_of, dims, need, same, shape
 
@@ -70,10 +71,14 @@ class LoHa(FactoredAdapter):
     loaded_by = frozenset({"ComfyUI", "A1111"})
     examples = (("loha", {"rank": 4}, 3e-3),)
 
-    def __init__(self, layer: nn.Module, *, rank: int = 4, use_tucker: bool = False, **options: Any) -> None:
-        super().__init__(layer, rank=rank, **options)
+    @dataclass(frozen=True)
+    class Options(FactoredOptions):
+        use_tucker: bool = option(False, "Tucker form for convs with a kernel > 1 (hada_t1, hada_t2)")
+
+    def __init__(self, layer: nn.Module, **options: Any) -> None:
+        super().__init__(layer, **options)
         spec, r = self.spec, self.rank
-        self.use_tucker = bool(use_tucker) and spec.is_conv and spec.kernel_numel > 1
+        self.use_tucker = bool(self.options.use_tucker) and spec.is_conv and spec.kernel_numel > 1
         if self.use_tucker:
             self.hada_t1 = self.new_param(r, r, *spec.kernel_size)
             self.hada_t2 = self.new_param(r, r, *spec.kernel_size)

@@ -25,13 +25,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError, HiganbanaError
-from .base import FactoredAdapter, copy_checked, layer_spec, require, whole_number
+from .base import FactoredAdapter, FactoredOptions, copy_checked, layer_spec, option, require, whole_number
 from .dora import dora_options
 from .factorize import factorize
 from .files import FileStateError, alpha_of, dims, need, same, shape
@@ -92,20 +93,20 @@ class LoKr(FactoredAdapter):
     loaded_by = frozenset({"ComfyUI", "A1111"})
     examples = (("lokr", {"rank": 4, "factor": 4}, 3e-3),)
 
-    def __init__(
-        self,
-        layer: nn.Module,
-        *,
-        rank: int = 4,
-        factor: int = -1,
-        decompose_both: bool = False,
-        full_matrix: bool = False,
-        unbalanced_factorization: bool = False,
-        use_tucker: bool = False,
-        **options: Any,
-    ) -> None:
-        super().__init__(layer, rank=rank, **options)
+    @dataclass(frozen=True)
+    class Options(FactoredOptions):
+        factor: int = option(-1, "split each dimension as d = a·b with a ≤ factor (-1: the most balanced split)")
+        decompose_both: bool = option(False, "also factor the first Kronecker block w1 (w1_a·w1_b)")
+        full_matrix: bool = option(False, "never factor w2 (rank ignored; scale 1 when w1 is full too)")
+        unbalanced_factorization: bool = option(False, "swap the out split (u1 ↔ u2)")
+        use_tucker: bool = option(False, "Tucker form of w2 for convs with a kernel > 1 (lokr_t2)")
+
+    def __init__(self, layer: nn.Module, **options: Any) -> None:
+        super().__init__(layer, **options)
         spec, r = self.spec, self.rank
+        o = self.options
+        factor, decompose_both, full_matrix = o.factor, o.decompose_both, o.full_matrix
+        unbalanced_factorization, use_tucker = o.unbalanced_factorization, o.use_tucker
         factor = whole_number("lokr", "factor", factor)
         if factor == 0 or factor < -1:
             raise ConfigError(f"lokr: option factor={factor} must be -1 (most balanced split) or a positive integer")

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ..errors import HiganbanaError
-from .base import FactoredAdapter, LayerSpec, copy_checked, layer_spec, require
+from .base import FactoredAdapter, FactoredOptions, LayerSpec, copy_checked, layer_spec, option, require
 from .dora import dora_options
 from .files import REJECT, FileStateError, Verdicts, alpha_of, dims, dora_axis, need, ones_from, same, shape
 
@@ -39,11 +40,15 @@ class LoRA(FactoredAdapter):
         ("dora", {"rank": 4, "weight_decompose": True}, 3e-3),
     )
 
-    def __init__(self, layer: nn.Module, *, rank: int = 4, use_tucker: bool = False, **options: Any) -> None:
-        super().__init__(layer, rank=rank, **options)
+    @dataclass(frozen=True)
+    class Options(FactoredOptions):
+        use_tucker: bool = option(False, "Tucker form for convs with a kernel > 1 (lora_mid)")
+
+    def __init__(self, layer: nn.Module, **options: Any) -> None:
+        super().__init__(layer, **options)
         spec = self.spec
         r = self.rank
-        self.use_tucker = bool(use_tucker) and spec.is_conv and spec.kernel_numel > 1
+        self.use_tucker = bool(self.options.use_tucker) and spec.is_conv and spec.kernel_numel > 1
         if self.use_tucker:
             self.lora_down = self.new_param(r, spec.in_features, *spec.ones_kernel)
             self.lora_mid = self.new_param(r, r, *spec.kernel_size)

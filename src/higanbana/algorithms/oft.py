@@ -32,13 +32,23 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from .base import Adapter, copy_checked, finite_number, layer_spec, require, whole_number
+from .base import (
+    Adapter,
+    AdapterOptions,
+    copy_checked,
+    finite_number,
+    layer_spec,
+    option,
+    require,
+    whole_number,
+)
 from .files import DEVIATE, SKIP, FileStateError, Verdicts, dims, merge_verdicts, need, shape
 
 #: ``alpha`` written for "no constraint" (``alpha`` is never 0 in a file); ``α·out`` must fit a float32
@@ -152,16 +162,15 @@ class OrthogonalAdapter(Adapter):
             merge_verdicts(out, {tool: verdict})
         return out
 
-    def __init__(
-        self,
-        layer: nn.Module,
-        *,
-        rank: int = 4,
-        constraint: float = 0.0,
-        rescaled: bool = False,
-        **common: Any,
-    ) -> None:
-        super().__init__(layer, **common)
+    @dataclass(frozen=True)
+    class Options(AdapterOptions):
+        rank: int = option(4, "block size request: the largest valid block size ≤ rank")
+        constraint: float = option(0.0, "clamp ‖Q‖_F to constraint·out (0: no constraint)")
+        rescaled: bool = option(False, "learn a per-output-channel rescale")
+
+    def __init__(self, layer: nn.Module, **options: Any) -> None:
+        super().__init__(layer, **options)
+        rank, constraint, rescaled = self.options.rank, self.options.constraint, self.options.rescaled
         rank = whole_number(self.algo, "rank", rank)
         if rank < 1:
             raise ConfigError(f"{self.algo}: option rank={rank} (the block size) must be ≥ 1")

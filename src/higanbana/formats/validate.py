@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..algorithms import accepted_options, algorithm_class
+from ..algorithms import accepted_options, algorithm_class, option_types
 from ..algorithms.files import FileStateError
 from ..errors import ConfigError, HiganbanaError
 from .detect import detect_algo, group_modules
@@ -104,21 +104,8 @@ def parse_records(raw: str) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _option_types(cls: type) -> dict[str, Any]:
-    hints: dict[str, Any] = {}
-    for klass in reversed(cls.__mro__):
-        init = klass.__dict__.get("__init__")
-        if init is None or klass.__module__.startswith("torch"):
-            continue
-        try:
-            hints.update(typing.get_type_hints(init))
-        except Exception:  # an annotation that cannot be resolved is not checked
-            continue
-    return hints
-
-
 def _check_option_type(cls: type, key: str, value: Any, where: str) -> None:
-    hint = _option_types(cls).get(key)
+    hint = option_types(cls).get(key)
     if hint is None:
         return
     allowed = typing.get_args(hint) or (hint,)
