@@ -164,7 +164,9 @@ def mutated(draw, sources):
             if choice == 0:
                 records.pop(name, None)
             elif choice == 1:
-                records[name] = {"algo": draw(st.sampled_from(ALGOS)), "options": records.get(name, {}).get("options")}
+                old = records.get(name)
+                options = old.get("options") if isinstance(old, dict) else None
+                records[name] = {"algo": draw(st.sampled_from(ALGOS)), "options": options}
             elif choice == 2:
                 records[name] = draw(st.one_of(st.none(), st.integers(), st.text(max_size=5), st.lists(st.integers())))
             else:

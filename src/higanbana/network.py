@@ -724,8 +724,8 @@ class AdapterNetwork(nn.Module):
                 continue
             try:
                 adapter.load_state_tensors(grouped[name])
-            except (KeyError, ValueError, RuntimeError) as exc:
-                report.mismatched[name] = str(exc).strip("'\"")
+            except HiganbanaError as exc:  # the algorithm names the key and the shapes
+                report.mismatched[name] = str(exc)
             else:
                 report.loaded.append(name)
         if strict and not report.ok:
@@ -816,8 +816,6 @@ class AdapterNetwork(nn.Module):
                     opts = dict(record["options"])
                 net.adapters[name] = make_adapter(record["algo"], layer, **opts)
                 check_keys_read(net.adapters[name], suffixes)
-            except (KeyError, ValueError) as exc:
-                raise HiganbanaError(f"{source}: module {name}: {str(exc).strip(chr(39))}") from exc
             except HiganbanaError as exc:
                 raise type(exc)(f"{source}: module {name}: {exc}") from exc
             net.records[name] = ModuleRecord(name, part.prefix, path, net.adapters[name].algo, opts)

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError, HiganbanaError, UnsupportedLayerError, nearest
-from .files import DEVIATE, REJECT, SKIP, TOOLS, Verdicts, dora_axis, merge_verdicts
+from .files import DEVIATE, REJECT, SKIP, TOOLS, FileStateError, Verdicts, dora_axis, merge_verdicts
 
 FORWARD_MODES = ("auto", "merged", "bypass")
 
@@ -488,7 +488,7 @@ class Adapter(nn.Module):
     def merge_into(self) -> None:
         """Write the adapted weight (at the current multiplier) into the wrapped layer."""
         if self.merged:
-            raise RuntimeError(f"{self.algo} adapter is already merged")
+            raise HiganbanaError(f"{self.algo} adapter is already merged")
         if self.inner is not None and not self.inner.merged:
             inner = self.inner.algo
             raise HiganbanaError(f"{self.algo} adapter is stacked on an unmerged {inner} adapter: merge that first")
@@ -509,7 +509,7 @@ class Adapter(nn.Module):
     def unmerge(self) -> None:
         """Restore the layer's original weight and bias after :meth:`merge_into`."""
         if not self.merged:
-            raise RuntimeError(f"{self.algo} adapter is not merged")
+            raise HiganbanaError(f"{self.algo} adapter is not merged")
         outer = self._stack[1]
         if outer is not None and outer.merged:
             raise HiganbanaError(f"a {outer.algo} adapter is merged on top of this {self.algo} one: unmerge it first")
@@ -743,7 +743,7 @@ class FactoredAdapter(Adapter):
             self.set_file_alpha(float(tensors["alpha"]))
         if self.weight_decompose:
             if "dora_scale" not in tensors:
-                raise KeyError("dora_scale")
+                raise FileStateError("missing key 'dora_scale'")
             copy_checked(self.dora_scale, tensors["dora_scale"], "dora_scale")
         if self.scalar is not None:
             with torch.no_grad():
@@ -754,7 +754,7 @@ class FactoredAdapter(Adapter):
 def copy_checked(param: Tensor, value: Tensor, key: str) -> None:
     """Copy ``value`` into ``param``, with an error naming ``key`` on a shape mismatch."""
     if tuple(value.shape) != tuple(param.shape):
-        raise ValueError(f"tensor {key!r} has shape {tuple(value.shape)}, expected {tuple(param.shape)}")
+        raise FileStateError(f"tensor {key!r} has shape {tuple(value.shape)}, expected {tuple(param.shape)}")
     param.copy_(value.to(param.dtype))
 
 
@@ -770,5 +770,5 @@ def _alpha_is_zero(cls: type[FactoredAdapter], tensors: Mapping[str, Tensor]) ->
 def require(tensors: dict[str, Tensor], key: str) -> Tensor:
     """``tensors[key]``, or a KeyError that names the missing key."""
     if key not in tensors:
-        raise KeyError(f"missing key {key!r}")
+        raise FileStateError(f"missing key {key!r}")
     return tensors[key]

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from ..errors import ConfigError
 from .base import layer_spec, option, require, whole_number
 from .factorize import boft_block_size, is_power_of_two
+from .files import FileStateError
 from .oft import OrthogonalAdapter
 
 
@@ -103,10 +104,10 @@ class BOFT(OrthogonalAdapter):
         blocks = require(tensors, "oft_blocks")
         shape = tuple(blocks.shape)
         if blocks.dim() != 4 or shape[2] != shape[3]:
-            raise ValueError(f"boft: tensor 'oft_blocks' has shape {shape}, expected (M, n, b, b)")
+            raise FileStateError(f"boft: tensor 'oft_blocks' has shape {shape}, expected (M, n, b, b)")
         stages, n, b = shape[0], shape[1], shape[2]
         if n * b != spec.out_features or b % 2 or not is_power_of_two(n) or not 1 <= stages <= max_stages(n):
-            raise ValueError(
+            raise FileStateError(
                 f"boft: tensor 'oft_blocks' has shape {shape}: needs n·b = out = {spec.out_features}, "
                 f"b even, n a power of two and 1 ≤ M ≤ log2(n)+1"
             )

@@ -79,7 +79,7 @@ class Full(Adapter):
         if self.diff_b is not None:
             copy_checked(self.diff_b, require(tensors, "diff_b"), "diff_b")
         elif "diff_b" in tensors:
-            raise ValueError(
+            raise FileStateError(
                 "tensor 'diff_b' given, but this adapter has no bias difference "
                 f"(layer bias: {'none' if self.base_bias is None else 'not trained'})"
             )
@@ -91,10 +91,10 @@ class Full(Adapter):
         diff = require(tensors, "diff")
         expected = (spec.out_features, spec.in_features, *spec.kernel_size)
         if tuple(diff.shape) != expected:
-            raise ValueError(f"tensor 'diff' has shape {tuple(diff.shape)}, expected {expected}")
+            raise FileStateError(f"tensor 'diff' has shape {tuple(diff.shape)}, expected {expected}")
         has_bias = getattr(layer, "bias", None) is not None
         if "diff_b" in tensors and not has_bias:
-            raise ValueError(f"tensor 'diff_b' given, but the {type(layer).__name__} layer has no bias")
+            raise FileStateError(f"tensor 'diff_b' given, but the {type(layer).__name__} layer has no bias")
         return {"train_bias": "diff_b" in tensors} if has_bias else {}
 
     def extra_state_options(self) -> dict[str, Any]:

@@ -67,7 +67,7 @@ def _new_layout(tensors: dict[str, Tensor], spec: LayerSpec) -> dict[str, Tensor
     if fits(a2, a1, b2, b1):  # old layout: the same factors under swapped names
         return dict(zip(KEYS, (a2, a1, b2, b1), strict=True))
     shapes = ", ".join(f"{k} {tuple(t.shape)}" for k, t in zip(KEYS, (a1, a2, b1, b2), strict=True))
-    raise ValueError(
+    raise FileStateError(
         f"glora tensors ({shapes}) fit neither layout for a layer with in={inp}, out={out}, "
         f"in·∏k={spec.fan_in}: expected a1 (in, r), a2 (r, in), b1 (out, r), b2 (r, in·∏k)"
     )

@@ -129,7 +129,7 @@ class IA3(Adapter):
 
     def load_state_tensors(self, tensors: dict[str, Tensor]) -> None:
         if "on_input" in tensors and bool(int(tensors["on_input"])) != self.on_input:
-            raise ValueError(
+            raise FileStateError(
                 f"tensor 'on_input' is {int(tensors['on_input'])}, but this adapter has on_input={self.on_input}"
             )
         weight = require(tensors, "weight")
@@ -145,7 +145,7 @@ class IA3(Adapter):
             return {"on_input": bool(int(tensors["on_input"]))}
         size = require(tensors, "weight").numel()
         if size not in (spec.in_features, spec.out_features):
-            raise ValueError(
+            raise FileStateError(
                 f"tensor 'weight' has {size} values; expected {spec.out_features} (output channels) "
                 f"or {spec.in_features} (input channels)"
             )

@@ -138,7 +138,7 @@ class Norm(Adapter):
         if self.b_norm is not None:
             copy_checked(self.b_norm, require(tensors, "b_norm"), "b_norm")
         elif "b_norm" in tensors and bool(tensors["b_norm"].ne(0).any()):
-            raise ValueError(f"tensor 'b_norm' is non-zero, but the {type(self.layer).__name__} layer has no bias")
+            raise FileStateError(f"tensor 'b_norm' is non-zero, but the {type(self.layer).__name__} layer has no bias")
 
     @classmethod
     def options_from_state(cls, tensors: dict[str, Tensor], layer: nn.Module) -> dict[str, Any]:
@@ -146,7 +146,7 @@ class Norm(Adapter):
         spec = norm_spec(layer, cls.algo)
         w = require(tensors, "w_norm")
         if tuple(w.shape) != spec.param_shape:
-            raise ValueError(f"tensor 'w_norm' has shape {tuple(w.shape)}, expected {spec.param_shape}")
+            raise FileStateError(f"tensor 'w_norm' has shape {tuple(w.shape)}, expected {spec.param_shape}")
         return {}
 
     # ------------------------------------------------------------------ files

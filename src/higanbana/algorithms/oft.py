@@ -73,7 +73,7 @@ def cayley(q: Tensor) -> Tensor:
 def constraint_from_alpha(alpha: float) -> float:
     """The constraint ``c`` a file's ``alpha`` stands for (0: none)."""
     if math.isnan(alpha):
-        raise ValueError("tensor 'alpha' (the OFT constraint) is NaN")
+        raise FileStateError("tensor 'alpha' (the OFT constraint) is NaN")
     if alpha <= 0 or math.isinf(alpha) or alpha >= NO_CONSTRAINT:
         return 0.0
     return float(alpha)
@@ -335,7 +335,7 @@ class OrthogonalAdapter(Adapter):
         if self.rescale is not None:
             copy_checked(self.rescale, require(tensors, "rescale"), "rescale")
         elif "rescale" in tensors:
-            raise ValueError(f"{self.algo}: tensor 'rescale' given, but the adapter was built with rescaled=False")
+            raise FileStateError(f"{self.algo}: tensor 'rescale' given, but the adapter was built with rescaled=False")
         if "alpha" in tensors:
             self.constraint = constraint_from_alpha(float(tensors["alpha"]))
 
@@ -430,10 +430,10 @@ class OFT(OrthogonalAdapter):
         spec = layer_spec(layer, cls.algo)
         blocks = require(tensors, "oft_blocks")
         if blocks.dim() != 3 or blocks.shape[1] != blocks.shape[2]:
-            raise ValueError(f"oft: tensor 'oft_blocks' has shape {tuple(blocks.shape)}, expected (n, b, b)")
+            raise FileStateError(f"oft: tensor 'oft_blocks' has shape {tuple(blocks.shape)}, expected (n, b, b)")
         n, b = blocks.shape[0], blocks.shape[1]
         if n * b != spec.out_features:
-            raise ValueError(
+            raise FileStateError(
                 f"oft: tensor 'oft_blocks' has shape {tuple(blocks.shape)}: n·b = {n * b}, "
                 f"but the layer has {spec.out_features} output channels"
             )

@@ -205,8 +205,8 @@ def merge(
                         new_b = adapter.merged_bias(f.strength)
                 except HiganbanaError as exc:
                     raise HiganbanaError(f"{f.path}: module {name}: {exc}") from exc
-                except (KeyError, ValueError, RuntimeError, TypeError) as exc:
-                    raise HiganbanaError(f"{f.path}: module {name}: {str(exc).strip(chr(39))}") from exc
+                except RuntimeError as exc:  # torch's own (e.g. a strength that overflows float32)
+                    raise HiganbanaError(f"{f.path}: module {name}: {exc}") from exc
                 if rows is None:
                     weight = new_w
                     bias = None if new_b is None else new_b.float()
