@@ -334,7 +334,7 @@ def make_peft(row: Row, layer: nn.Module, ours: nn.Module | None) -> tuple[Calla
     mismatch = ""
     if row.options.get("weight_decompose"):
         mismatch = (
-            "PEFT detaches the norm ‖W0 + s·ΔW‖ from the gradient (DoRA paper §4.3), DESIGN.md §3 does not: "
+            "PEFT detaches the norm ‖W0 + s·ΔW‖ from the gradient (DoRA paper §4.3), docs/design.md §3 does not: "
             "a cheaper, different gradient"
         )
     if row.algo == "boft":

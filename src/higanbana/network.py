@@ -8,7 +8,7 @@ are adapted, and with which algorithm and options, comes from a :class:`NetworkC
 with different presets coexist — and can be stacked on one model.
 
 Module names follow kohya: ``<prefix>_<path with "." → "_">``; file keys are ``<name>.<suffix>`` with
-the suffixes of DESIGN.md §3. ``higanbana.modules`` in the metadata records each module's algorithm
+the suffixes of docs/design.md §3. ``higanbana.modules`` in the metadata records each module's algorithm
 and options, so reloading never guesses.
 """
 

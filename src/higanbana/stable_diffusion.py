@@ -1,7 +1,7 @@
 """Networks on Stable Diffusion models: kohya names, SGM names for SDXL, files other tools load.
 
 The UNet's modules are named ``lora_unet_<path>``: diffusers paths on SD1.x/2.x, the original SGM
-paths on SDXL (as kohya writes them, DESIGN.md §4). Text encoders are ``lora_te_…`` (one) or
+paths on SDXL (as kohya writes them, docs/design.md §4). Text encoders are ``lora_te_…`` (one) or
 ``lora_te1_…``/``lora_te2_…`` (SDXL). Saved files carry kohya's ``ss_*`` set, sai ``modelspec.*``,
 ``sshs_*`` hashes and our ``higanbana.*`` records.
 """

@@ -1,7 +1,7 @@
 """Test cases for every algorithm × layer type, and the shared helpers of the contract tests.
 
 Each ``ref_<algo>.py`` beside this file defines ``CASES``: a list of :class:`Case`, each with an
-independent reference of the merged weight written from DESIGN.md §3 (einsum, float64) that reads
+independent reference of the merged weight written from docs/design.md §3 (einsum, float64) that reads
 only the adapter's *file tensors* — so it also checks the key names and shapes.
 """
 

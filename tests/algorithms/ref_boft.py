@@ -1,4 +1,4 @@
-"""Reference for BOFT from DESIGN.md §3, float64, with explicit permutation matrices.
+"""Reference for BOFT from docs/design.md §3, float64, with explicit permutation matrices.
 
 Each stage's permutation is an index list built by a plain Python loop and turned into a dense
 permutation matrix P; the stage is ``Pᵀ·blockdiag(R_i)·P`` on the rows of ``flat(W0)``, the stages

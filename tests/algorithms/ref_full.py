@@ -1,4 +1,4 @@
-"""Reference for Full (native fine-tuning) from DESIGN.md §3: ``W' = W0 + m·diff``, ``b' = b0 + m·diff_b``.
+"""Reference for Full (native fine-tuning) from docs/design.md §3: ``W' = W0 + m·diff``, ``b' = b0 + m·diff_b``.
 
 The ``test_*`` functions here are collected when this file is named on the pytest command line.
 """

@@ -1,4 +1,4 @@
-"""Reference for GLoRA from DESIGN.md §3: ``ΔW = flat(W0)·(a1·a2) + b1·b2``, ``s = α/r``.
+"""Reference for GLoRA from docs/design.md §3: ``ΔW = flat(W0)·(a1·a2) + b1·b2``, ``s = α/r``.
 
 For a conv the ``a`` term acts on the input-channel axis of W0:
 ``ΔW[o,j,κ] = Σ_i W0[o,i,κ]·(a1·a2)[i,j]``; ``b2`` is stored as ``(r, in, *k)``. The bias is unchanged.

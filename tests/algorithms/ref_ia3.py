@@ -1,4 +1,4 @@
-"""Reference for IA3 (output and input channels) from DESIGN.md §3, and its error cases.
+"""Reference for IA3 (output and input channels) from docs/design.md §3, and its error cases.
 
 ``W' = W0 ⊙ (1 + m·w)`` row-wise (``on_input`` = 0) or column-wise (``on_input`` = 1); the bias is
 unchanged. ``weight`` is ``(C,)`` for Linear and ``(1, C, 1..)`` for ConvNd.

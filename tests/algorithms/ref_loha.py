@@ -1,4 +1,4 @@
-"""Reference for LoHa (+Tucker, +use_scalar, +DoRA on both axes) from DESIGN.md §3."""
+"""Reference for LoHa (+Tucker, +use_scalar, +DoRA on both axes) from docs/design.md §3."""
 
 from __future__ import annotations
 

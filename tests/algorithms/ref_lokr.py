@@ -1,4 +1,4 @@
-"""Reference for LoKr (factor, decompose_both, full_matrix, unbalanced split, Tucker, DoRA) from DESIGN.md §3.
+"""Reference for LoKr (factor, decompose_both, full_matrix, unbalanced split, Tucker, DoRA) from docs/design.md §3.
 
 The Kronecker product is built block by block from its index formula
 ``ΔW[i·u2+p, j·v2+q, κ] = w1[i,j]·w2[p,q,κ]`` (no ``torch.kron``).

@@ -1,4 +1,4 @@
-"""Reference for LoRA/LoCon (+Tucker, +DoRA on both axes) from DESIGN.md §3."""
+"""Reference for LoRA/LoCon (+Tucker, +DoRA on both axes) from docs/design.md §3."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from .cases import STANDARD_LAYERS, Case, conv2d, flat
 
 
 def dora_reference(w0, delta, magnitude, m):
-    """DESIGN.md DoRA: W_d = (W0 + sΔW)·dora_scale/‖W0 + sΔW‖ on the axis given by the shape."""
+    """DoRA (docs/design.md §3): W_d = (W0 + sΔW)·dora_scale/‖W0 + sΔW‖ on the axis given by the shape."""
     combined = w0 + delta
     if magnitude.shape[0] == w0.shape[0] and magnitude.shape[1] == 1:
         dims = [d for d in range(w0.dim()) if d != 0]

@@ -1,6 +1,6 @@
-"""Reference for Norm (LayerNorm / GroupNorm) from DESIGN.md §3: ``W' = W0 + m·w_norm``, ``b' = b0 + m·b_norm``.
+"""Reference for Norm (LayerNorm / GroupNorm) from docs/design.md §3: ``W' = W0 + m·w_norm``, ``b' = b0 + m·b_norm``.
 
-Both ``w_norm`` and ``b_norm`` are always written (DESIGN.md §4); a norm without bias writes a zero
+Both ``w_norm`` and ``b_norm`` are always written (docs/design.md §4); a norm without bias writes a zero
 ``b_norm`` and its bias stays absent.
 
 The ``test_*`` functions here are collected when this file is named on the pytest command line.

@@ -1,4 +1,4 @@
-"""Reference for Diag-OFT from DESIGN.md §3, written with full out×out matrices in float64.
+"""Reference for Diag-OFT from docs/design.md §3, written with full out×out matrices in float64.
 
 It reads only the file tensors (``oft_blocks``, ``alpha``, optional ``rescale``), builds the
 block-diagonal skew matrix as one dense ``out × out`` matrix, applies the constraint to its norm,
@@ -32,7 +32,7 @@ def block_diagonal(blocks):
 
 
 def constrain(q, c, out):
-    """DESIGN: ν = ‖Q‖_F (+1e-8) over all blocks; if ν > c·out, Q ← Q·(c·out)/ν."""
+    """docs/design.md §3: ν = ‖Q‖_F (+1e-8) over all blocks; if ν > c·out, Q ← Q·(c·out)/ν."""
     if c > 0:
         nu = float(torch.sqrt((q * q).sum())) + 1e-8
         if nu > c * out:

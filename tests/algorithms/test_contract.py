@@ -1,6 +1,6 @@
 """The numeric contract of every algorithm × layer type (issue: tests 1–5, 7 and 8).
 
-Each case comes from a ``ref_<algo>.py`` reference written from DESIGN.md §3.
+Each case comes from a ``ref_<algo>.py`` reference written from docs/design.md §3.
 """
 
 from __future__ import annotations

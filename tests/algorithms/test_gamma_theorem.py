@@ -1,4 +1,4 @@
-"""The γ theorem (paper Appendix B.1, DESIGN.md §3), as a float64 identity.
+"""The γ theorem (paper Appendix B.1, docs/design.md §3), as a float64 identity.
 
 With ΔW = γ·T(A_1..A_k), T homogeneous of degree k, training with scale γ equals training with
 γ = 1 after scaling the initialisation by γ^(1/k) and the learning rate by γ^(c/k)

@@ -1,4 +1,4 @@
-"""LoKr's factorisation (DESIGN.md §3 examples), clear construction errors, and the bypass path."""
+"""LoKr's factorisation (docs/design.md §3 examples), clear construction errors, and the bypass path."""
 
 from __future__ import annotations
 

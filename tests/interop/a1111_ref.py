@@ -1,7 +1,7 @@
 """Reference re-implementation of how AUTOMATIC1111's built-in Lora extension loads and merges LyCORIS files.
 
-Written from the prose of ``/work/shared/reference/interop.md`` section B (differences from ComfyUI, with the
-shared maths of section A) and DESIGN.md §3/§4 only; no A1111 code was copied. It reproduces
+Written from a description of A1111's loader (its differences from ComfyUI, with the
+shared maths of section A) and docs/design.md §3/§4 only; no A1111 code was copied. It reproduces
 ``extensions-builtin/Lora``:
 
 * ``lora_convert.convert_diffusers_name_to_compvis`` plus the name fallbacks of ``networks.py``
@@ -55,7 +55,7 @@ def _resnet_suffix(kind: str, suffix: str) -> str:
 
 
 def convert_name(module_name: str, model: str) -> str:
-    """A1111's ``convert_diffusers_name_to_compvis`` followed by the ``networks.py`` fallbacks (interop.md B).
+    """A1111's ``convert_diffusers_name_to_compvis`` followed by the ``networks.py`` fallbacks.
 
     ``model`` is ``"sd1"``, ``"sd2"`` or ``"sdxl"``. SD1/SD2 diffusers UNet names become
     ``diffusion_model_{input,middle,output}_blocks_…`` (resnet suffixes renamed, down/upsamplers to ``op``/``conv``);
@@ -246,7 +246,7 @@ def load_and_merge(
     multiplier: float = 1.0,
     dtype: torch.dtype = torch.float32,
 ) -> tuple[dict[str, tuple[Tensor, Tensor | None]], dict[str, str]]:
-    """Reproduce A1111 loading ``sd`` and merging it at ``multiplier`` into ``weights`` (interop.md B).
+    """Reproduce A1111 loading ``sd`` and merging it at ``multiplier`` into ``weights``.
 
     ``weights`` maps compvis module names (as :func:`convert_name` gives them) to ``(W, bias)``. Keys are split
     by ``key.partition('.')`` into module and part; ``bundle_emb.*`` is a textual inversion (skipped). Per module

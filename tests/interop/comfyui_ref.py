@@ -1,6 +1,6 @@
 """Reference re-implementation of how ComfyUI loads and merges LyCORIS-family files.
 
-Written from the prose of ``/work/shared/reference/interop.md`` section A (and DESIGN.md §3/§4) only; no
+Written from a description of ComfyUI's loader (and docs/design.md §3/§4) only; no
 ComfyUI code was consulted or copied. It reproduces, for SD-family files:
 
 * the key maps of ``comfy/lora.py::model_lora_keys_unet`` / ``model_lora_keys_clip`` (A.2) for the kohya names
@@ -140,7 +140,7 @@ def _load_adapters(x: str, sd: Mapping[str, Tensor], loaded: set[str]) -> list[P
 
 
 def load_patches(sd: Mapping[str, Tensor], key_map: Mapping[str, str]) -> tuple[dict[str, list[Patch]], list[str]]:
-    """Reproduce ``comfy/lora.py::load_lora`` (interop.md A.1/A.3).
+    """Reproduce ``comfy/lora.py::load_lora``.
 
     For every file module name ``x`` of ``key_map`` (→ a target name of the caller's choosing), read ``x.alpha``
     (a float) and ``x.dora_scale``, try the adapter classes in ComfyUI's order (the last one that accepts wins: the

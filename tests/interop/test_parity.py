@@ -30,7 +30,7 @@ from . import a1111_ref, comfyui_ref
 FULL = "full"
 NORMS = {"unet": {"layers": ["GroupNorm", "LayerNorm"]}, "text_encoder": {"layers": ["LayerNorm"]}}
 
-#: (label, algo, options, config) — what ComfyUI loads exactly (DESIGN.md §4)
+#: (label, algo, options, config) — what ComfyUI loads exactly (docs/design.md §4)
 COMFY_CASES = [
     ("lora", "lora", {"rank": 2, "alpha": 1}, FULL),
     ("locon-tucker", "lora", {"rank": 2, "use_tucker": True}, FULL),

@@ -1,4 +1,4 @@
-"""Unit tests of the ComfyUI and A1111 reference loaders against independent einsum formulas (DESIGN.md §3).
+"""Unit tests of the ComfyUI and A1111 reference loaders against independent einsum formulas (docs/design.md §3).
 
 Everything runs in float64 on tiny random tensors. The formulas here are written index by index, without the
 helpers of the loaders, so that a slip in either shows up.

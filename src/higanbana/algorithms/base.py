@@ -6,7 +6,7 @@ Every algorithm is a subclass that owns its parameters and implements a small in
 - ``branch(x, mask)``: ``op(x, ΔW)`` computed without materialising ΔW, where the algorithm allows;
 - ``merged_weight(m)`` / ``merged_bias(m)``: the weight and bias the layer has at multiplier ``m``;
 - ``unmerged_weight(W, m)``: the inverse of ``merged_weight`` (exact un-merge without a backup);
-- ``state_tensors()`` / ``load_state_tensors()``: the tensors under DESIGN.md §4 key suffixes.
+- ``state_tensors()`` / ``load_state_tensors()``: the tensors under docs/design.md §4 key suffixes.
 
 The forward has two modes that agree to rounding: *merged* (one ``op(x, W', b')``) and *bypass*
 (``op(x, W0, b0)`` plus a cheap branch). ``auto`` picks the one with fewer estimated FLOPs.

@@ -1,6 +1,6 @@
 """BOFT: butterfly orthogonal fine-tuning, M stages of permuted block-diagonal rotations.
 
-Keys (DESIGN.md §3): ``oft_blocks`` (M, n, b, b) with ``n·b = out``, ``n`` a power of two, ``b``
+Keys (docs/design.md §3): ``oft_blocks`` (M, n, b, b) with ``n·b = out``, ``n`` a power of two, ``b``
 even and ``M ≤ log2(n) + 1``; ``alpha`` = the constraint c; optional ``rescale`` (out, 1..).
 Each stage's ``R_i`` is the Cayley transform of its skew blocks, with the OFT constraint rule
 applied to ``Q`` over all blocks of all stages together (``‖Q‖_F`` vs ``c·out``). The multiplier

@@ -6,7 +6,7 @@ from ..errors import ConfigError
 
 
 def factorize(dim: int, factor: int = -1) -> tuple[int, int]:
-    """Split ``dim`` into ``(a, b)`` with ``a ≤ b`` and ``a·b = dim`` (DESIGN.md §3, LoKr).
+    """Split ``dim`` into ``(a, b)`` with ``a ≤ b`` and ``a·b = dim`` (docs/design.md §3, LoKr).
 
     A positive ``factor`` that divides ``dim`` is used as one side. Otherwise ``a`` steps up
     through the divisors of ``dim`` while ``a + dim/a`` keeps decreasing and ``a ≤ factor``

@@ -3,7 +3,7 @@
 Keys: ``w_norm`` (shape of the norm's weight) and ``b_norm`` (shape of its bias).
 ``W' = W0 + m·w_norm``, ``b' = b0 + m·b_norm``; both start at 0.
 
-Both keys are always written (DESIGN.md §4; A1111 loads a norm module only when both are
+Both keys are always written (docs/design.md §4; A1111 loads a norm module only when both are
 present). A norm created with ``bias=False`` has no bias to adapt: its ``b_norm`` is written as
 zeros, is not a trainable parameter, and on load must be zero (a non-zero ``b_norm`` for a
 bias-free layer is an error rather than silently dropped).

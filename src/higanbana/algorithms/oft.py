@@ -1,6 +1,6 @@
 """Diag-OFT: rotate the output channels of a layer with a block-diagonal orthogonal matrix.
 
-Keys (DESIGN.md §3): ``oft_blocks`` (n, b, b) with ``n·b = out``, ``alpha`` = the constraint c,
+Keys (docs/design.md §3): ``oft_blocks`` (n, b, b) with ``n·b = out``, ``alpha`` = the constraint c,
 optional ``rescale`` (out, 1..). ``Q = B − Bᵀ`` per block; with ``c > 0`` and
 ``ν = ‖Q‖_F + 1e-8`` over all blocks together, ``Q ← Q·(c·out)/ν`` when ``ν > c·out``.
 ``R_k = (I + Q_k)(I − Q_k)⁻¹`` (Cayley) and ``W'_k = R_kᵀ·W0_k`` on the rows of ``flat(W0)``,
@@ -18,7 +18,7 @@ Choices made here (the file format does not depend on them: a reader takes ``b``
   used before, made A1111's float32 clamp overflow). Our reader maps any ``alpha ≥ 1e30`` (and a
   foreign ``alpha ≤ 0`` or ``inf``) back to ``c = 0``.
 - **Multiplier.** ``R(m) = Cayley(m·Q)`` with ``Q`` already constrained: orthogonal for every m;
-  ``rescale(m) = 1 + m·(rescale − 1)`` (DESIGN.md is silent on it): ``m = 0`` is the base layer.
+  ``rescale(m) = 1 + m·(rescale − 1)`` (a choice of ours, docs/design.md §3): ``m = 0`` is the base layer.
 - **Cayley** is computed in float32 (float64 for float64 parameters) as ``R = I + 2·(I − Q)⁻¹Q``
   (``torch.linalg.solve``, no inverse): the same matrix, exactly ``I`` when the blocks are 0, and
   ``R − I`` keeps its relative accuracy for small Q.

@@ -1,1 +1,1 @@
-"""The evaluation framework of the paper (DESIGN.md §5): prompts, generation, encoders, metrics, report."""
+"""The evaluation framework of the paper (docs/design.md §5): prompts, generation, encoders, metrics, report."""

@@ -1,4 +1,4 @@
-"""Aggregation of evaluation metrics (DESIGN.md §5): rank normalisation, class averaging, rankings, importance.
+"""Aggregation of evaluation metrics (docs/design.md §5): rank normalisation, class averaging, rankings, importance.
 
 Raw metrics are a long table, one row per (model, concept, prompt_type, metric), with columns
 ``model, concept, category, subclass, prompt_type, metric, value``. Model hyper-parameters live in a

@@ -1,4 +1,4 @@
-"""Image and text encoders of the evaluation (DESIGN.md §5): DINOv2, CLIP and VGG-19 Gram matrices.
+"""Image and text encoders of the evaluation (docs/design.md §5): DINOv2, CLIP and VGG-19 Gram matrices.
 
 The miniature world's tiny models stand in for them at its scale: a CLIP folder in the DINOv2 slot
 gives CLIP's projected image features, and an SD/``AutoencoderKL`` folder in the VGG-19 slot gives

@@ -26,7 +26,7 @@ from ..safeio import atomic_path, check_name, write_text
 
 @dataclass(frozen=True)
 class GenerationSettings:
-    """What decides the pixels besides prompt and seed (DESIGN.md §5 defaults)."""
+    """What decides the pixels besides prompt and seed (docs/design.md §5 defaults)."""
 
     sampler: str = "ddim"
     steps: int = 25

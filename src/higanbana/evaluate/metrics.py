@@ -1,4 +1,4 @@
-"""The paper's metrics (DESIGN.md §5), as pure functions of feature tensors.
+"""The paper's metrics (docs/design.md §5), as pure functions of feature tensors.
 
 Every function takes features ``(n, d)`` (any float dtype; computed in float64) and returns Python
 floats or CPU tensors, so the metrics of 15,000 images cost milliseconds next to generation.

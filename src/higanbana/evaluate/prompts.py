@@ -1,4 +1,4 @@
-"""Prompt sets of the evaluation framework (DESIGN.md §5).
+"""Prompt sets of the evaluation framework (docs/design.md §5).
 
 Four prompt types are evaluated separately: ``train`` (the training captions), ``trigger`` (the
 concept descriptor alone), ``alter`` (content changes) and ``style`` (style changes). Each

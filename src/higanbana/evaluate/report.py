@@ -1,4 +1,4 @@
-"""Figures and a self-contained HTML report of an evaluation (DESIGN.md §5).
+"""Figures and a self-contained HTML report of an evaluation (docs/design.md §5).
 
 Figures use matplotlib's Agg canvas directly (no pyplot, no display). The report embeds every image
 as a base64 data URI and its CSS inline, so it opens offline and fetches nothing.

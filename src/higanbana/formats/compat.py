@@ -1,6 +1,6 @@
 """Which tools load a file, and how faithfully: ComfyUI, AUTOMATIC1111 and diffusers.
 
-The rules are DESIGN.md §4 and ``shared/reference/interop.md`` (A: ComfyUI, B: A1111, D: diffusers),
+The rules are those of docs/design.md §4, read from each tool's loading code (ComfyUI, A1111, diffusers),
 applied per module from its algorithm, options and tensor shapes. The parity tests in
 ``tests/interop`` check the same rules numerically with reference loaders of each tool.
 """
@@ -20,7 +20,7 @@ from .detect import detect_algo
 
 LOADS, DEVIATES, FAILS = "loads", "loads with deviation", "does not load"
 
-#: the text-encoder modules kohya names that ComfyUI maps (interop.md A.2, LORA_CLIP_MAP)
+#: the text-encoder modules kohya names that ComfyUI maps (ComfyUI's LORA_CLIP_MAP)
 COMFY_TE_SUFFIXES = (
     "mlp_fc1",
     "mlp_fc2",
@@ -183,7 +183,7 @@ _ATTENTION = re.compile(r"(lora_te2?_text_model_encoder_layers_\d+_self_attn)_(q
 
 def _a1111_partial_attention(names: list[str], base: str) -> set[str]:
     """Text-encoder attention modules A1111 skips: on OpenCLIP encoders (SD2's, SDXL's second) it
-    applies q/k/v/out only when all four of a layer are present (interop.md B)."""
+    applies q/k/v/out only when all four of a layer are present."""
     prefix = {"sd2": "lora_te_", "sdxl": "lora_te2_"}.get(base)
     if prefix is None:
         return set()

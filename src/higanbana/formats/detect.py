@@ -1,7 +1,7 @@
 """Recognise adapter files: which algorithm each module holds, and foreign (PEFT/diffusers/kohya OFT) naming.
 
 Our files are ``<module name>.<suffix>`` with kohya module names (no dots). Foreign files are renamed
-to that form by :func:`normalize_foreign`, so one loader handles every source (DESIGN.md §4).
+to that form by :func:`normalize_foreign`, so one loader handles every source (docs/design.md §4).
 """
 
 from __future__ import annotations
@@ -237,7 +237,7 @@ def peft_alphas(config: Mapping[str, object], module_paths: Iterable[str]) -> di
 
     PEFT scales by ``lora_alpha/r`` (``alpha`` for LoHa/LoKr), or ``lora_alpha/√r`` with ``use_rslora``;
     ``rank_pattern``/``alpha_pattern`` override per module. With rs-LoRA we store ``lora_alpha·√r``
-    (DESIGN.md §3), so a reader computing ``α/r`` gets ``lora_alpha/√r``.
+    (docs/design.md §3), so a reader computing ``α/r`` gets ``lora_alpha/√r``.
     """
     r0 = int(config.get("r", 8))
     a0 = float(config.get("lora_alpha", config.get("alpha", r0)))

@@ -1,4 +1,4 @@
-"""The embedded miniature world (DESIGN.md §2): a deterministic synthetic world of small captioned
+"""The embedded miniature world (docs/design.md §2): a deterministic synthetic world of small captioned
 images with held-out concepts, its attribute checker and the shipped tiny models trained on it."""
 
 from .shipped import WEIGHTS_DIR, shipped_model

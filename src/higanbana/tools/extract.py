@@ -1,7 +1,7 @@
 """Extract a LoRA / LoCon (optionally Tucker) or Full difference from a base and a tuned weight.
 
 For every Linear / Conv layer, ``ΔW = W_tuned − W_base`` is factored by a truncated SVD of
-``flat(ΔW)`` (out, in·∏k) into the LoRA keys of DESIGN.md §3 (``lora_down.weight``,
+``flat(ΔW)`` (out, in·∏k) into the LoRA keys of docs/design.md §3 (``lora_down.weight``,
 ``lora_up.weight``, ``alpha``; Tucker adds ``lora_mid.weight``), or stored whole as the Full keys
 (``diff``, ``diff_b``) when a low-rank form would not pay.
 
