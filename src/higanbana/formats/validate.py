@@ -7,11 +7,13 @@ Checked without the model (the model's own checks follow when a module is built 
   with known algorithms, options the algorithm takes (of the right type), one record per module
   of the file and no record without tensors; the recorded algorithm is the one the keys show.
 - **Keys.** Each module holds the keys its algorithm needs, and no key it does not read (a key a
-  reader would silently ignore is an error, not a warning).
+  reader would silently ignore is an error, not a warning): the algorithm's ``file_keys`` and
+  ``key_flags``.
 - **dtypes.** Factors are floating point; only ``alpha`` and IA3's ``on_input`` may be integers.
-- **Shapes.** The factors of a module fit together (inner ranks agree, ranks ≥ 1, Tucker cores
-  square, OFT blocks square, BOFT blocks even with a power-of-two count, DoRA magnitudes on one
-  axis, ``alpha`` a scalar) — the shape checks against the layer come when it is built.
+- **Shapes.** The factors of a module fit together (the algorithm's ``check_file_shapes``: inner
+  ranks agree, ranks ≥ 1, Tucker cores square, OFT blocks square, BOFT blocks even with a
+  power-of-two count), DoRA magnitudes lie on one axis, ``alpha`` is a scalar — the shape checks
+  against the layer come when it is built.
 - **Values.** Every floating tensor is finite. NaN/Inf is reported separately (``non_finite``):
   every reader refuses such a file, ``info`` describes it and says so.
 
