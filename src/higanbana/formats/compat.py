@@ -89,15 +89,6 @@ def _verdict(tool: str, tally: _Tally, total: int, whole_file: str | None = None
     return verdict
 
 
-def _dora_axis(module: Mapping[str, Tensor], options: Mapping[str, Any] | None) -> str | None:
-    scale = module.get("dora_scale")
-    if scale is None:
-        return None
-    if options and "wd_on_output" in options:
-        return "output" if options["wd_on_output"] else "input"
-    return "input" if scale.dim() >= 2 and scale.shape[0] == 1 and scale.shape[1] > 1 else "output"
-
-
 def compatibility(
     modules: Mapping[str, Mapping[str, Tensor]],
     records: Mapping[str, Mapping[str, Any]],

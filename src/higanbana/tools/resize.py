@@ -58,6 +58,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..algorithms.files import alpha_of
 from ..errors import ConfigError, HiganbanaError
 from ..formats.detect import group_modules
 from ..formats.metadata import model_hashes
@@ -124,17 +125,12 @@ def select_rank(sv: Tensor, mode: str, param: float, max_rank: int | None = None
     return max(1, min(k, n)) if n else 1
 
 
-def _file_alpha(mod: dict[str, Tensor], rank: int) -> float:
-    a = float(mod["alpha"]) if "alpha" in mod else 0.0
-    return float(rank) if a == 0 else a
-
-
 def _resize_flat(
     name: str, mod: dict[str, Tensor], mode: str, param: float, keep_ratio: bool
 ) -> tuple[dict[str, Tensor], ResizeReport]:
     down, up = mod["lora_down.weight"], mod["lora_up.weight"]
     r = down.shape[0]
-    s = _file_alpha(mod, r) / r
+    s = alpha_of(mod, r) / r
     q1, r1 = torch.linalg.qr(up.flatten(1).double())  # (out, m1), (m1, r)
     q2, r2 = torch.linalg.qr(down.flatten(1).double().T)  # (in·K, m2), (m2, r)
     u, sv, vh = torch.linalg.svd(s * (r1 @ r2.T), full_matrices=False)
@@ -163,7 +159,7 @@ def _resize_tucker(
 ) -> tuple[dict[str, Tensor], ResizeReport]:
     down, mid, up = mod["lora_down.weight"], mod["lora_mid.weight"], mod["lora_up.weight"]
     r = down.shape[0]
-    s = _file_alpha(mod, r) / r
+    s = alpha_of(mod, r) / r
     q1, r1 = torch.linalg.qr(up.flatten(1).double())  # (out, m1), (m1, r)
     q2, r2 = torch.linalg.qr(down.flatten(1).double().T)  # (in, m2), (m2, r)
     kernel = mid.shape[2:]
