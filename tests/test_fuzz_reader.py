@@ -204,9 +204,7 @@ def _every_reader(path: Path) -> None:
         try:
             net = AdapterNetwork.from_file(path, model, strict=strict)
         except HiganbanaError:
-            if not strict:
-                continue
-            continue
+            continue  # refused with the project's own error: the property holds
         net.attach()
         x = torch.randn(2, 8)
         model.fc(x)
