@@ -18,8 +18,9 @@ from pathlib import Path
 
 import torch
 
+from higanbana.formats import save_network
+from higanbana.formats.sd_network import save_sd_network, sd_network
 from higanbana.models.tiny import tiny_sd_parts
-from higanbana.stable_diffusion import save_sd_network, sd_network
 
 SETUPS = {
     "lora": ("lora", {"rank": 4}),
@@ -67,7 +68,7 @@ def digest(path: Path) -> str:
 
 
 def main(out: Path) -> None:
-    from higanbana.network import export_peft
+    from higanbana.formats import export_peft
 
     lines = []
     for kind in ("sd1", "sdxl"):
@@ -81,7 +82,7 @@ def main(out: Path) -> None:
                 for p in net.parameters():
                     p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.05)
             files = [
-                net.save(out / f"{kind}-{label}.safetensors"),
+                save_network(net, out / f"{kind}-{label}.safetensors"),
                 save_sd_network(
                     net,
                     out / f"{kind}-{label}-sd.safetensors",
@@ -101,7 +102,7 @@ def main(out: Path) -> None:
     norms = tiny_sd_parts("sd1", seed=0)
     torch.manual_seed(1)
     net = sd_network(norms, {"preset": "attn-mlp", "train_norm": True}, "lora", rank=2)
-    f = net.save(out / "sd1-lora-norm.safetensors")
+    f = save_network(net, out / "sd1-lora-norm.safetensors")
     lines.append(f"{f.relative_to(out)} {digest(f)}")
     print("\n".join(sorted(lines)))
 

@@ -13,10 +13,10 @@ from safetensors.torch import load_file, save_file
 from higanbana.errors import HiganbanaError
 from higanbana.formats import checkpoint as ckpt_mod
 from higanbana.formats.checkpoint import open_checkpoint, write_streaming
+from higanbana.formats.sd_network import save_sd_network, sd_network
 from higanbana.formats.sdxl_names import SgmNameMap
 from higanbana.models.sd import load_sd
 from higanbana.models.tiny import save_tiny_sd, tiny_sd_inputs, tiny_sd_parts
-from higanbana.stable_diffusion import save_sd_network, sd_network
 from higanbana.tools.merge import add_merge_parser, merge
 
 _OPENCLIP = {
@@ -393,7 +393,7 @@ def test_extract_reads_single_files_and_mixed_forms(models, kind, tmp_path):
     a known rank-2 update is recovered either way."""
     import warnings
 
-    from higanbana.stable_diffusion import load_sd_network
+    from higanbana.formats.sd_network import load_sd_network
     from higanbana.tools.extract import extract_models
 
     _parts, folder, single = models[kind]

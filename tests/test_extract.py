@@ -288,8 +288,8 @@ def test_extract_many_modules_and_report():
 @pytest.mark.parametrize("kind", ["sd1", "sdxl"])
 def test_extract_from_models_recovers_a_known_low_rank_update(kind, tmp_path):
     from higanbana.cli import main
+    from higanbana.formats.sd_network import load_sd_network, sd_network
     from higanbana.models.tiny import save_tiny_sd, tiny_sd_parts
-    from higanbana.stable_diffusion import load_sd_network, sd_network
 
     base = tiny_sd_parts(kind, seed=0)
     save_tiny_sd(base, tmp_path / "base")

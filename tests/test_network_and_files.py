@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from higanbana.errors import ConfigError, HiganbanaError
-from higanbana.formats import load_tensors, save_tensors
+from higanbana.formats import load_network, load_tensors, save_network, save_tensors
 from higanbana.models.tiny import tiny_sd_unet, tiny_unet_inputs
 from higanbana.network import AdapterNetwork, module_key
 
@@ -37,7 +37,7 @@ def test_save_and_reload_reproduces_outputs(unet, tmp_path):
     batch = tiny_unet_inputs(seed=3)
     with torch.no_grad():
         expected = unet(**batch).sample
-    path = net.save(tmp_path / "net.safetensors", metadata={"ss_output_name": "net"})
+    path = save_network(net, tmp_path / "net.safetensors", metadata={"ss_output_name": "net"})
     net.detach()
     tensors, metadata = load_tensors(path)
     assert metadata["higanbana.format_version"] == "1"
@@ -46,14 +46,14 @@ def test_save_and_reload_reproduces_outputs(unet, tmp_path):
     assert all(k.startswith("lora_unet_") for k in tensors)
     assert tensors[next(k for k in tensors if k.endswith(".alpha"))].dtype == torch.float32
     fresh = tiny_sd_unet(seed=0).requires_grad_(False).eval()
-    AdapterNetwork.from_file(path, fresh).attach()
+    load_network(path, fresh).attach()
     with torch.no_grad():
         assert torch.equal(fresh(**batch).sample, expected)
 
 
 def test_half_precision_file_keeps_alpha_float32(unet, tmp_path):
     net = AdapterNetwork(unet, "lora", attention_linears, rank=2)
-    path = net.save(tmp_path / "half.safetensors", dtype=torch.float16)
+    path = save_network(net, tmp_path / "half.safetensors", dtype=torch.float16)
     tensors, _ = load_tensors(path)
     assert {t.dtype for k, t in tensors.items() if not k.endswith(".alpha")} == {torch.float16}
     assert {t.dtype for k, t in tensors.items() if k.endswith(".alpha")} == {torch.float32}
@@ -141,9 +141,9 @@ def test_every_algorithm_round_trips_through_a_file(unet, tmp_path, algo):
     batch = tiny_unet_inputs(seed=5)
     with torch.no_grad():
         expected = model(**batch).sample
-    path = net.save(tmp_path / f"{algo}.safetensors")
+    path = save_network(net, tmp_path / f"{algo}.safetensors")
     fresh = tiny_sd_unet(seed=0).requires_grad_(False).eval()
-    reloaded = AdapterNetwork.from_file(path, fresh).attach()
+    reloaded = load_network(path, fresh).attach()
     assert {type(a) for a in reloaded.adapters.values()} == {type(a) for a in net.adapters.values()}
     with torch.no_grad():
         assert torch.equal(fresh(**batch).sample, expected)

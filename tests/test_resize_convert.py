@@ -11,12 +11,13 @@ import torch
 from torch import nn
 
 from higanbana.errors import HiganbanaError
+from higanbana.formats import load_network, save_network
 from higanbana.formats.metadata import model_hashes
 from higanbana.formats.reader import read_network_file
 from higanbana.formats.safetensors_io import load_tensors, save_tensors
+from higanbana.formats.sd_network import load_sd_network, save_sd_network, sd_network
 from higanbana.models.tiny import tiny_sd_parts
 from higanbana.network import AdapterNetwork
-from higanbana.stable_diffusion import load_sd_network, save_sd_network, sd_network
 from higanbana.tools.convert import add_convert_parser, convert
 from higanbana.tools.resize import add_resize_parser, resize, select_rank
 
@@ -79,7 +80,7 @@ def test_resize_known_spectrum(tmp_path, mode, param, rank):
     tail = float((SPECTRUM[rank:] ** 2).sum() / (SPECTRUM**2).sum())
     assert report.rel_error == pytest.approx(math.sqrt(tail), rel=1e-6)
     assert report.retained == pytest.approx(1 - tail, rel=1e-6)
-    net = AdapterNetwork.from_file(dst, Tiny())
+    net = load_network(dst, Tiny())
     expected = u[:, :rank] * SPECTRUM[:rank] @ v[:, :rank].T
     assert torch.allclose(_scaled_delta(net, "lycoris_lin"), expected, atol=1e-5)
     tensors, meta = load_tensors(dst)
@@ -96,7 +97,7 @@ def test_resize_keep_alpha_ratio_and_refusals(tmp_path):
     tensors, _ = load_tensors(dst)
     assert float(tensors["lycoris_lin.alpha"]) == pytest.approx(1.5)  # (3/6)·3
     assert tensors["lycoris_lin.lora_up.weight"].dtype == torch.float16
-    net = AdapterNetwork.from_file(dst, Tiny())
+    net = load_network(dst, Tiny())
     expected = u[:, :3] * SPECTRUM[:3] @ v[:, :3].T
     assert torch.allclose(_scaled_delta(net, "lycoris_lin"), expected, atol=1e-2)
     with pytest.raises(HiganbanaError, match="exists"):
@@ -123,10 +124,10 @@ def test_resize_exact_at_old_rank_tucker_dora_and_records(tmp_path):
         per_module_options={"lycoris_convt": {"rank": 4, "alpha": 2, "use_tucker": True, "weight_decompose": True}},
     )
     src = tmp_path / "ours.safetensors"
-    net.save(src, metadata={"ss_network_dim": "4", "ss_network_alpha": "2.0"})
+    save_network(net, src, metadata={"ss_network_dim": "4", "ss_network_alpha": "2.0"})
     reports = resize(src, tmp_path / "same.safetensors", param=16)
     assert all(r.new_rank == 4 and r.rel_error < 1e-6 for r in reports)
-    again = AdapterNetwork.from_file(tmp_path / "same.safetensors", Tiny())
+    again = load_network(tmp_path / "same.safetensors", Tiny())
     for name in net.adapters:
         assert torch.allclose(_scaled_delta(again, name), _scaled_delta(net, name), atol=1e-5), name
     # rank 2: flat modules are the truncated SVD; the Tucker module stays Tucker (HOSVD), DoRA scale kept
@@ -137,7 +138,7 @@ def test_resize_exact_at_old_rank_tucker_dora_and_records(tmp_path):
     assert torch.equal(tensors["lycoris_convt.dora_scale"], net.adapters["lycoris_convt"].dora_scale.detach())
     assert records["lycoris_lin"]["options"]["rank"] == 2 and records["lycoris_lin"]["options"]["alpha"] == 2.0
     assert meta["ss_network_dim"] == "2"
-    small = AdapterNetwork.from_file(tmp_path / "r2.safetensors", Tiny())
+    small = load_network(tmp_path / "r2.safetensors", Tiny())
     for name in ("lycoris_lin", "lycoris_conv"):
         d = _scaled_delta(net, name).flatten(1)
         uu, ss, vh = torch.linalg.svd(d, full_matrices=False)
@@ -154,7 +155,7 @@ def test_resize_refuses_other_algorithms_unless_skipped(tmp_path):
     model = Tiny()
     net = AdapterNetwork(model, "lora", rank=4, per_module_algos={"lycoris_conv": "loha"})
     src = tmp_path / "mixed.safetensors"
-    net.save(src)
+    save_network(net, src)
     with pytest.raises(HiganbanaError, match=r"lycoris_conv \(loha\).*--skip-other"):
         resize(src, tmp_path / "out.safetensors", param=2)
     reports = resize(src, tmp_path / "out.safetensors", param=2, skip_other=True)

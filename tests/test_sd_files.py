@@ -10,11 +10,11 @@ from safetensors import safe_open
 
 from higanbana.cli import main
 from higanbana.errors import HiganbanaError
-from higanbana.formats import load_tensors, save_tensors
+from higanbana.formats import load_tensors, network_from_records, network_tensors, save_tensors
 from higanbana.formats.inspect import file_info
 from higanbana.formats.metadata import model_hashes
+from higanbana.formats.sd_network import load_sd_network, save_sd_network, sd_network
 from higanbana.models.tiny import tiny_sd_parts
-from higanbana.stable_diffusion import load_sd_network, save_sd_network, sd_network
 
 from .algorithms.cases import randomize
 
@@ -90,7 +90,7 @@ def test_save_and_reload_on_fresh_models(kind, dtype, tmp_path):
     fresh = tiny_sd_parts(kind, seed=0)
     loaded = load_sd_network(path, fresh)
     assert set(loaded.adapters) == set(net.adapters)
-    saved = net.file_tensors(dtype)
+    saved = network_tensors(net, dtype)
     for key, value in loaded.state_tensors().items():  # the factors, as rounded to the file's dtype
         assert torch.equal(value.detach().to(saved[key].dtype), saved[key]), key
     if dtype == torch.float32:
@@ -310,8 +310,8 @@ def test_kohya_oft_and_simpletuner_lycoris_names_load(sd1, tmp_path):
 
 
 def test_export_peft_round_trip(sd1, tmp_path):
+    from higanbana.formats import export_peft
     from higanbana.formats.detect import load_peft_folder
-    from higanbana.network import AdapterNetwork, export_peft
 
     net = sd_network(sd1, "attn-mlp", "lora", rank=2, alpha=1)
     randomize(net, std=0.1)
@@ -322,7 +322,7 @@ def test_export_peft_round_trip(sd1, tmp_path):
     assert config["peft_type"] == "LORA" and (folder / "adapter_model.safetensors").is_file()
     unet_part = next(p for p in net.parts.values() if p.prefix == "lora_unet")
     records = {n: {"algo": "lora", "options": None} for n in {k.partition(".")[0] for k in tensors}}
-    loaded = AdapterNetwork.from_records([unet_part], records, tensors)
+    loaded = network_from_records([unet_part], records, tensors)
     unet_modules = [n for n in net.adapters if n.startswith("lora_unet")]
     assert sorted(loaded.adapters) == sorted(unet_modules)
     for name in unet_modules:

@@ -56,8 +56,9 @@ from torch import Tensor, nn
 from .algorithms import accepted_options, algorithm_class, list_algorithms, option_types
 from .errors import ConfigError, HiganbanaError, nearest
 from .formats.metadata import SS_METADATA_MINIMUM_KEYS, model_hashes
+from .formats.network_files import network_from_records, network_metadata, network_tensors
+from .formats.sd_network import SD_KINDS, sd_file_metadata, sd_network_parts
 from .network import AdapterNetwork, LoadReport, NetworkConfig, Part
-from .stable_diffusion import SD_KINDS, sd_file_metadata, sd_network_parts
 
 logger = logging.getLogger(__name__)
 
@@ -530,7 +531,7 @@ class KohyaNetwork(AdapterNetwork):
                 f"{path}: {NETWORK_MODULE} saves .safetensors only (use --save_model_as safetensors); "
                 "pickled .ckpt/.pt files lose the metadata that reloads the network and can run code when loaded"
             )
-        tensors = self.file_tensors(dtype or torch.float32)
+        tensors = network_tensors(self, dtype or torch.float32)
         ours = sd_file_metadata(self, self.model_kind, output_name=path.stem, network_module=NETWORK_MODULE)
         if metadata:
             meta = {str(k): str(v) for k, v in metadata.items()}
@@ -542,7 +543,7 @@ class KohyaNetwork(AdapterNetwork):
         for key in [k for k in meta if k.startswith("higanbana.") or k.startswith("sshs_")]:
             del meta[key]  # never trust stale records or hashes
         meta["sshs_model_hash"], meta["sshs_legacy_hash"] = model_hashes(tensors, meta)
-        meta.update(self.file_metadata())
+        meta.update(network_metadata(self))
         return save_tensors(tensors, path, meta)
 
     @torch.no_grad()
@@ -700,7 +701,7 @@ def create_network_from_weights(
         tensors, records, _metadata = _records_of(file, weights_sd)
     parts = kohya_parts(kind, unet, tes)
     source = str(file) if file is not None else "weights_sd"
-    net = KohyaNetwork.from_records(parts, records, tensors, source=source, strict=True)
+    net = network_from_records(parts, records, tensors, source=source, strict=True, network_class=KohyaNetwork)
     loraplus = {k: args.pop(k) for k in list(args) if k.startswith("loraplus_")}
     args.pop("verbose", None)
     runtime = {k: args.pop(k) for k in _RUNTIME_OPTIONS if k in args}

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from .algorithms import algorithm_classes
 from .errors import ConfigError, nearest
+from .formats import load_network, save_network
 from .models.tiny import tiny_sd_unet, tiny_unet_inputs
 from .network import AdapterNetwork
 from .safeio import writable_folder
@@ -98,9 +99,9 @@ def run_setup(label: str, algo: str, options: dict[str, Any], lr: float, steps: 
         bypass = unet(**probe).sample
         net.set_forward_mode("auto")
         trained = unet(**probe).sample
-    path = net.save(out_dir / f"{label}.safetensors")
+    path = save_network(net, out_dir / f"{label}.safetensors")
     fresh = tiny_sd_unet(seed=0).requires_grad_(False)
-    AdapterNetwork.from_file(path, fresh).attach().eval()
+    load_network(path, fresh).attach().eval()
     with torch.no_grad():
         reloaded = fresh(**probe).sample
     return SelfcheckRow(

@@ -28,7 +28,7 @@ from higanbana.algorithms import (
 from higanbana.algorithms.base import copy_checked, option, require
 from higanbana.algorithms.files import FileStateError, dims, need, shape
 from higanbana.errors import HiganbanaError
-from higanbana.formats import load_tensors, save_tensors
+from higanbana.formats import load_network, load_tensors, save_network, save_tensors
 from higanbana.formats.compat import compatibility
 from higanbana.formats.detect import detect_algo, group_modules
 from higanbana.formats.inspect import file_info
@@ -141,7 +141,7 @@ def test_saved_detected_described_loaded_and_merged(toy, tmp_path):
     x = torch.randn(2, 6)
     net = _trained(model)
     expected = model.fc(x)
-    path = net.save(tmp_path / "toy.safetensors")
+    path = save_network(net, tmp_path / "toy.safetensors")
     net.detach()
     assert not torch.allclose(model.fc(x), expected)
 
@@ -157,7 +157,7 @@ def test_saved_detected_described_loaded_and_merged(toy, tmp_path):
     assert verdicts["diffusers"].status == "does not load" and "(toy)" in verdicts["diffusers"].notes[0]
 
     fresh = _model()
-    AdapterNetwork.from_file(path, fresh).attach()
+    load_network(path, fresh).attach()
     torch.testing.assert_close(fresh.fc(x), expected)
 
     tensors, _ = load_tensors(path)
@@ -165,18 +165,18 @@ def test_saved_detected_described_loaded_and_merged(toy, tmp_path):
     groups = group_modules(tensors)
     assert {detect_algo(n, m) for n, m in groups.items()} == {"toy"}
     other = _model()
-    loaded = AdapterNetwork.from_file(foreign, other)
+    loaded = load_network(foreign, other)
     assert {a.algo for a in loaded.adapters.values()} == {"toy"}
 
     merged = _model()
-    net = AdapterNetwork.from_file(path, merged)
+    net = load_network(path, merged)
     net.merge()  # baked into the weights: the plain layer computes the adapted output
     torch.testing.assert_close(merged.fc(x), expected)
 
 
 def test_validated_like_every_algorithm(toy, tmp_path):
     net = _trained(_model())
-    path = net.save(tmp_path / "toy.safetensors")
+    path = save_network(net, tmp_path / "toy.safetensors")
     tensors, meta = load_tensors(path)
     tensors["lycoris_fc.toy_shift"] = torch.zeros(4, 2)
     bad = save_tensors(tensors, tmp_path / "bad.safetensors", meta)

@@ -18,11 +18,11 @@ import torch
 from torch import nn
 
 from higanbana.errors import HiganbanaError
-from higanbana.formats import load_tensors, save_tensors
+from higanbana.formats import load_tensors, save_network, save_tensors
 from higanbana.formats.reader import read_network_file
+from higanbana.formats.sd_network import load_sd_network, save_sd_network, sd_network
 from higanbana.models.tiny import save_tiny_sd, tiny_sd_parts
 from higanbana.network import AdapterNetwork
-from higanbana.stable_diffusion import load_sd_network, save_sd_network, sd_network
 
 from ..algorithms.cases import randomize
 from .conftest import assert_refused, cli
@@ -58,7 +58,7 @@ def world(tmp_path_factory):
         parts.unet, "norm", lambda p, m: isinstance(m, nn.LayerNorm) and "transformer_blocks" in p, prefix="lora_unet"
     )
     randomize(norms, std=0.05)
-    files["norm"] = norms.save(root / "norm.safetensors")
+    files["norm"] = save_network(norms, root / "norm.safetensors")
     return {"parts": parts, "base": base, "files": files, "root": root}
 
 

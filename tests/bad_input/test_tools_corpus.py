@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from higanbana.formats import load_tensors, save_tensors
+from higanbana.formats.sd_network import save_sd_network, sd_network
 from higanbana.models.tiny import save_tiny_sd, tiny_sd_parts
-from higanbana.stable_diffusion import save_sd_network, sd_network
 
 from ..algorithms.cases import randomize
 from .conftest import assert_refused, cli

@@ -19,8 +19,8 @@ import torch
 
 from higanbana.formats import load_tensors
 from higanbana.formats.inspect import file_info
+from higanbana.formats.sd_network import load_sd_network
 from higanbana.models.tiny import tiny_sd_parts
-from higanbana.stable_diffusion import load_sd_network
 
 ROOT = Path(__file__).resolve().parents[2]
 PEERS_PYTHON = ROOT / ".venv-bench" / "bin" / "python"

@@ -20,9 +20,9 @@ from torch import nn
 
 from higanbana.formats import load_tensors
 from higanbana.formats.inspect import file_info
+from higanbana.formats.sd_network import save_sd_network, sd_network
 from higanbana.formats.sdxl_names import NameMappingError, diffusers_to_sgm
 from higanbana.models.tiny import tiny_sd_parts
-from higanbana.stable_diffusion import save_sd_network, sd_network
 
 from ..algorithms.cases import randomize
 from . import a1111_ref, comfyui_ref

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from higanbana.errors import ConfigError, HiganbanaError
+from higanbana.formats.sd_network import sd_network
 from higanbana.models.pipeline import (
     SAMPLERS,
     build_pipeline,
@@ -18,7 +19,6 @@ from higanbana.models.pipeline import (
     sampler_name,
 )
 from higanbana.models.tiny import save_tiny_sd, tiny_sd_parts
-from higanbana.stable_diffusion import sd_network
 from higanbana.train.sample import (
     INFO_KEY,
     SamplePrompt,

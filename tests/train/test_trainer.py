@@ -105,7 +105,7 @@ def test_every_algorithm_trains_and_the_file_loads_everywhere(models, images, tm
     weights = _adapter_weights(result.output)
     assert any(float(t.abs().sum()) > 0 for k, t in weights.items() if not k.endswith(".alpha"))
     # the file's update, read by ComfyUI's reference loader, equals our own merge
-    from higanbana.stable_diffusion import load_sd_network
+    from higanbana.formats.sd_network import load_sd_network
 
     model = tiny_sd_parts(kind, seed=0)
     parts = [model.unet, *model.text_encoders]
@@ -130,8 +130,8 @@ def _fixed_loss(model_dir: Path, adapter: Path | None, data_dir: Path) -> float:
     """The denoising loss on fixed noise/timesteps (so before/after compare the model, not the draw)."""
     from diffusers import DDPMScheduler
 
+    from higanbana.formats.sd_network import load_sd_network
     from higanbana.models.sd import load_sd
-    from higanbana.stable_diffusion import load_sd_network
     from higanbana.train.trainer import TextEncoder, diffusion_loss
 
     parts = load_sd(model_dir)
@@ -528,7 +528,7 @@ def test_training_options(models, images, tmp_path, variant):
         for k in reference:
             torch.testing.assert_close(got[k], reference[k], rtol=1e-4, atol=1e-6)
     if variant == "max_norm":  # every module's ‖s·ΔW‖ was scaled down to the limit
-        from higanbana.stable_diffusion import load_sd_network
+        from higanbana.formats.sd_network import load_sd_network
 
         net = load_sd_network(result.output, tiny_sd_parts("sd1", seed=0))
         scaled, _mean, largest = net.apply_max_norm(1e-3 * 1.001)

@@ -100,7 +100,7 @@ def generate_all(config: EvalConfig, items: list[Any], *, progress: bool = True)
 
     from ..models.pipeline import build_pipeline, read_scheduler_config
     from ..models.sd import load_sd
-    from ..stable_diffusion import load_sd_network
+    from ..formats.sd_network import load_sd_network
     from .generate import GenerationSettings, file_digest, generate_images, image_path
 
     state = PartialState()

@@ -16,19 +16,28 @@ import re
 import shutil
 from collections import Counter
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from ..algorithms import algorithm_class, algorithm_classes
 from ..algorithms.lokr import peft_factorization as peft_factorization  # re-exported: PEFT's LoKr split
-from ..errors import HiganbanaError
+from ..errors import HiganbanaError, nearest
+from ..network import AdapterNetwork
 from ..safeio import atomic_folder
 from .detect import detect_algo, group_modules
+from .network_files import network_tensors
 from .safetensors_io import save_tensors
 
 TARGETS = {"peft": "base_model.model.", "diffusers-unet": "unet."}
+#: the files each target's folder holds
+TARGET_FILES = {
+    "peft": ("adapter_config.json", "adapter_model.safetensors"),
+    "diffusers-unet": ("adapter_config.json", "pytorch_lora_weights.safetensors"),
+}
 
 
 def peft_refusals() -> dict[str, str]:
@@ -164,3 +173,127 @@ def _link_file(src: str | os.PathLike, dst: str | os.PathLike) -> None:
         os.link(src, dst)
     except OSError:
         shutil.copy2(src, dst)
+
+
+# --------------------------------------------------------------------------- a network as a PEFT folder
+@dataclass
+class PeftWrite:
+    """What :func:`write_peft` wrote: the folder, its files, how many modules, and what it left out."""
+
+    folder: Path
+    outputs: list[str]
+    modules: int
+    dropped: dict[str, str] = field(default_factory=dict)  # module → why PEFT/diffusers cannot hold it
+    lossy: list[str] = field(default_factory=list)  # what was lost, in words
+
+
+def _lossy(what: str, allow_lossy: bool) -> None:
+    if not allow_lossy:
+        raise HiganbanaError(f"{what}; pass allow_lossy=True (--allow-lossy) to write it anyway")
+
+
+def write_peft(
+    net: AdapterNetwork,
+    folder: str | os.PathLike,
+    *,
+    target: str = "peft",
+    part: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    allow_lossy: bool = False,
+    source: str | None = None,
+) -> PeftWrite:
+    """Write one part of ``net`` as a PEFT folder (``target="peft"``) or diffusers' LoRA folder
+    (``"diffusers-unet"``): the one export path, for ``export_peft`` and ``higanbana convert``.
+
+    PEFT names modules by their path in one model, so a folder holds one part: ``part`` (a prefix),
+    or by default the UNet (``lora_unet``) or the only part. Anything the folder cannot hold — other
+    parts, algorithms without an exact PEFT mapping, DoRA's magnitude in diffusers — is an error
+    unless ``allow_lossy``, and then listed in the result. ``source`` names the input in errors.
+    """
+    if target not in TARGETS:
+        raise HiganbanaError(f"unknown PEFT export target {target!r} (choose from {sorted(TARGETS)})")
+    where = f"{source}: " if source else ""
+    shown = "diffusers" if target == "diffusers-unet" else target
+    chosen = part
+    if chosen is None:
+        if "lora_unet" in net.parts:
+            chosen = "lora_unet"
+        elif len(net.parts) == 1:
+            chosen = next(iter(net.parts))
+        else:
+            raise HiganbanaError(f"{where}PEFT files describe one model; choose part= one of {list(net.parts)}")
+    if chosen not in net.parts:
+        raise HiganbanaError(f"{where}no module of part {chosen!r} in the network{nearest(chosen, net.parts)}")
+    if target == "diffusers-unet" and net.parts[chosen].kind != "unet":
+        raise HiganbanaError(f"{where}the diffusers target holds the UNet only, not part {chosen!r}")
+    result = PeftWrite(Path(folder), [], 0)
+    others = [n for n, r in net.records.items() if r.prefix != chosen]
+    if others and part is None:  # an explicit part= is the user's choice, not a loss
+        why = (
+            "diffusers target holds the UNet only"
+            if target == "diffusers-unet"
+            else f"a PEFT folder holds one part ({chosen})"
+        )
+        result.dropped.update({n: why for n in others})
+    names = [n for n, r in net.records.items() if r.prefix == chosen]
+
+    def holds(algo: str) -> bool:  # each algorithm declares its PEFT mapping and whether diffusers reads it
+        cls = algorithm_class(algo)
+        return cls.peft_type is not None and (target == "peft" or cls.diffusers_export)
+
+    bad = [n for n in names if not holds(net.records[n].algo)]
+    if bad and len(bad) == len(names):
+        algo = net.records[bad[0]].algo
+        fallback = "diffusers' load_lora_weights reads LoRA and LoKr only" if target == "diffusers-unet" else ""
+        why = peft_refusals().get(algo, fallback)
+        raise HiganbanaError(f"{where}{algo} (module {bad[0]}) cannot be written to {shown}: {why or 'no equivalent'}")
+    for n in bad:
+        result.dropped[n] = f"{net.records[n].algo} has no {shown} equivalent"
+    names = [n for n in names if n not in bad]
+    if result.dropped:
+        first = next(iter(result.dropped))
+        choose = f"; choose part= one of {list(net.parts)}" if len(net.parts) > 1 and part is None else ""
+        _lossy(
+            f"{where}{len(result.dropped)} module(s) cannot be held by {shown}, e.g. {first} "
+            f"({result.dropped[first]}){choose}",
+            allow_lossy,
+        )
+        result.lossy.append(f"dropped {len(result.dropped)} module(s)")
+    tensors = {k: v for k, v in network_tensors(net, dtype).items() if k.partition(".")[0] in names}
+    dora = sorted({k.partition(".")[0] for k in tensors if k.endswith(".dora_scale")})
+    if dora and target == "diffusers-unet":
+        _lossy(
+            f"{where}DoRA module(s) (e.g. {dora[0]}) into diffusers: load_lora_weights drops dora_scale, so the "
+            "result is a plain LoRA",
+            allow_lossy,
+        )
+        tensors = {k: v for k, v in tensors.items() if not k.endswith(".dora_scale")}
+        result.lossy.append(f"dora_scale dropped from {len(dora)} DoRA module(s)")
+    records = {n: r for n, r in net.module_records().items() if n in names}
+    paths = {n: net.records[n].path for n in names}
+    shapes = {n: tuple(net.adapters[n].layer.weight.shape) for n in names}
+    try:
+        config, peft_tensors = to_peft(tensors, records, paths, target=target, shapes=shapes)
+    except HiganbanaError as exc:
+        raise HiganbanaError(f"{where}{exc}") from exc
+    result.folder = save_peft_folder(folder, config, peft_tensors)
+    result.outputs = [str(result.folder / f) for f in TARGET_FILES[target]]
+    result.modules = len(names)
+    return result
+
+
+def export_peft(
+    net: AdapterNetwork,
+    folder: str | os.PathLike,
+    *,
+    target: str = "peft",
+    part: str | None = None,
+    allow_lossy: bool = False,
+) -> Path:
+    """Write a network as a PEFT (``adapter_config.json`` + ``adapter_model.safetensors``) or diffusers
+    folder and return the folder (:func:`write_peft` says what it left out).
+
+    Exact for LoRA, DoRA (output axis), LoHa and LoKr; other algorithms are an error that says why
+    (PEFT's OFT/BOFT/GLoRA/IA3 are different algorithms under the same names).
+    """
+    return write_peft(net, folder, target=target, part=part, allow_lossy=allow_lossy).folder

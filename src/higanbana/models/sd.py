@@ -1,6 +1,6 @@
 """Stable Diffusion model parts (UNet, text encoders, VAE, tokenizers) loaded from local files only.
 
-:class:`SDParts` is what :mod:`higanbana.stable_diffusion` builds networks on. :func:`load_sd` reads a
+:class:`SDParts` is what :mod:`higanbana.formats.sd_network` builds networks on. :func:`load_sd` reads a
 diffusers folder (``model_index.json``) or a single ``.safetensors`` checkpoint and never downloads:
 every loader runs with ``local_files_only=True`` and a missing config is an error that says what to
 provide instead.

@@ -53,20 +53,20 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..algorithms import algorithm_class
-from ..errors import ConfigError, HiganbanaError, nearest
+from ..errors import ConfigError, HiganbanaError
 from ..formats.detect import detect_algo, group_modules, load_peft_folder, normalize_with_paths, peft_alphas
 from ..formats.metadata import model_hashes, read_base_model
-from ..formats.peft import peft_refusals, save_peft_folder, to_peft
+from ..formats.network_files import network_from_records, network_metadata, network_tensors
+from ..formats.peft import TARGET_FILES, write_peft
 from ..formats.reader import read_tensors, records_from_tensors
 from ..formats.safetensors_io import save_tensors
+from ..formats.sd_network import sd_file_metadata, sd_network_parts
 from ..formats.validate import check_file
+from ..network import Part
 from ..safeio import check_writable
 from .resize import DTYPES, parse_dtype
 
 TARGETS = ("kohya", "peft", "diffusers")
-_PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
-_DIFFUSERS_FILES = ("adapter_config.json", "pytorch_lora_weights.safetensors")
 
 
 @dataclass
@@ -170,9 +170,6 @@ def _rename_prefixes(
 
 # --------------------------------------------------------------------------- the model
 def _parts(model: Any, model_prefix: str) -> list:
-    from ..network import Part
-    from ..stable_diffusion import sd_network_parts
-
     if hasattr(model, "kind") and hasattr(model, "unet") and hasattr(model, "text_encoders"):
         return sd_network_parts(model.kind, model.unet, list(model.text_encoders))
     if isinstance(model, nn.Module):
@@ -208,16 +205,11 @@ def _check_output(dst: Path, to: str, overwrite: bool, src: Path) -> None:
         return
     if dst.exists() and not dst.is_dir():
         raise HiganbanaError(f"{dst}: is a file; to={to!r} writes a folder")
-    files = _PEFT_FILES if to == "peft" else _DIFFUSERS_FILES
+    files = TARGET_FILES["peft" if to == "peft" else "diffusers-unet"]
     present = [f for f in files if (dst / f).exists()]
     if present and not overwrite:
         raise HiganbanaError(f"{dst}: {', '.join(present)} exist(s); pass overwrite=True (--overwrite) to replace")
     check_writable(dst)
-
-
-def _lossy_check(what: str, allow_lossy: bool) -> None:
-    if not allow_lossy:
-        raise HiganbanaError(f"{what}; pass allow_lossy=True (--allow-lossy) to convert anyway")
 
 
 # --------------------------------------------------------------------------- convert
@@ -308,13 +300,11 @@ def _convert(
         stage("write")
         return _kohya_without_model(src, dst, tensors, records, metadata, source, file_dtype, report, prefix_map)
 
-    from ..network import AdapterNetwork
-
     stage("map onto model")
 
     parts = _parts(model, model_prefix)
     try:
-        net = AdapterNetwork.from_records(parts, records, tensors, source=str(src), strict=True)
+        net = network_from_records(parts, records, tensors, source=str(src), strict=True)
     except HiganbanaError as exc:
         raise HiganbanaError(f"{exc} (converting against the given model)") from exc
     stage("write")
@@ -358,81 +348,25 @@ def _kohya_without_model(src, dst, tensors, records, metadata, source, dtype, re
 
 
 def _kohya_with_model(dst, net, model, metadata, dtype, report) -> ConvertReport:
-    out = net.file_tensors(dtype)
+    out = network_tensors(net, dtype)
     meta: dict[str, str] = {}
     if hasattr(model, "kind") and not any(k.startswith("ss_") for k in metadata):
-        from ..stable_diffusion import sd_file_metadata
-
         meta.update(sd_file_metadata(net, model.kind, output_name=dst.stem))
     meta.update({k: v for k, v in metadata.items() if not k.startswith(("sshs_", "higanbana.", "lora_adapter"))})
     meta["sshs_model_hash"], meta["sshs_legacy_hash"] = model_hashes(out, meta)
     if "modelspec.hash_sha256" in meta:
         meta["modelspec.hash_sha256"] = "0x" + meta["sshs_model_hash"]
-    meta.update(net.file_metadata())
+    meta.update(network_metadata(net))
     save_tensors(out, dst, meta)
     report.modules, report.outputs = len(net.adapters), [str(dst)]
     return report
 
 
 def _to_peft(src, dst, net, to, part, allow_lossy, dtype, report) -> ConvertReport:
-    chosen = part
-    if chosen is None:
-        chosen = "lora_unet" if "lora_unet" in net.parts else next(iter(net.parts)) if len(net.parts) == 1 else None
-        if chosen is None:
-            raise HiganbanaError(f"{src}: PEFT files describe one model; choose part= one of {list(net.parts)}")
-    if chosen not in net.parts:
-        raise HiganbanaError(f"{src}: no module of part {chosen!r} in the file{nearest(chosen, net.parts)}")
-    if to == "diffusers" and net.parts[chosen].kind not in ("unet",):
-        raise HiganbanaError(f"{src}: the diffusers target holds the UNet only, not part {chosen!r}")
-    dropped: dict[str, str] = {}
-    others = [n for n, r in net.records.items() if r.prefix != chosen]
-    if others and part is None:  # an explicit part= is the user's choice, not a loss
-        why = (
-            "diffusers target holds the UNet only" if to == "diffusers" else f"a PEFT folder holds one part ({chosen})"
-        )
-        dropped.update({n: why for n in others})
-    names = [n for n, r in net.records.items() if r.prefix == chosen]
-
-    def holds(algo: str) -> bool:  # each algorithm declares its PEFT mapping and whether diffusers reads it
-        cls = algorithm_class(algo)
-        return cls.peft_type is not None and (to == "peft" or cls.diffusers_export)
-
-    bad = [n for n in names if not holds(net.records[n].algo)]
-    if bad and len(bad) == len(names):
-        algo = net.records[bad[0]].algo
-        fallback = "diffusers' load_lora_weights reads LoRA and LoKr only" if to == "diffusers" else ""
-        why = peft_refusals().get(algo, fallback)
-        raise HiganbanaError(f"{src}: {algo} (module {bad[0]}) cannot be written to {to}: {why or 'no equivalent'}")
-    for n in bad:
-        dropped[n] = f"{net.records[n].algo} has no {to} equivalent"
-    names = [n for n in names if n not in bad]
-    if dropped:
-        first = next(iter(dropped))
-        _lossy_check(
-            f"{src}: {len(dropped)} module(s) cannot be held by {to}, e.g. {first} ({dropped[first]})", allow_lossy
-        )
-        report.lossy.append(f"dropped {len(dropped)} module(s)")
-    tensors = {k: v for k, v in net.file_tensors(dtype).items() if k.partition(".")[0] in names}
-    dora = sorted({k.partition(".")[0] for k in tensors if k.endswith(".dora_scale")})
-    if dora and to == "diffusers":
-        _lossy_check(
-            f"{src}: DoRA module(s) (e.g. {dora[0]}) into diffusers: load_lora_weights drops dora_scale, so the "
-            "result is a plain LoRA",
-            allow_lossy,
-        )
-        tensors = {k: v for k, v in tensors.items() if not k.endswith(".dora_scale")}
-        report.lossy.append(f"dora_scale dropped from {len(dora)} DoRA module(s)")
-    records = {n: r for n, r in net.module_records().items() if n in names}
-    paths = {n: net.records[n].path for n in names}
-    shapes = {n: tuple(net.adapters[n].layer.weight.shape) for n in names}
     target = "peft" if to == "peft" else "diffusers-unet"
-    try:
-        config, peft_tensors = to_peft(tensors, records, paths, target=target, shapes=shapes)
-    except HiganbanaError as exc:
-        raise HiganbanaError(f"{src}: {exc}") from exc
-    save_peft_folder(dst, config, peft_tensors)
-    files = _PEFT_FILES if to == "peft" else _DIFFUSERS_FILES
-    report.modules, report.outputs, report.dropped = len(names), [str(dst / f) for f in files], dropped
+    written = write_peft(net, dst, target=target, part=part, dtype=dtype, allow_lossy=allow_lossy, source=str(src))
+    report.modules, report.outputs, report.dropped = written.modules, written.outputs, written.dropped
+    report.lossy.extend(written.lossy)
     return report
 
 

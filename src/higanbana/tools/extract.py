@@ -432,7 +432,7 @@ def model_pairs(base: Any, tuned: Any, *, text_encoders: bool = True) -> Iterato
     ``base``/``tuned`` are ``SDParts`` of the same kind; names are the ones our files use (SGM paths
     for an SDXL UNet). The architectures must match: the first differing parameter is named.
     """
-    from ..stable_diffusion import sd_network_parts
+    from ..formats.sd_network import sd_network_parts
 
     if base.kind != tuned.kind:
         raise HiganbanaError(f"the base model is {base.kind} but the tuned model is {tuned.kind}")

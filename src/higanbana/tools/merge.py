@@ -24,6 +24,7 @@ from ..algorithms import adapter_from_state
 from ..errors import HiganbanaError
 from ..formats.checkpoint import Checkpoint, open_checkpoint
 from ..formats.metadata import read_base_model
+from ..formats.network_files import base_model_hint
 from ..formats.reader import read_network_file
 from ..safeio import check_writable
 
@@ -95,7 +96,6 @@ def _check_base(path: str, metadata: dict[str, str], kind: str) -> None:
 
 
 def _read_file(path: str, strength: float, ckpt: Checkpoint, unsafe_pickle: bool) -> _FileAdapters:
-    from ..network import _base_model_hint
 
     tensors, records, metadata = read_network_file(path, unsafe_pickle=unsafe_pickle)
     _check_base(path, metadata, ckpt.kind)
@@ -113,7 +113,7 @@ def _read_file(path: str, strength: float, ckpt: Checkpoint, unsafe_pickle: bool
         shown = ", ".join(absent[:5]) + (f" … and {len(absent) - 5} more" if len(absent) > 5 else "")
         raise HiganbanaError(
             f"{path}: {len(absent)} module(s) name nothing in the {_PRETTY.get(ckpt.kind, ckpt.kind)} checkpoint "
-            f"{ckpt.path}: {shown}{_base_model_hint(absent, modules)}"
+            f"{ckpt.path}: {shown}{base_model_hint(absent, modules)}"
         )
     grouped: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():

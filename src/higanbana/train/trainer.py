@@ -139,7 +139,7 @@ def load_model(config: TrainConfig):
 
 def build_network(config: TrainConfig, parts):
     """The adapter network the ``[network]`` section describes, attached to ``parts``."""
-    from ..stable_diffusion import sd_network
+    from ..formats.sd_network import sd_network
 
     n = config.network
     if n.config:
@@ -685,7 +685,7 @@ class _Run:
         }
 
     def save(self, name: str, state: TrainState, *, with_state: bool) -> tuple[Path, Path | None]:
-        from ..stable_diffusion import save_sd_network
+        from ..formats.sd_network import save_sd_network
 
         c = self.config
         path = self.out_dir / f"{name}.safetensors"

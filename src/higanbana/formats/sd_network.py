@@ -17,10 +17,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import ConfigError, HiganbanaError
-from .formats.metadata import kohya_metadata, model_hashes, modelspec_metadata, read_base_model
-from .formats.sdxl_names import SgmNameMap
-from .network import AdapterNetwork, NetworkConfig, Part
+from ..errors import ConfigError, HiganbanaError
+from ..network import AdapterNetwork, NetworkConfig, Part
+from .metadata import kohya_metadata, model_hashes, modelspec_metadata, read_base_model
+from .network_files import network_from_records, network_metadata, network_tensors
+from .reader import read_network_file
+from .safetensors_io import save_tensors
+from .sdxl_names import SgmNameMap
 
 SD_KINDS = ("sd1", "sd2", "sdxl")
 
@@ -144,14 +147,12 @@ def save_sd_network(
     **meta_options: Any,
 ) -> Path:
     """Save with the full metadata set and kohya's ``sshs_model_hash``/``sshs_legacy_hash``, atomically."""
-    from .formats import save_tensors
-
     path = Path(path)
-    tensors = net.file_tensors(dtype)
+    tensors = network_tensors(net, dtype)
     meta = sd_file_metadata(net, kind, output_name=output_name or path.stem, **meta_options)
     meta.update(metadata or {})
     meta["sshs_model_hash"], meta["sshs_legacy_hash"] = model_hashes(tensors, meta)
-    meta.update(net.file_metadata())
+    meta.update(network_metadata(net))
     return save_tensors(tensors, path, meta)
 
 
@@ -163,8 +164,6 @@ def load_sd_network(
     unsafe_pickle: bool = False,
 ) -> AdapterNetwork:
     """Rebuild a network from a file (ours or foreign) on an SD model, checking the base model first."""
-    from .formats.reader import read_network_file
-
     tensors, records, metadata = read_network_file(path, unsafe_pickle=unsafe_pickle)
     base = read_base_model(metadata) if any(k.startswith("ss_") for k in metadata) else "unknown"
     if base != "unknown" and base != model.kind and {base, model.kind} & {"sdxl"}:
@@ -173,7 +172,7 @@ def load_sd_network(
             f"{metadata.get('ss_base_model_version')!r}) but the model is {_pretty(model.kind)}"
         )
     parts = _parts_of(model)
-    return AdapterNetwork.from_records(parts, records, tensors, source=str(path), strict=strict)
+    return network_from_records(parts, records, tensors, source=str(path), strict=strict)
 
 
 def _pretty(kind: str) -> str:
