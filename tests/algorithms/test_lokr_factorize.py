@@ -102,7 +102,7 @@ def test_bypass_never_builds_delta(make, options, monkeypatch):
     adapter.forward_mode = "bypass"
     assert rel_err(adapter(x), merged) <= 1e-5
     tokens = 4096
-    assert adapter.branch_flops(tokens) < tokens * layer.weight.numel()
+    assert adapter.costs(tokens).bypass < tokens * layer.weight.numel()
 
 
 @pytest.mark.parametrize("rank", [2, 8])

@@ -9,7 +9,8 @@ Every algorithm is a subclass that owns its parameters and implements a small in
 - ``state_tensors()`` / ``load_state_tensors()``: the tensors under docs/design.md §4 key suffixes.
 
 The forward has two modes that agree to rounding: *merged* (one ``op(x, W', b')``) and *bypass*
-(``op(x, W0, b0)`` plus a cheap branch). ``auto`` picks the one with fewer estimated FLOPs.
+(``op(x, W0, b0)`` plus a cheap branch). ``auto`` picks the cheaper by the cost model of
+:mod:`.cost`, from the numbers each algorithm states in ``costs(tokens)``.
 """
 
 from __future__ import annotations
@@ -26,14 +27,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError, HiganbanaError, UnsupportedLayerError, nearest
+from .cost import Costs, bypass_is_cheaper, with_dora
 from .files import DEVIATE, REJECT, SKIP, TOOLS, FileStateError, Verdicts, dora_axis, merge_verdicts
 
 FORWARD_MODES = ("auto", "merged", "bypass")
 
-#: multiply-adds that one pass over an activation-size tensor costs, per device type. Measured on
-#: the 2-core CPU (benchmarks/layers.py, 2026-11-26: rank-8 LoRA/OFT/LoKr at SD1.5 shapes); the
-#: CUDA figure is an estimate from an H100's bandwidth-to-bf16-compute ratio, to be measured.
-PASS_COST = {"cpu": 128, "cuda": 512}
 _CONV_OPS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
@@ -344,18 +342,10 @@ class Adapter(nn.Module):
         """``op(x, W0, b0) + m·s·branch(x)``; multiplicative algorithms override it."""
         return self.base_forward(x) + self._drop(self.scaled_branch(x, mask, multiplier * self.scale))
 
-    def bypass_flops(self, tokens: int) -> int | None:
-        """Forward FLOPs of the bypass branch for ``tokens`` positions (``None``: not cheap)."""
-        return None
-
-    def bypass_passes(self) -> int:
-        """Extra activation-size memory passes of a bypass training step (forward and backward)
-        over the frozen layer's; counted from the op traces of benchmarks/layers.py."""
-        return 4
-
-    def delta_flops(self) -> int:
-        """FLOPs to build the merged weight from the adapter parameters."""
-        return self.base_weight.numel()
+    def costs(self, tokens: int) -> Costs:
+        """What this layer costs per forward mode for ``tokens`` positions (:mod:`.cost` decides
+        with it); the default has no cheap branch, so ``auto`` runs merged."""
+        return Costs(None, self.base_weight.numel())
 
     def rank_mask(self) -> Tensor | None:
         """A random rank mask in training (factored algorithms); ``None`` otherwise."""
@@ -447,22 +437,14 @@ class Adapter(nn.Module):
         tokens = x.numel() // max(x.shape[self.spec.channel_dim], 1)
         if self.spec.is_conv:  # positions of the output (strided convs have fewer)
             tokens = max(tokens // math.prod(self.spec.stride), 1)
-        branch = self.bypass_flops(tokens)
-        if branch is None:
-            return False
-        base = tokens * self.base_weight.numel()
-        # memory-bound passes (small-rank GEMMs, adds, copies) cost far more than their
-        # multiply-adds: weigh them by the device's bandwidth-to-compute ratio. Bypass makes
-        # passes over activations; merged makes them over the weight (add, and its grad).
-        cost = PASS_COST.get(x.device.type, 128)
-        act = tokens * max(self.spec.in_features, self.spec.out_features) * cost
-        weight = self.base_weight.numel() * cost
-        if self._adapter_requires_grad():
-            # merged: forward, input grad and a full-size weight grad, plus building ΔW (fwd+bwd);
-            # bypass: the frozen op's forward and input grad, plus the branch (fwd+bwd).
-            bypass = 2 * base + 3 * branch + act * self.bypass_passes()
-            return bypass < 3 * base + 3 * self.delta_flops() + 2 * weight
-        return branch + act * max(self.bypass_passes() // 2, 1) < self.delta_flops() + weight
+        return bypass_is_cheaper(
+            self.costs(tokens),
+            tokens=tokens,
+            weight_numel=self.base_weight.numel(),
+            width=max(self.spec.in_features, self.spec.out_features),
+            device_type=x.device.type,
+            grad=self._adapter_requires_grad(),
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         m = self.multiplier
@@ -706,23 +688,15 @@ class FactoredAdapter(Adapter):
     def _needs_backup(self) -> bool:
         return self.weight_decompose or super()._needs_backup()
 
-    def bypass_flops(self, tokens: int) -> int | None:
-        branch = self.branch_flops(tokens)
-        if branch is None or not self.weight_decompose:
-            return branch
-        return branch + self.delta_flops()  # DoRA builds ΔW for the norm in bypass too
+    def costs(self, tokens: int) -> Costs:
+        """The factored branch's costs, and DoRA's on top when it is on."""
+        plain = self.branch_costs(tokens)
+        return with_dora(plain) if self.weight_decompose else plain
 
-    def branch_passes(self) -> int:
-        """Activation passes of the factored branch's training step (see ``bypass_passes``)."""
-        return 4
-
-    def bypass_passes(self) -> int:
-        """The branch's passes; DoRA scales the output by ``g`` and blends it: about 5 more."""
-        return self.branch_passes() + (5 if self.weight_decompose else 0)
-
-    def branch_flops(self, tokens: int) -> int | None:
-        """Forward FLOPs of ``branch`` without ΔW, or ``None`` when it must materialise ΔW."""
-        return None
+    def branch_costs(self, tokens: int) -> Costs:
+        """The factored branch's costs without DoRA; ``bypass`` is ``None`` when ``branch`` must
+        materialise ΔW (then bypass is never the cheaper mode)."""
+        return Costs(None, self.base_weight.numel())
 
     def extra_state_options(self) -> dict[str, Any]:
         """Rank and DoRA (subclasses add their own): what rebuilds this adapter from a file."""

@@ -23,7 +23,7 @@ branch is ``rescale ⊙ S·z − z`` (exactly 0 at init).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from .base import layer_spec, option, require, whole_number
+from .cost import Costs
 from .factorize import boft_block_size, is_power_of_two
 from .files import FileStateError
 from .oft import OrthogonalAdapter
@@ -91,11 +92,12 @@ class BOFT(OrthogonalAdapter):
     def transform_macs(self) -> int:
         return self.num_stages * self.spec.out_features * self.block_size
 
-    def bypass_passes(self) -> int:
-        """Each stage permutes, rotates and un-permutes the activations (forward and backward):
-        about 8 passes per stage for Linear, where each position's channels are a short vector;
-        convs move long contiguous rows and measure like 2 (benchmarks/layers.py)."""
-        return (2 if self.spec.is_conv else 8) * self.num_stages + 4
+    def costs(self, tokens: int) -> Costs:
+        """OFT's, with the passes of the stages: each permutes, rotates and un-permutes the
+        activations (forward and backward), about 8 passes per stage for Linear, where each
+        position's channels are a short vector; convs move long contiguous rows and measure like 2
+        (benchmarks/layers.py)."""
+        return replace(super().costs(tokens), passes=(2 if self.spec.is_conv else 8) * self.num_stages + 4)
 
     @classmethod
     def options_from_state(cls, tensors: dict[str, Tensor], layer: nn.Module) -> dict[str, Any]:

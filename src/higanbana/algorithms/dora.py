@@ -36,7 +36,7 @@ def dora_weight(w0: Tensor, scaled_delta: Tensor, magnitude: Tensor, on_output: 
 
 def _branch(adapter: FactoredAdapter, x: Tensor, delta: Tensor, mask: Tensor | None) -> Tensor:
     """``op(x, ΔW)``: the factored branch where it is cheap, else the ΔW already built."""
-    if adapter.branch_flops(1) is not None:
+    if adapter.branch_costs(1).bypass is not None:
         return adapter.branch(x, mask)
     return adapter.spec.op(x, delta.to(x.dtype))
 

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import Adapter, AdapterOptions, copy_checked, layer_spec, option, require
+from .cost import Costs
 from .files import FileStateError, dims, need, shape
 
 
@@ -61,11 +62,8 @@ class Full(Adapter):
     def delta_bias(self) -> Tensor | None:
         return self.diff_b
 
-    def bypass_flops(self, tokens: int) -> int | None:
-        return None  # a second full-size op: merged is always cheaper
-
-    def delta_flops(self) -> int:
-        return self.diff.numel()
+    def costs(self, tokens: int) -> Costs:
+        return Costs(None, self.diff.numel())  # a second full-size op: merged is always cheaper
 
     # ------------------------------------------------------------------ state
     def state_tensors(self) -> dict[str, Tensor]:

@@ -36,6 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import FactoredAdapter, FactoredOptions, LayerSpec, copy_checked, layer_spec, option, require
+from .cost import Costs
 from .files import DEVIATE, SKIP, FileStateError, Verdicts, dims, need
 
 KEYS = ("a1.weight", "a2.weight", "b1.weight", "b2.weight")
@@ -173,18 +174,15 @@ class GLoRA(FactoredAdapter):
         y = torch.addmm(y, x2.mm(down.t()), up.t())
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
-    def branch_passes(self) -> int:
-        return 12 if self.spec.is_conv else 3
-
-    def branch_flops(self, tokens: int) -> int | None:
+    def branch_costs(self, tokens: int) -> Costs:
+        """Linear: the rank-2r LoRA form plus ``W0·a1``; conv: the two factored paths."""
         s, r = self.spec, self.rank
-        if not s.is_conv:  # the rank-2r LoRA form, plus W0·a1
-            return tokens * 2 * r * (s.in_features + s.out_features) + s.out_features * s.in_features * r
-        return tokens * r * (2 * s.in_features + s.fan_in + s.out_features)
-
-    def delta_flops(self) -> int:
-        s, r = self.spec, self.rank
-        return 2 * s.out_features * r * s.fan_in + s.out_features * r * s.fan_in
+        if not s.is_conv:
+            branch = tokens * 2 * r * (s.in_features + s.out_features) + s.out_features * s.in_features * r
+        else:
+            branch = tokens * r * (2 * s.in_features + s.fan_in + s.out_features)
+        delta = 2 * s.out_features * r * s.fan_in + s.out_features * r * s.fan_in
+        return Costs(branch, delta, passes=12 if s.is_conv else 3)
 
     # ------------------------------------------------------------------ un-merge
     def _woodbury(self, multiplier: float) -> tuple[Tensor, Tensor, Tensor]:

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import Adapter, AdapterOptions, copy_checked, layer_spec, option, require
+from .cost import Costs
 from .files import FileStateError, need, shape
 
 
@@ -110,15 +111,10 @@ class IA3(Adapter):
         h = y if b0 is None else y - b0.reshape(spec.channel_shape(spec.out_features)).to(y.dtype)
         return y + self._drop(h * (multiplier * w.to(y.dtype)))
 
-    def bypass_passes(self) -> int:
-        """One fused addcmul forward, two products backward (op traces)."""
-        return 2
-
-    def bypass_flops(self, tokens: int) -> int | None:
-        return tokens * self.channels
-
-    def delta_flops(self) -> int:
-        return self.base_weight.numel()
+    def costs(self, tokens: int) -> Costs:
+        """One product per position and channel; passes: one fused addcmul forward, two products
+        backward (op traces)."""
+        return Costs(tokens * self.channels, self.base_weight.numel(), passes=2)
 
     # ------------------------------------------------------------------ state
     def state_tensors(self) -> dict[str, Tensor]:

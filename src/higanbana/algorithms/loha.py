@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from ..errors import HiganbanaError
 from .base import FactoredAdapter, FactoredOptions, LayerSpec, copy_checked, layer_spec, option, require
+from .cost import Costs
 from .dora import dora_options
 from .files import FileStateError, alpha_of, dims, need, same, shape
 
@@ -133,13 +134,14 @@ class LoHa(FactoredAdapter):
         w2 = tucker_rebuild(self.hada_t2.flatten(2), a2, self.hada_w2_b)
         return (w1 * w2).reshape(shape)
 
-    def delta_flops(self) -> int:
+    def branch_costs(self, tokens: int) -> Costs:
+        """No factored branch (the Hadamard product needs ΔW): bypass is never cheaper."""
         s, r = self.spec, self.rank
         if self.use_tucker:
             per_side = r * r * s.kernel_numel * s.in_features + s.out_features * r * s.fan_in
         else:
             per_side = s.out_features * r * s.fan_in
-        return 2 * per_side + s.out_features * s.fan_in
+        return Costs(None, 2 * per_side + s.out_features * s.fan_in)
 
     # ------------------------------------------------------------------ state
     def _factor_names(self) -> tuple[str, ...]:

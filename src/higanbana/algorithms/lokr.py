@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError, HiganbanaError
 from .base import FactoredAdapter, FactoredOptions, copy_checked, layer_spec, option, require, whole_number
+from .cost import Costs
 from .dora import dora_options
 from .factorize import factorize
 from .files import FileStateError, alpha_of, dims, need, same, shape
@@ -262,23 +263,19 @@ class LoKr(FactoredAdapter):
             return self.rank * (self.u1 + self.v1)
         return self.u1 * self.v1
 
-    def branch_passes(self) -> int:
-        """Grouping the channels costs copies: 10 passes for Linear, 7 for convs (op traces)."""
-        return 7 if self.spec.is_conv else 10
-
-    def branch_flops(self, tokens: int) -> int | None:
-        return tokens * (self.v1 * self._w2_cost() + self.u2 * self._w1_cost())
-
-    def delta_flops(self) -> int:
+    def branch_costs(self, tokens: int) -> Costs:
+        """``w2`` then ``w1`` on the grouped channels, against the Kronecker product (and its
+        factors) for ΔW; grouping the channels costs copies: 10 passes for Linear, 7 for convs."""
         s, r = self.spec, self.rank
-        flops = s.out_features * s.fan_in  # the Kronecker product itself
+        delta = s.out_features * s.fan_in  # the Kronecker product itself
         if self.w1_factored:
-            flops += self.u1 * r * self.v1
+            delta += self.u1 * r * self.v1
         if self.use_tucker:
-            flops += r * r * s.kernel_numel * self.v2 + self.u2 * r * self.v2 * s.kernel_numel
+            delta += r * r * s.kernel_numel * self.v2 + self.u2 * r * self.v2 * s.kernel_numel
         elif self.w2_factored:
-            flops += self.u2 * r * self.v2 * s.kernel_numel
-        return flops
+            delta += self.u2 * r * self.v2 * s.kernel_numel
+        branch = tokens * (self.v1 * self._w2_cost() + self.u2 * self._w1_cost())
+        return Costs(branch, delta, passes=7 if s.is_conv else 10)
 
     # ------------------------------------------------------------------ state
     def _param_names(self) -> list[str]:

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from ..errors import HiganbanaError
 from .base import FactoredAdapter, FactoredOptions, LayerSpec, copy_checked, layer_spec, option, require
+from .cost import Costs
 from .dora import dora_options
 from .files import REJECT, FileStateError, Verdicts, alpha_of, dims, dora_axis, need, ones_from, same, shape
 
@@ -123,19 +124,16 @@ class LoRA(FactoredAdapter):
         y = torch.addmm(y, h, self._up_in_shape(mask, multiplier * self.scale, dt).t())
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
-    def branch_passes(self) -> int:
-        return 3 if not self.spec.is_conv else 4
-
-    def branch_flops(self, tokens: int) -> int | None:
+    def branch_costs(self, tokens: int) -> Costs:
+        """Down, (Tucker core,) up per position, against ``up·down`` (and the core) for ΔW."""
         s, r = self.spec, self.rank
         if self.lora_mid is None:
-            return tokens * r * (s.fan_in + s.out_features)
-        return tokens * r * (s.in_features + r * s.kernel_numel + s.out_features)
-
-    def delta_flops(self) -> int:
-        s, r = self.spec, self.rank
-        extra = r * r * s.kernel_numel * s.in_features if self.lora_mid is not None else 0
-        return s.out_features * r * s.fan_in + extra
+            branch = tokens * r * (s.fan_in + s.out_features)
+            extra = 0
+        else:
+            branch = tokens * r * (s.in_features + r * s.kernel_numel + s.out_features)
+            extra = r * r * s.kernel_numel * s.in_features
+        return Costs(branch, s.out_features * r * s.fan_in + extra, passes=3 if not s.is_conv else 4)
 
     # ------------------------------------------------------------------ state
     def state_tensors(self) -> dict[str, Tensor]:

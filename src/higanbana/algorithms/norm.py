@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from ..errors import UnsupportedLayerError
 from .base import Adapter, copy_checked, require
+from .cost import Costs
 from .files import SKIP, FileStateError, Verdicts, dims, merge_verdicts, need, shape
 
 
@@ -122,11 +123,8 @@ class Norm(Adapter):
     def delta_bias(self) -> Tensor | None:
         return self.b_norm
 
-    def bypass_flops(self, tokens: int) -> int | None:
-        return None  # a second normalisation: merged is always cheaper
-
-    def delta_flops(self) -> int:
-        return self.w_norm.numel()
+    def costs(self, tokens: int) -> Costs:
+        return Costs(None, self.w_norm.numel())  # a second normalisation: merged is always cheaper
 
     # ------------------------------------------------------------------ state
     def state_tensors(self) -> dict[str, Tensor]:

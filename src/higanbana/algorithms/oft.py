@@ -49,6 +49,7 @@ from .base import (
     require,
     whole_number,
 )
+from .cost import Costs
 from .files import DEVIATE, SKIP, FileStateError, Verdicts, dims, merge_verdicts, need, shape
 
 #: ``alpha`` written for "no constraint" (``alpha`` is never 0 in a file); ``α·out`` must fit a float32
@@ -302,15 +303,15 @@ class OrthogonalAdapter(Adapter):
         y, z = self._centered(x)
         return y + self._drop(self.bypass_delta(z, multiplier))
 
-    def bypass_flops(self, tokens: int) -> int | None:
-        return tokens * self.transform_macs() + self.cayley_macs()
-
-    def bypass_passes(self) -> int:
-        """Centering, the batched rotation (and its copy for Linear), the add; twice (op traces)."""
-        return 7 if not self.spec.is_conv else 5
-
-    def delta_flops(self) -> int:
-        return self.spec.fan_in * self.transform_macs() + self.cayley_macs()
+    def costs(self, tokens: int) -> Costs:
+        """The rotation of each position's outputs (plus the Cayley solves) against rotating the
+        weight's columns; passes: centering, the batched rotation (and its copy for Linear), the
+        add, forward and backward (op traces)."""
+        return Costs(
+            bypass=tokens * self.transform_macs() + self.cayley_macs(),
+            delta=self.spec.fan_in * self.transform_macs() + self.cayley_macs(),
+            passes=7 if not self.spec.is_conv else 5,
+        )
 
     def cayley_macs(self) -> int:
         """About ``b³`` multiply-adds per block for the Cayley solves."""

@@ -1,0 +1,59 @@
+"""The cost model of the forward modes, in one place: when ``forward_mode = "auto"`` runs bypass.
+
+Each algorithm states what one adapted layer costs as plain numbers (:class:`Costs`, from
+``Adapter.costs(tokens)``); the device constants and the one decision rule are here. *Merged* runs
+one op with ``W0 + m·s·ΔW`` and pays for building ΔW and passes over the weight; *bypass* runs the
+frozen op plus the branch and pays for passes over the activations. Small-rank GEMMs, adds and
+copies are memory-bound, so a pass costs far more than its multiply-adds: it is weighed by the
+device's bandwidth-to-compute ratio (:data:`PASS_COST`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+#: multiply-adds that one pass over an activation-size tensor costs, per device type. Measured on
+#: the 2-core CPU (benchmarks/layers.py, 2026-11-26: rank-8 LoRA/OFT/LoKr at SD1.5 shapes); the
+#: CUDA figure is an estimate from an H100's bandwidth-to-bf16-compute ratio, to be measured.
+PASS_COST = {"cpu": 128, "cuda": 512}
+#: devices not listed above are costed like the CPU
+DEFAULT_PASS_COST = 128
+
+
+@dataclass(frozen=True)
+class Costs:
+    """What one adapted layer costs per forward mode, as its algorithm counts it."""
+
+    bypass: int | None  # multiply-adds of the bypass branch for the call's positions; None: never cheaper
+    delta: int  # multiply-adds to build the merged weight from the adapter's parameters
+    passes: int = 4  # extra activation-size memory passes of a bypass training step (op traces)
+
+
+def with_dora(costs: Costs) -> Costs:
+    """DoRA in bypass also builds ΔW for the column norm, then scales the output by ``g`` and blends
+    it: ΔW's multiply-adds and about 5 more passes."""
+    if costs.bypass is None:
+        return costs
+    return Costs(costs.bypass + costs.delta, costs.delta, costs.passes + 5)
+
+
+def bypass_is_cheaper(
+    costs: Costs, *, tokens: int, weight_numel: int, width: int, device_type: str, grad: bool
+) -> bool:
+    """Whether bypass costs less than merged for a call over ``tokens`` positions of a layer with
+    ``weight_numel`` weights and ``width`` channels (the wider side), with or without adapter grads.
+
+    With grads, merged pays the forward, the input grad and a full-size weight grad plus building ΔW
+    (forward and backward); bypass the frozen op's forward and input grad plus the branch (forward
+    and backward) and its activation passes. Without grads, each pays its forward only.
+    """
+    if costs.bypass is None:
+        return False
+    pass_cost = PASS_COST.get(device_type, DEFAULT_PASS_COST)
+    base = tokens * weight_numel
+    activations = tokens * width * pass_cost
+    weight = weight_numel * pass_cost
+    if grad:
+        bypass = 2 * base + 3 * costs.bypass + activations * costs.passes
+        return bypass < 3 * base + 3 * costs.delta + 2 * weight
+    return costs.bypass + activations * max(costs.passes // 2, 1) < costs.delta + weight
