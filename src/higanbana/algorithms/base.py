@@ -18,9 +18,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -131,7 +131,7 @@ def whole_number(algo: str, name: str, value: Any) -> int:
     option: ``int(2.5)`` would silently train rank 2."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not float(value).is_integer():
         raise ConfigError(f"{algo}: option {name}={value!r} must be a whole number")
-    return int(value)
+    return int(value)  # type: ignore[call-overload]  # numbers.Real is not typed SupportsInt; int() is what runs
 
 
 def finite_number(algo: str, name: str, value: Any) -> float:
@@ -226,7 +226,7 @@ class Adapter(nn.Module):
         o = self.options
         self.spec = self._make_spec(layer)
         self._layer = [layer]  # a list, so nn.Module does not register (or save) the base layer
-        self._original_forward = None
+        self._original_forward: Callable[..., Any] | None = None
         self._stack: list[Adapter | None] = [None, None]  # [inner, outer] on the same layer (not registered)
         self.multiplier = finite_number(self.algo, "multiplier", o.multiplier)
         self.dropout = _check_fraction("dropout", o.dropout)
@@ -256,6 +256,16 @@ class Adapter(nn.Module):
         return self._layer[0]
 
     @property
+    def layer_weight(self) -> Tensor:
+        """The wrapped layer's own weight parameter (typed: ``nn.Module`` attributes are not)."""
+        return cast(Tensor, self.layer.weight)
+
+    @property
+    def layer_bias(self) -> Tensor | None:
+        """The wrapped layer's own bias parameter, if it has one."""
+        return cast("Tensor | None", self.layer.bias)
+
+    @property
     def inner(self) -> Adapter | None:
         """The adapter attached before this one on the same layer (stacked networks), if any."""
         return self._stack[0]
@@ -267,18 +277,18 @@ class Adapter(nn.Module):
         inner = self.inner
         if inner is not None and not inner.merged and inner.multiplier != 0.0:
             return inner.merged_weight(inner.multiplier)
-        return self.layer.weight
+        return self.layer_weight
 
     @property
     def base_bias(self) -> Tensor | None:
         inner = self.inner
         if inner is not None and not inner.merged and inner.multiplier != 0.0:
             return inner.merged_bias(inner.multiplier)
-        return self.layer.bias
+        return self.layer_bias
 
     @property
     def device(self) -> torch.device:
-        return self.layer.weight.device
+        return self.layer_weight.device
 
     def base_forward(self, x: Tensor) -> Tensor:
         """The wrapped layer's output with its current weight."""
@@ -350,6 +360,12 @@ class Adapter(nn.Module):
     def rank_mask(self) -> Tensor | None:
         """A random rank mask in training (factored algorithms); ``None`` otherwise."""
         return None
+
+    @classmethod
+    def options_from_state(cls, tensors: dict[str, Tensor], layer: nn.Module) -> dict[str, Any]:
+        """The options that rebuild this algorithm's module on ``layer`` from a file's tensors alone
+        (foreign files carry no records); every algorithm says how."""
+        raise NotImplementedError(f"{cls.algo} does not say how to read its options from tensors")
 
     @classmethod
     def full_rank(cls, spec: LayerSpec, options: dict[str, Any]) -> int | None:
@@ -482,9 +498,10 @@ class Adapter(nn.Module):
                 self.base_weight.detach().to("cpu", copy=True),
                 None if b0 is None else b0.detach().to("cpu", copy=True),
             )
-        self.layer.weight.copy_(weight)
-        if bias is not None and self.layer.bias is not None:
-            self.layer.bias.copy_(bias)
+        self.layer_weight.copy_(weight)
+        layer_bias = self.layer_bias
+        if bias is not None and layer_bias is not None:
+            layer_bias.copy_(bias)
         self._merged_multiplier = m
 
     @torch.no_grad()
@@ -496,18 +513,20 @@ class Adapter(nn.Module):
         if outer is not None and outer.merged:
             raise HiganbanaError(f"a {outer.algo} adapter is merged on top of this {self.algo} one: unmerge it first")
         m = self._merged_multiplier
+        assert m is not None  # merged
+        layer_bias = self.layer_bias
         if self._backup is not None:
             weight, bias = self._backup
-            self.layer.weight.copy_(weight)
-            if bias is not None:
-                self.layer.bias.copy_(bias)
+            self.layer_weight.copy_(weight)
+            if bias is not None and layer_bias is not None:
+                layer_bias.copy_(bias)
             self._backup = None
         else:
             bias = self.unmerged_bias(self.base_bias, m)
             weight = self.unmerged_weight(self.base_weight, m)
-            self.layer.weight.copy_(weight)
-            if bias is not None:
-                self.layer.bias.copy_(bias)
+            self.layer_weight.copy_(weight)
+            if bias is not None and layer_bias is not None:
+                layer_bias.copy_(bias)
         self._merged_multiplier = None
 
     def attach(self) -> None:
@@ -722,6 +741,13 @@ class FactoredAdapter(Adapter):
         if self.scalar is not None:
             with torch.no_grad():
                 self.scalar.fill_(1.0)
+
+
+def present(param: Tensor | None) -> Tensor:
+    """An optional parameter that the adapter's layout says exists (e.g. LoKr's ``lokr_w1`` when w1
+    is not factored): narrowed for the type checker, a bug if it is missing."""
+    assert param is not None, "a parameter the layout says exists is missing"
+    return param
 
 
 @torch.no_grad()

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import HiganbanaError
-from .base import FactoredAdapter, FactoredOptions, LayerSpec, copy_checked, layer_spec, option, require
+from .base import FactoredAdapter, FactoredOptions, LayerSpec, copy_checked, layer_spec, option, present, require
 from .cost import Costs
 from .dora import dora_options
 from .files import FileStateError, alpha_of, dims, need, same, shape
@@ -80,6 +80,8 @@ class LoHa(FactoredAdapter):
         super().__init__(layer, **options)
         spec, r = self.spec, self.rank
         self.use_tucker = bool(self.options.use_tucker) and spec.is_conv and spec.kernel_numel > 1
+        self.hada_t1: nn.Parameter | None
+        self.hada_t2: nn.Parameter | None
         if self.use_tucker:
             self.hada_t1 = self.new_param(r, r, *spec.kernel_size)
             self.hada_t2 = self.new_param(r, r, *spec.kernel_size)
@@ -113,12 +115,13 @@ class LoHa(FactoredAdapter):
         else:
             nn.init.zeros_(self.hada_w2_a)
         if self.use_tucker:
-            nn.init.normal_(self.hada_t1, std=0.1)
-            nn.init.normal_(self.hada_t2, std=0.1)
+            nn.init.normal_(present(self.hada_t1), std=0.1)
+            nn.init.normal_(present(self.hada_t2), std=0.1)
 
     def _a_factors(self, mask: Tensor | None) -> tuple[Tensor, Tensor]:
         """``w1_a`` and ``w2_a`` (with the learned scalar) masked on their rank axis."""
-        a1, a2 = self.hada_w1_a, self.scaled_up(self.hada_w2_a)
+        a1: Tensor = self.hada_w1_a
+        a2 = self.scaled_up(self.hada_w2_a)
         if mask is not None:
             m = mask.to(a1.dtype)
             m = m[:, None] if self.use_tucker else m  # rank axis: 0 for Tucker (r,out), 1 for (out,r)
@@ -130,8 +133,8 @@ class LoHa(FactoredAdapter):
         a1, a2 = self._a_factors(mask)
         if not self.use_tucker:
             return HadamardProduct.apply(a1, self.hada_w1_b, a2, self.hada_w2_b).reshape(shape)
-        w1 = tucker_rebuild(self.hada_t1.flatten(2), a1, self.hada_w1_b)
-        w2 = tucker_rebuild(self.hada_t2.flatten(2), a2, self.hada_w2_b)
+        w1 = tucker_rebuild(present(self.hada_t1).flatten(2), a1, self.hada_w1_b)
+        w2 = tucker_rebuild(present(self.hada_t2).flatten(2), a2, self.hada_w2_b)
         return (w1 * w2).reshape(shape)
 
     def branch_costs(self, tokens: int) -> Costs:

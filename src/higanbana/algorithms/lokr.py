@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError, HiganbanaError
-from .base import FactoredAdapter, FactoredOptions, copy_checked, layer_spec, option, require, whole_number
+from .base import FactoredAdapter, FactoredOptions, copy_checked, layer_spec, option, present, require, whole_number
 from .cost import Costs
 from .dora import dora_options
 from .factorize import factorize
@@ -147,7 +147,7 @@ class LoKr(FactoredAdapter):
             p = getattr(self, name)
             if p is not None:
                 nn.init.kaiming_uniform_(p, a=math.sqrt(5))
-        up = self.lokr_w2 if self.lokr_w2 is not None else self.lokr_w2_b
+        up = present(self.lokr_w2 if self.lokr_w2 is not None else self.lokr_w2_b)
         if self.use_scalar:
             nn.init.kaiming_uniform_(up, a=math.sqrt(5))
         else:
@@ -176,16 +176,16 @@ class LoKr(FactoredAdapter):
     def _w1(self, mask: Tensor | None, dtype: torch.dtype) -> Tensor:
         """``w1`` (u1, v1)."""
         if not self.w1_factored:
-            return self.lokr_w1.to(dtype)
-        a = self.lokr_w1_a
+            return present(self.lokr_w1).to(dtype)
+        a = present(self.lokr_w1_a)
         m = self._w1_mask(mask)
         if m is not None:
             a = a * m.to(a.dtype)
-        return a.to(dtype) @ self.lokr_w1_b.to(dtype)
+        return a.to(dtype) @ present(self.lokr_w1_b).to(dtype)
 
     def _w2_factors(self, mask: Tensor | None, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """``w2_a`` masked on its rank axis and ``w2_b`` with the learned scalar."""
-        a, b = self.lokr_w2_a, self.scaled_up(self.lokr_w2_b)
+        a, b = present(self.lokr_w2_a), self.scaled_up(present(self.lokr_w2_b))
         m = self._w2_mask(mask)
         if m is not None:
             a = a * m.to(a.dtype)[:, None] if self.use_tucker else a * m.to(a.dtype)
@@ -195,9 +195,9 @@ class LoKr(FactoredAdapter):
         """``w2`` (u2, v2, *k)."""
         s = self.spec
         if not self.w2_factored:
-            return self.scaled_up(self.lokr_w2).to(dtype)
+            return self.scaled_up(present(self.lokr_w2)).to(dtype)
         a, b = self._w2_factors(mask, dtype)
-        w2 = tucker_rebuild(self.lokr_t2.flatten(2).to(dtype), a, b) if self.use_tucker else a @ b
+        w2 = tucker_rebuild(present(self.lokr_t2).flatten(2).to(dtype), a, b) if self.use_tucker else a @ b
         return w2.reshape(self.u2, self.v2, *s.kernel_size)
 
     def delta_weight(self, mask: Tensor | None = None) -> Tensor:
@@ -213,12 +213,12 @@ class LoKr(FactoredAdapter):
         """``w1`` on the group axis of ``h`` (..., v1, n) → (..., u1, n), factors kept apart."""
         dt = h.dtype
         if not self.w1_factored:
-            return self.lokr_w1.to(dt) @ h
-        a = self.lokr_w1_a
+            return present(self.lokr_w1).to(dt) @ h
+        a = present(self.lokr_w1_a)
         m = self._w1_mask(mask)
         if m is not None:
             a = a * m.to(a.dtype)
-        return a.to(dt) @ (self.lokr_w1_b.to(dt) @ h)
+        return a.to(dt) @ (present(self.lokr_w1_b).to(dt) @ h)
 
     def branch(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         s, dt = self.spec, x.dtype
@@ -240,7 +240,7 @@ class LoKr(FactoredAdapter):
             h = s.op(xg, self._w2(None, dt))
         elif self.use_tucker:
             a, b = self._w2_factors(mask, dt)
-            h = s.pointwise(s.op(s.pointwise(xg, b), self.lokr_t2.to(dt)), a.mT)
+            h = s.pointwise(s.op(s.pointwise(xg, b), present(self.lokr_t2).to(dt)), a.mT)
         else:
             a, b = self._w2_factors(mask, dt)
             h = s.pointwise(s.op(xg, b.reshape(-1, v2, *s.kernel_size)), a)
@@ -537,5 +537,5 @@ def _lokr_plan(name: str, mod: Mapping[str, Tensor], rank_hint: int | None) -> d
         "w2_full": w2_full,
         "tucker": tucker,
         "rank": rank if rank is not None else rank_hint,
-        "scale": alpha_of(mod, rank) / rank if factored else 1.0,
+        "scale": alpha_of(mod, rank) / rank if factored and rank is not None else 1.0,  # factored: a rank
     }

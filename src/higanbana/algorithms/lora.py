@@ -50,6 +50,7 @@ class LoRA(FactoredAdapter):
         spec = self.spec
         r = self.rank
         self.use_tucker = bool(self.options.use_tucker) and spec.is_conv and spec.kernel_numel > 1
+        self.lora_mid: nn.Parameter | None
         if self.use_tucker:
             self.lora_down = self.new_param(r, spec.in_features, *spec.ones_kernel)
             self.lora_mid = self.new_param(r, r, *spec.kernel_size)

@@ -99,6 +99,7 @@ class Norm(Adapter):
     peft_refusal = "PEFT has no LayerNorm/GroupNorm difference adapter"
     loaded_by = frozenset({"ComfyUI", "A1111"})
     examples = (("norm", {}, 3e-3),)
+    spec: NormSpec  # type: ignore[assignment]  # a norm layer has its own spec, not a LayerSpec
 
     def __init__(self, layer: nn.Module, **options: Any) -> None:
         super().__init__(layer, **options)
