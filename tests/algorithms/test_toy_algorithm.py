@@ -25,8 +25,9 @@ from higanbana.algorithms import (
     register,
     unregister,
 )
-from higanbana.algorithms.base import copy_checked, option, require
+from higanbana.algorithms.base import copy_checked, require
 from higanbana.algorithms.files import FileStateError, dims, need, shape
+from higanbana.algorithms.options import option
 from higanbana.errors import HiganbanaError
 from higanbana.formats import load_network, load_tensors, save_network, save_tensors
 from higanbana.formats.compat import compatibility

@@ -16,7 +16,10 @@ from typing import Any
 from torch import Tensor, nn
 
 from ..errors import ConfigError, nearest
-from .base import Adapter, AdapterOptions, FactoredAdapter, FactoredOptions, LayerSpec, layer_spec, option_fields
+from .base import Adapter
+from .factored import FactoredAdapter
+from .layer import LayerSpec, layer_spec
+from .options import AdapterOptions, FactoredOptions, option_fields
 
 #: algorithm name -> "module:Class" (imported on first use), or a class :func:`register` added
 REGISTRY: dict[str, str | type[Adapter]] = {

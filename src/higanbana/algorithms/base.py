@@ -15,174 +15,21 @@ The forward has two modes that agree to rounding: *merged* (one ``op(x, W', b')`
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import numbers
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from typing import Any, ClassVar, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import ConfigError, HiganbanaError, UnsupportedLayerError, nearest
-from .cost import Costs, bypass_is_cheaper, with_dora
-from .files import DEVIATE, REJECT, SKIP, TOOLS, FileStateError, Verdicts, dora_axis, merge_verdicts
+from ..errors import ConfigError, HiganbanaError, nearest
+from .cost import Costs, bypass_is_cheaper
+from .files import REJECT, SKIP, TOOLS, FileStateError, Verdicts
+from .layer import LayerSpec, layer_spec
+from .options import AdapterOptions, check_fraction, finite_number, option_fields
 
 FORWARD_MODES = ("auto", "merged", "bypass")
-
-_CONV_OPS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
-
-
-@dataclass(frozen=True)
-class LayerSpec:
-    """The shape and op of a wrapped Linear or ConvNd layer."""
-
-    kind: str  # "linear" or "conv"
-    out_features: int
-    in_features: int
-    kernel_size: tuple[int, ...] = ()
-    stride: tuple[int, ...] = ()
-    padding: Any = ()
-    dilation: tuple[int, ...] = ()
-
-    @property
-    def is_conv(self) -> bool:
-        return self.kind == "conv"
-
-    @property
-    def kernel_numel(self) -> int:
-        return math.prod(self.kernel_size)
-
-    @property
-    def fan_in(self) -> int:
-        """``in·∏k``: the width of ``flat(W)``."""
-        return self.in_features * self.kernel_numel
-
-    @property
-    def channel_dim(self) -> int:
-        """The axis of channels in activations: last for Linear, 1 for ConvNd."""
-        return 1 if self.is_conv else -1
-
-    @property
-    def ones_kernel(self) -> tuple[int, ...]:
-        """Trailing singleton kernel dims: ``(1, 1)`` for Conv2d, ``()`` for Linear."""
-        return (1,) * len(self.kernel_size)
-
-    def op(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-        """The layer's own operation with another weight (same stride/padding/dilation)."""
-        if not self.is_conv:
-            return F.linear(x, weight, bias)
-        conv = _CONV_OPS[len(self.kernel_size)]
-        return conv(x, weight, bias, self.stride, self.padding, self.dilation)
-
-    def pointwise(self, x: Tensor, weight: Tensor) -> Tensor:
-        """A 1×1 (pointwise) projection; ``weight`` is ``(c_out, c_in)``."""
-        if not self.is_conv:
-            return F.linear(x, weight)
-        conv = _CONV_OPS[len(self.kernel_size)]
-        return conv(x, weight.reshape(*weight.shape, *self.ones_kernel))
-
-    def pointwise_full(self, x: Tensor, weight: Tensor) -> Tensor:
-        """A 1×1 projection with a weight already in layer shape ``(c_out, c_in, 1..)``."""
-        if not self.is_conv:
-            return F.linear(x, weight)
-        return _CONV_OPS[len(self.kernel_size)](x, weight)
-
-    def channel_shape(self, channels: int) -> tuple[int, ...]:
-        """Shape that broadcasts a per-channel vector over activations."""
-        return (channels, *self.ones_kernel) if self.is_conv else (channels,)
-
-
-def layer_spec(layer: nn.Module, algo: str = "") -> LayerSpec:
-    """Describe a Linear/ConvNd layer, or raise a clear error for anything else."""
-    if isinstance(layer, nn.Linear):
-        return LayerSpec("linear", layer.out_features, layer.in_features)
-    if isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-        if layer.groups != 1:
-            raise UnsupportedLayerError(
-                f"{algo or 'adapter'}: grouped/depthwise convolutions are not supported "
-                f"({type(layer).__name__} with groups={layer.groups})"
-            )
-        if layer.padding_mode != "zeros":
-            raise UnsupportedLayerError(
-                f"{algo or 'adapter'}: padding_mode={layer.padding_mode!r} is not supported (only 'zeros')"
-            )
-        if getattr(layer, "transposed", False):
-            raise UnsupportedLayerError(f"{algo or 'adapter'}: transposed convolutions are not supported")
-        return LayerSpec(
-            "conv",
-            layer.out_channels,
-            layer.in_channels,
-            tuple(layer.kernel_size),
-            tuple(layer.stride),
-            layer.padding,
-            tuple(layer.dilation),
-        )
-    raise UnsupportedLayerError(
-        f"{algo or 'adapter'}: cannot wrap {type(layer).__name__}; "
-        "supported layers are Linear, Conv1d, Conv2d and Conv3d"
-    )
-
-
-def whole_number(algo: str, name: str, value: Any) -> int:
-    """``value`` as an int when it is a whole number (``8`` or ``8.0``), else a ConfigError naming the
-    option: ``int(2.5)`` would silently train rank 2."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not float(value).is_integer():
-        raise ConfigError(f"{algo}: option {name}={value!r} must be a whole number")
-    return int(value)  # type: ignore[call-overload]  # numbers.Real is not typed SupportsInt; int() is what runs
-
-
-def finite_number(algo: str, name: str, value: Any) -> float:
-    """``value`` as a float when it is a finite number, else a ConfigError naming the option."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        raise ConfigError(f"{algo}: option {name}={value!r} must be a finite number")
-    return float(value)
-
-
-def _check_fraction(name: str, value: float) -> float:
-    value = float(value)
-    if not 0.0 <= value <= 1.0:
-        raise ConfigError(f"option {name}={value} must be between 0 and 1")
-    return value
-
-
-def option(default: Any, help: str) -> Any:
-    """A declared option: its default and the one line ``higanbana algorithms`` shows."""
-    return field(default=default, metadata={"help": help})
-
-
-@dataclass(frozen=True)
-class AdapterOptions:
-    """The options every algorithm takes. Each algorithm declares its own ``Options`` subclass: the
-    one schema that construction, validation of file records, kohya ``network_args`` parsing and
-    ``higanbana algorithms`` read (names, types, defaults, help)."""
-
-    multiplier: float = option(1.0, "strength m (0: the base layer)")
-    dropout: float = option(0.0, "dropout on the adapter branch's output, in training")
-    module_dropout: float = option(0.0, "probability of skipping the adapter for a whole step, in training")
-    forward_mode: str = option("auto", "auto, merged (one op with W0 + m·s·ΔW) or bypass (op(x, W0) + branch)")
-    dtype: torch.dtype | None = option(torch.float32, "dtype of the adapter's parameters")
-
-
-@dataclass(frozen=True)
-class FactoredOptions(AdapterOptions):
-    """The options of the algorithms whose ΔW is a product of factors (LoRA, LoHa, LoKr, GLoRA)."""
-
-    rank: int = option(4, "the factors' inner dimension r")
-    alpha: float | None = option(None, "scale numerator: s = alpha/r (missing or 0: alpha = r)")
-    rs_lora: bool = option(False, "rank-stabilised scale s = alpha/√r")
-    use_scalar: bool = option(False, "a learned scalar (init 0) allows a non-zero init of the up factor")
-    rank_dropout: float = option(0.0, "zero random rank channels, in training")
-    rank_dropout_scale: bool = option(False, "rescale the kept rank channels by 1/(1 - rank_dropout)")
-    weight_decompose: bool = option(False, "DoRA: learn the magnitude of W0 + s·ΔW separately")
-    wd_on_output: bool = option(True, "DoRA magnitude per output row (false: per input column, legacy)")
-
-
-def option_fields(options_cls: type) -> dict[str, dataclasses.Field]:
-    """``{name: field}`` of an algorithm's ``Options`` dataclass."""
-    return {f.name: f for f in dataclasses.fields(options_cls)}
 
 
 class Adapter(nn.Module):
@@ -229,8 +76,8 @@ class Adapter(nn.Module):
         self._original_forward: Callable[..., Any] | None = None
         self._stack: list[Adapter | None] = [None, None]  # [inner, outer] on the same layer (not registered)
         self.multiplier = finite_number(self.algo, "multiplier", o.multiplier)
-        self.dropout = _check_fraction("dropout", o.dropout)
-        self.module_dropout = _check_fraction("module_dropout", o.module_dropout)
+        self.dropout = check_fraction("dropout", o.dropout)
+        self.module_dropout = check_fraction("module_dropout", o.module_dropout)
         if o.forward_mode not in FORWARD_MODES:
             raise ConfigError(f"option forward_mode={o.forward_mode!r} must be one of {FORWARD_MODES}")
         self.forward_mode = o.forward_mode
@@ -571,178 +418,6 @@ class Adapter(nn.Module):
         return f"algo={self.algo}, layer={type(self.layer).__name__}({shape}), multiplier={self.multiplier}"
 
 
-class FactoredAdapter(Adapter):
-    """Base of algorithms whose ΔW is a product of trainable factors (LoRA, LoHa, LoKr, GLoRA).
-
-    It owns the rank, α and scale (``s = α/r``, rs-LoRA ``α/√r``), ``use_scalar``,
-    ``rank_dropout`` and DoRA (``weight_decompose``) for the subclasses that allow it.
-    """
-
-    supports_dora: ClassVar[bool] = False
-
-    @classmethod
-    def tool_verdicts(cls, tensors: Mapping[str, Tensor], options: Mapping[str, Any] | None) -> Verdicts:
-        """The tools that do not load the algorithm; then alpha 0 (ComfyUI, A1111 and diffusers read
-        scale 0); then the algorithm's own rules (:meth:`own_tool_verdicts`); then DoRA (ComfyUI divides
-        by ‖W0‖ instead of ‖W0+ΔW‖, A1111 supports only the input axis, diffusers drops ``dora_scale``).
-        Per tool the most severe verdict wins (reject > skip > deviate), the first among equals."""
-        out = super().tool_verdicts(tensors, options)
-        if _alpha_is_zero(cls, tensors):
-            merge_verdicts(
-                out,
-                {
-                    tool: (DEVIATE, ALPHA_ZERO.format(tool="load_lora_weights" if tool == "diffusers" else tool))
-                    for tool in TOOLS
-                },
-            )
-        merge_verdicts(out, cls.own_tool_verdicts(tensors, options))
-        axis = dora_axis(tensors, options)
-        if axis == "output":
-            merge_verdicts(
-                out,
-                {
-                    "ComfyUI": (DEVIATE, "DoRA on the output axis: ComfyUI divides by ‖W0‖ instead of ‖W0+ΔW‖"),
-                    "A1111": (DEVIATE, "DoRA on the output axis: A1111 supports only the input axis (wrong result)"),
-                },
-            )
-        if axis is not None:
-            merge_verdicts(
-                out, {"diffusers": (DEVIATE, "DoRA: load_lora_weights drops dora_scale (plain LoRA result)")}
-            )
-        return out
-
-    @classmethod
-    def own_tool_verdicts(cls, tensors: Mapping[str, Tensor], options: Mapping[str, Any] | None) -> Verdicts:
-        """The algorithm's own deviations, between the alpha-0 and the DoRA rules."""
-        return {}
-
-    @classmethod
-    def alpha_scales(cls, tensors: Mapping[str, Tensor]) -> bool:
-        """Whether ``α/r`` is this module's scale (true for every factored algorithm but LoKr with both
-        blocks full, whose scale is 1)."""
-        return True
-
-    Options = FactoredOptions
-
-    def __init__(self, layer: nn.Module, **options: Any) -> None:
-        super().__init__(layer, **options)
-        o = self.options
-        rank = whole_number(self.algo, "rank", o.rank)
-        if rank < 1:
-            raise ConfigError(f"{self.algo}: option rank={rank} must be ≥ 1")
-        self.rank = rank
-        self.alpha = float(rank if o.alpha in (None, 0) else finite_number(self.algo, "alpha", o.alpha))
-        self.rs_lora = bool(o.rs_lora)
-        self.rank_dropout = _check_fraction("rank_dropout", o.rank_dropout)
-        self.rank_dropout_scale = bool(o.rank_dropout_scale)
-        if o.weight_decompose and not self.supports_dora:
-            raise ConfigError(f"{self.algo}: weight_decompose (DoRA) is only for lora, loha and lokr")
-        self.weight_decompose = bool(o.weight_decompose)
-        self.wd_on_output = bool(o.wd_on_output)
-        zero = torch.zeros((), dtype=self.param_dtype, device=self.device)
-        self.scalar = nn.Parameter(zero) if o.use_scalar else None
-
-    @property
-    def use_scalar(self) -> bool:
-        return self.scalar is not None
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / (math.sqrt(self.rank) if self.rs_lora else self.rank)
-
-    @property
-    def file_alpha(self) -> float:
-        """α as written to files: ``α·√r`` for rs-LoRA so that ``alpha/r`` is the scale."""
-        return self.alpha * math.sqrt(self.rank) if self.rs_lora else self.alpha
-
-    def set_file_alpha(self, value: float) -> None:
-        """Set α from a file's value; 0 reads as the rank (scale 1), as kohya and LyCORIS read it."""
-        value = float(value) or float(self.rank)
-        self.alpha = value / math.sqrt(self.rank) if self.rs_lora else value
-
-    def scaled_up(self, up: Tensor) -> Tensor:
-        """Apply the learned scalar to the "up" factor (a tiny tensor, so it is cheap)."""
-        return up if self.scalar is None else up * self.scalar
-
-    def rank_mask(self) -> Tensor | None:
-        if not (self.training and self.rank_dropout > 0):
-            return None
-        keep = 1.0 - self.rank_dropout
-        mask = (torch.rand(self.rank, device=self.device) < keep).to(self.param_dtype)
-        if self.rank_dropout_scale and keep > 0:
-            mask = mask / keep
-        return mask
-
-    def alpha_tensor(self) -> Tensor:
-        return torch.tensor(self.file_alpha, dtype=torch.float32)
-
-    # ---------------------------------------------------------------- DoRA
-    def _init_dora(self) -> None:
-        if not self.weight_decompose:
-            return
-        from .dora import weight_norm
-
-        with torch.no_grad():
-            norm = weight_norm(self.base_weight.to(self.param_dtype), self.wd_on_output)
-        self.dora_scale = nn.Parameter(norm.clone())
-
-    def merged_weight(self, multiplier: float | None = None, mask: Tensor | None = None) -> Tensor:
-        if not self.weight_decompose:
-            return super().merged_weight(multiplier, mask)
-        from .dora import dora_weight
-
-        m = self.multiplier if multiplier is None else multiplier
-        w0 = self.base_weight
-        w0p = w0.to(self.param_dtype)
-        wd = dora_weight(w0p, self.scale * self.delta_weight(mask), self.dora_scale, self.wd_on_output)
-        return torch.add(w0p, wd - w0p, alpha=m).to(w0.dtype)
-
-    def bypass_forward(self, x: Tensor, multiplier: float, mask: Tensor | None = None) -> Tensor:
-        if not self.weight_decompose:
-            return super().bypass_forward(x, multiplier, mask)
-        from .dora import dora_bypass
-
-        return dora_bypass(self, x, multiplier, mask)
-
-    def _needs_backup(self) -> bool:
-        return self.weight_decompose or super()._needs_backup()
-
-    def costs(self, tokens: int) -> Costs:
-        """The factored branch's costs, and DoRA's on top when it is on."""
-        plain = self.branch_costs(tokens)
-        return with_dora(plain) if self.weight_decompose else plain
-
-    def branch_costs(self, tokens: int) -> Costs:
-        """The factored branch's costs without DoRA; ``bypass`` is ``None`` when ``branch`` must
-        materialise ΔW (then bypass is never the cheaper mode)."""
-        return Costs(None, self.base_weight.numel())
-
-    def extra_state_options(self) -> dict[str, Any]:
-        """Rank and DoRA (subclasses add their own): what rebuilds this adapter from a file."""
-        options: dict[str, Any] = {"rank": self.rank}
-        if self.weight_decompose:
-            options.update(weight_decompose=True, wd_on_output=self.wd_on_output)
-        return options
-
-    def common_state(self) -> dict[str, Tensor]:
-        """``alpha`` and (with DoRA) ``dora_scale``."""
-        out = {"alpha": self.alpha_tensor()}
-        if self.weight_decompose:
-            out["dora_scale"] = self.dora_scale.detach().clone()
-        return out
-
-    def load_common_state(self, tensors: dict[str, Tensor]) -> None:
-        if "alpha" in tensors:
-            self.set_file_alpha(float(tensors["alpha"]))
-        if self.weight_decompose:
-            if "dora_scale" not in tensors:
-                raise FileStateError("missing key 'dora_scale'")
-            copy_checked(self.dora_scale, tensors["dora_scale"], "dora_scale")
-        if self.scalar is not None:
-            with torch.no_grad():
-                self.scalar.fill_(1.0)
-
-
 def present(param: Tensor | None) -> Tensor:
     """An optional parameter that the adapter's layout says exists (e.g. LoKr's ``lokr_w1`` when w1
     is not factored): narrowed for the type checker, a bug if it is missing."""
@@ -756,15 +431,6 @@ def copy_checked(param: Tensor, value: Tensor, key: str) -> None:
     if tuple(value.shape) != tuple(param.shape):
         raise FileStateError(f"tensor {key!r} has shape {tuple(value.shape)}, expected {tuple(param.shape)}")
     param.copy_(value.to(param.dtype))
-
-
-#: the note for a factored module whose file alpha is 0
-ALPHA_ZERO = "alpha 0: {tool} reads scale 0 (no effect), where higanbana, kohya and LyCORIS read alpha = rank"
-
-
-def _alpha_is_zero(cls: type[FactoredAdapter], tensors: Mapping[str, Tensor]) -> bool:
-    alpha = tensors.get("alpha")
-    return alpha is not None and float(alpha.reshape(-1)[0]) == 0 and cls.alpha_scales(tensors)
 
 
 def require(tensors: dict[str, Tensor], key: str) -> Tensor:

@@ -30,11 +30,13 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from .base import layer_spec, option, require, whole_number
+from .base import require
 from .cost import Costs
 from .factorize import boft_block_size, is_power_of_two
 from .files import FileStateError
+from .layer import layer_spec
 from .oft import OrthogonalAdapter
+from .options import option, whole_number
 
 
 def max_stages(num_blocks: int) -> int:

@@ -15,7 +15,7 @@ from torch import Tensor
 from ..errors import ConfigError
 
 if TYPE_CHECKING:
-    from .base import FactoredAdapter
+    from .factored import FactoredAdapter
 
 
 def _norm_dims(weight: Tensor, on_output: bool) -> tuple[int, ...]:

@@ -35,9 +35,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .base import FactoredAdapter, FactoredOptions, LayerSpec, copy_checked, layer_spec, option, require
+from .base import copy_checked, require
 from .cost import Costs
+from .factored import FactoredAdapter
 from .files import DEVIATE, SKIP, FileStateError, Verdicts, dims, need
+from .layer import LayerSpec, layer_spec
+from .options import FactoredOptions, option
 
 KEYS = ("a1.weight", "a2.weight", "b1.weight", "b2.weight")
 

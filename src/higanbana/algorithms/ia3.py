@@ -21,9 +21,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .base import Adapter, AdapterOptions, copy_checked, layer_spec, option, require
+from .base import Adapter, copy_checked, require
 from .cost import Costs
 from .files import FileStateError, need, shape
+from .layer import layer_spec
+from .options import AdapterOptions, option
 
 
 class IA3(Adapter):

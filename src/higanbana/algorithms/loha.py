@@ -20,10 +20,13 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import HiganbanaError
-from .base import FactoredAdapter, FactoredOptions, LayerSpec, copy_checked, layer_spec, option, present, require
+from .base import copy_checked, present, require
 from .cost import Costs
 from .dora import dora_options
+from .factored import FactoredAdapter
 from .files import FileStateError, alpha_of, dims, need, same, shape
+from .layer import LayerSpec, layer_spec
+from .options import FactoredOptions, option
 
 
 class HadamardProduct(torch.autograd.Function):

@@ -32,12 +32,15 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError, HiganbanaError
-from .base import FactoredAdapter, FactoredOptions, copy_checked, layer_spec, option, present, require, whole_number
+from .base import copy_checked, present, require
 from .cost import Costs
 from .dora import dora_options
+from .factored import FactoredAdapter
 from .factorize import factorize
 from .files import FileStateError, alpha_of, dims, need, same, shape
+from .layer import layer_spec
 from .loha import tucker_rebuild
+from .options import FactoredOptions, option, whole_number
 
 
 def lokr_split(out: int, inp: int, factor: int, unbalanced: bool) -> tuple[tuple[int, int], tuple[int, int]]:

@@ -16,10 +16,13 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import HiganbanaError
-from .base import FactoredAdapter, FactoredOptions, LayerSpec, copy_checked, layer_spec, option, require
+from .base import copy_checked, require
 from .cost import Costs
 from .dora import dora_options
+from .factored import FactoredAdapter
 from .files import REJECT, FileStateError, Verdicts, alpha_of, dims, dora_axis, need, ones_from, same, shape
+from .layer import LayerSpec, layer_spec
+from .options import FactoredOptions, option
 
 
 class LoRA(FactoredAdapter):

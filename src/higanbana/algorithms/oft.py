@@ -39,18 +39,11 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from .base import (
-    Adapter,
-    AdapterOptions,
-    copy_checked,
-    finite_number,
-    layer_spec,
-    option,
-    require,
-    whole_number,
-)
+from .base import Adapter, copy_checked, require
 from .cost import Costs
 from .files import DEVIATE, SKIP, FileStateError, Verdicts, dims, merge_verdicts, need, shape
+from .layer import layer_spec
+from .options import AdapterOptions, finite_number, option, whole_number
 
 #: ``alpha`` written for "no constraint" (``alpha`` is never 0 in a file); ``α·out`` must fit a float32
 NO_CONSTRAINT = 1e30
