@@ -1,5 +1,8 @@
 """LoKr: ``ΔW = kron(w1, w2)``, a Kronecker product of a small and a (possibly low-rank) block.
 
+One file over ~500 lines on purpose: an algorithm is one file, and LoKr has the most layouts (full
+or factored blocks on each side, Tucker) — the maths, the grouped bypass and the file facts of each.
+
 ``(u1, u2) = factorize(out, f)``, ``(v1, v2) = factorize(in, f)`` (``unbalanced_factorization``
 swaps ``u1``/``u2``, so the output side of ``w1`` gets the larger factor). Keys:
 
