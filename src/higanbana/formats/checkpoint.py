@@ -20,7 +20,7 @@ import struct
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -99,7 +99,8 @@ def _write_bytes(f, data) -> None:
 
 def _tensor_bytes(t: torch.Tensor) -> memoryview:
     t = t.detach().to("cpu").contiguous().reshape(-1)
-    return memoryview(t.view(torch.uint8).numpy())
+    # numpy's stubs give ndarray __buffer__ only for Python >= 3.12; it has the buffer protocol on 3.11 too
+    return memoryview(t.view(torch.uint8).numpy())  # type: ignore[arg-type]
 
 
 def write_streaming(
@@ -279,7 +280,8 @@ class Checkpoint:
                 handle = self._handles[src.path] = open(src.path, "rb")  # noqa: SIM115 (closed in close())
             buffer = torch.empty(end - begin, dtype=torch.uint8)
             handle.seek(begin)
-            if end > begin and handle.readinto(memoryview(buffer.numpy())) != end - begin:
+            # numpy's stubs give ndarray __buffer__ only for Python >= 3.12 (see _tensor_bytes)
+            if end > begin and handle.readinto(memoryview(buffer.numpy())) != end - begin:  # type: ignore[arg-type]
                 raise OSError(f"the file ends inside tensor {k!r}")
         except OSError as exc:
             raise HiganbanaError(f"{src.path}: cannot read tensor {k!r} ({exc})") from exc
@@ -318,6 +320,7 @@ class Checkpoint:
             return []
         if component == "unet":
             if self.kind == "sdxl":
+                assert self._name_map is not None  # a folder always has its UNet config
                 try:
                     path = self._name_map.to_sgm(path)
                 except NameMappingError:
@@ -404,6 +407,7 @@ class Checkpoint:
         key = self.modules()[name].get("weight", next(iter(self.modules()[name].values())))[0]
         if self.is_folder:
             return key.split("/", 2)[2].rpartition(".")[0] if key.startswith("unet/") else None
+        assert self._name_map is not None  # aliases(), the only caller, returns early without one
         try:
             return self._name_map.to_diffusers(key[len(_UNET_PREFIX) :].rpartition(".")[0])
         except NameMappingError:
@@ -446,7 +450,15 @@ class Checkpoint:
         finally:
             bar.close()
 
-    def _write_folder(self, out: Path, out_dtype, produce, overwrite: bool, metadata, bar) -> Path:
+    def _write_folder(
+        self,
+        out: Path,
+        out_dtype: Callable[[str], torch.dtype],
+        produce: Callable[[str], torch.Tensor],
+        overwrite: bool,
+        metadata: Mapping[str, str] | None,
+        bar: Any,
+    ) -> Path:
         with atomic_folder(out, overwrite=overwrite) as tmp:
             written = {src.rel for src in self.sources}
             skipped = self._other_variants()
@@ -459,7 +471,11 @@ class Checkpoint:
             for src in self.sources:  # each file holds its own keys; produce() takes the checkpoint's
                 items = [(k, self.shape(f"{src.rel}/{k}"), out_dtype(f"{src.rel}/{k}")) for k in src.entries]
                 meta = {**src.metadata, **(metadata or {})}
-                write_streaming(tmp / src.rel, items, lambda k, rel=src.rel: produce(f"{rel}/{k}"), meta, progress=bar)
+
+                def produce_in(k: str, rel: str = src.rel) -> torch.Tensor:  # a def: mypy cannot type such a lambda
+                    return produce(f"{rel}/{k}")
+
+                write_streaming(tmp / src.rel, items, produce_in, meta, progress=bar)
         return out
 
     def _other_variants(self) -> set[str]:
@@ -562,7 +578,8 @@ def _open_folder(path: Path, kind: str | None) -> Checkpoint:
         if "XL" in str(index.get("_class_name", "")):
             kind = "sdxl"
         else:
-            kind = detect_kind(unet_config, [_Config(c) for c in te_configs])
+            # _Config stands in for a text encoder: detect_kind reads only its ``config``
+            kind = detect_kind(unet_config, cast("list[torch.nn.Module]", [_Config(c) for c in te_configs]))
     return Checkpoint(path, kind, True, sources, unet_config)
 
 

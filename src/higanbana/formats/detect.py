@@ -11,6 +11,7 @@ import math
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -224,7 +225,7 @@ def normalize_with_paths(
 
 
 # --------------------------------------------------------------------------- PEFT configs
-def pattern_value(pattern: Mapping[str, object], path: str) -> object | None:
+def pattern_value(pattern: Mapping[str, Any], path: str) -> Any:
     """The value of the first pattern key matching ``path`` the way PEFT does (``(.*\\.)?(key)$``), or None."""
     for key, value in pattern.items():
         if re.match(rf"(.*\.)?({key})$", path):
@@ -232,7 +233,7 @@ def pattern_value(pattern: Mapping[str, object], path: str) -> object | None:
     return None
 
 
-def peft_alphas(config: Mapping[str, object], module_paths: Iterable[str]) -> dict[str, float]:
+def peft_alphas(config: Mapping[str, Any], module_paths: Iterable[str]) -> dict[str, float]:
     """Our file α per module path from a PEFT ``adapter_config.json``, such that ``α/r`` is PEFT's scale.
 
     PEFT scales by ``lora_alpha/r`` (``alpha`` for LoHa/LoKr), or ``lora_alpha/√r`` with ``use_rslora``;
@@ -256,7 +257,7 @@ def peft_alphas(config: Mapping[str, object], module_paths: Iterable[str]) -> di
     return out
 
 
-def peft_ranks(config: Mapping[str, object], module_paths: Iterable[str]) -> dict[str, int]:
+def peft_ranks(config: Mapping[str, Any], module_paths: Iterable[str]) -> dict[str, int]:
     """PEFT's rank ``r`` per module path (``rank_pattern`` over ``r``)."""
     r0 = int(config.get("r", 8))
     pattern = config.get("rank_pattern") or {}

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..algorithms import algorithm_class, algorithm_classes
+from ..algorithms import Adapter, algorithm_class, algorithm_classes
 from ..algorithms.lokr import peft_factorization as peft_factorization  # re-exported: PEFT's LoKr split
 from ..errors import HiganbanaError, nearest
 from ..network import AdapterNetwork
@@ -45,7 +45,7 @@ def peft_refusals() -> dict[str, str]:
     return {cls.algo: cls.peft_refusal for cls in algorithm_classes() if cls.peft_type is None}
 
 
-def _check_one_algo(algos: Mapping[str, str]) -> type:
+def _check_one_algo(algos: Mapping[str, str]) -> type[Adapter]:
     kinds = sorted(set(algos.values()))
     if len(kinds) > 1:
         examples = ", ".join(f"{a}: {next(n for n, x in algos.items() if x == a)!r}" for a in kinds)
@@ -165,7 +165,7 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         _link_file(src, dst)
 
 
-def _link_file(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+def _link_file(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
     if os.path.islink(src):
         os.symlink(os.readlink(src), dst)
         return
@@ -271,7 +271,7 @@ def write_peft(
         result.lossy.append(f"dora_scale dropped from {len(dora)} DoRA module(s)")
     records = {n: r for n, r in net.module_records().items() if n in names}
     paths = {n: net.records[n].path for n in names}
-    shapes = {n: tuple(net.adapters[n].layer.weight.shape) for n in names}
+    shapes = {n: tuple(net.adapters[n].layer_weight.shape) for n in names}
     try:
         config, peft_tensors = to_peft(tensors, records, paths, target=target, shapes=shapes)
     except HiganbanaError as exc:

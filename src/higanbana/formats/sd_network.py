@@ -88,7 +88,10 @@ def sd_network(
 
 def _summary_dims(net: AdapterNetwork) -> tuple[int, float]:
     """The most common (rank, alpha) of the network's factored modules (kohya's ss_network_dim/alpha)."""
-    pairs = [(a.rank, a.alpha) for a in net.adapters.values() if hasattr(a, "alpha") and hasattr(a, "rank")]
+    # rank and alpha are attributes of the factored adapters only, untyped on Adapter
+    pairs: list[tuple[Any, Any]] = [
+        (a.rank, a.alpha) for a in net.adapters.values() if hasattr(a, "alpha") and hasattr(a, "rank")
+    ]
     if not pairs:
         ranks = [getattr(a, "rank", 0) for a in net.adapters.values()]
         rank = Counter(ranks).most_common(1)[0][0] if ranks else 0

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..algorithms import accepted_options, algorithm_class, option_types
+from ..algorithms import Adapter, accepted_options, algorithm_class, option_types
 from ..algorithms.files import FileStateError
 from ..errors import ConfigError, HiganbanaError
 from .detect import detect_algo, group_modules
@@ -140,7 +140,7 @@ def _check_dora(scale: Tensor, out: int | None, inp: int | None) -> None:
         raise FileStateError(f"tensor 'dora_scale' has shape {shape}; expected {expected}")
 
 
-def _check_flags(cls: type, mod: Mapping[str, Tensor], options: Mapping[str, Any] | None) -> None:
+def _check_flags(cls: type[Adapter], mod: Mapping[str, Tensor], options: Mapping[str, Any] | None) -> None:
     """Options of our records that decide which keys a module holds (the class's ``key_flags``) agree
     with its keys — an option left out has its default, false: a key the options do not build would be
     silently ignored."""

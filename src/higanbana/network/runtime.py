@@ -11,9 +11,9 @@ the network itself knows nothing of them). ``module_records()`` gives back what 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import ItemsView, Iterable, Iterator, Mapping, Sequence, ValuesView
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -22,6 +22,18 @@ from ..algorithms import Adapter, make_adapter
 from ..errors import ConfigError, HiganbanaError, nearest
 from .config import NetworkConfig, pattern_matches
 from .selection import LayerFilter, ModuleRecord, Part, plan_modules
+
+if TYPE_CHECKING:
+
+    class _AdapterDict(nn.ModuleDict):
+        """For the type checker only: an ``nn.ModuleDict`` whose values are adapters."""
+
+        def __getitem__(self, key: str) -> Adapter: ...
+        def items(self) -> ItemsView[str, Adapter]: ...
+        def values(self) -> ValuesView[Adapter]: ...
+
+else:
+    _AdapterDict = nn.ModuleDict  # at run time, a plain nn.ModuleDict
 
 
 # --------------------------------------------------------------------------- the network
@@ -33,6 +45,9 @@ class AdapterNetwork(nn.Module):
     :class:`Part`; ``select=`` (a ``(path, module) -> bool`` function) replaces the config's targets;
     ``modules=`` (records, as a file holds them) builds exactly those modules instead of a config's.
     """
+
+    #: what loading a file did (set only on networks read from files, by ``formats.network_files``)
+    load_report: LoadReport
 
     def __init__(
         self,
@@ -64,7 +79,7 @@ class AdapterNetwork(nn.Module):
             parts = [p for p in parts if p.prefix in used]
         self.config = cfg
         self.parts = {p.prefix: p for p in parts}
-        self.adapters = nn.ModuleDict()
+        self.adapters = _AdapterDict()
         self.records: dict[str, ModuleRecord] = {}
         for record in modules:
             if record.prefix not in self.parts:
@@ -189,6 +204,7 @@ class AdapterNetwork(nn.Module):
             if plain:
                 groups.append({"params": plain, "lr": part_lr, "name": prefix, "prefix": prefix, "loraplus": False})
             if ups:
+                assert ratio is not None  # a None ratio emptied ups above
                 lr_up = part_lr * float(ratio)
                 groups.append(
                     {"params": ups, "lr": lr_up, "name": f"{prefix} (LoRA+ up)", "prefix": prefix, "loraplus": True}
@@ -238,13 +254,14 @@ class AdapterNetwork(nn.Module):
         rows = []
         for name, adapter in self.adapters.items():
             record, layer = self.records[name], adapter.layer
+            weight = getattr(layer, "weight", None)
             shapes = {k: tuple(t.shape) for k, t in adapter.state_tensors().items() if t.dim() > 0}
             rows.append(
                 {
                     "name": name,
                     "path": record.path,
                     "layer": type(layer).__name__,
-                    "weight": tuple(layer.weight.shape) if getattr(layer, "weight", None) is not None else (),
+                    "weight": tuple(weight.shape) if weight is not None else (),
                     "algo": adapter.algo,
                     "shapes": shapes,
                     "parameters": sum(p.numel() for p in adapter.parameters()),

@@ -45,7 +45,7 @@ class Part:
         """Other names foreign files use for this module: the plain module path when files name it
         differently (diffusers paths of an SDXL UNet), and SimpleTuner's ``lycoris_`` UNet names."""
         plain = module_key(self.prefix, path)
-        out = (plain,) if self.name_path is not None and plain != self.file_name(path) else ()
+        out: tuple[str, ...] = (plain,) if self.name_path is not None and plain != self.file_name(path) else ()
         if self.kind == "unet":
             out += (module_key("lycoris", path),)
         return out
