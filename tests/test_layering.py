@@ -73,7 +73,8 @@ def _imports(path: Path) -> list[tuple[int, tuple[str, ...]]]:
                 continue
             found.append((node.lineno, target))
         elif isinstance(node, ast.Import):
-            found += [(node.lineno, tuple(a.name.split(".")[1:])) for a in node.names if a.name.startswith("higanbana.")]
+            own = [a.name for a in node.names if a.name.startswith("higanbana.")]
+            found += [(node.lineno, tuple(name.split(".")[1:])) for name in own]
     return found
 
 

@@ -98,9 +98,9 @@ def generate_all(config: EvalConfig, items: list[Any], *, progress: bool = True)
     """Phase 1: images of every model; returns ``{model: [path per item]}`` (all processes' paths)."""
     from accelerate import PartialState
 
+    from ..formats.sd_network import load_sd_network
     from ..models.pipeline import build_pipeline, read_scheduler_config
     from ..models.sd import load_sd
-    from ..formats.sd_network import load_sd_network
     from .generate import GenerationSettings, file_digest, generate_images, image_path
 
     state = PartialState()
