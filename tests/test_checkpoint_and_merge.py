@@ -11,10 +11,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from higanbana.errors import HiganbanaError
-from higanbana.formats import checkpoint as ckpt_mod
-from higanbana.formats.checkpoint import open_checkpoint, write_streaming
+from higanbana.formats import streaming
+from higanbana.formats.checkpoint import open_checkpoint
 from higanbana.formats.sd_network import save_sd_network, sd_network
 from higanbana.formats.sdxl_names import SgmNameMap
+from higanbana.formats.streaming import write_streaming
 from higanbana.models.sd import load_sd
 from higanbana.models.tiny import save_tiny_sd, tiny_sd_inputs, tiny_sd_parts
 from higanbana.tools.merge import add_merge_parser, merge
@@ -333,7 +334,7 @@ def test_full_disk_leaves_nothing(models, tmp_path, monkeypatch, form):
             raise OSError(errno.ENOSPC, "No space left on device")
         f.write(data)
 
-    monkeypatch.setattr(ckpt_mod, "_write_bytes", full_disk)
+    monkeypatch.setattr(streaming, "_write_bytes", full_disk)
     out = outdir / ("m.safetensors" if form == "single" else "m")
     with pytest.raises(HiganbanaError, match="No space left"):
         merge(single if form == "single" else folder, [(file, 1.0)], out)

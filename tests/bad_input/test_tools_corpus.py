@@ -184,10 +184,10 @@ def test_peft_sources(world, tmp_path, unchanged):
 
 def test_ctrl_c_is_one_line_and_leaves_nothing(world, tmp_path, unchanged, monkeypatch):
     """Ctrl-C in the middle of a merge: one line (exit 130), no temporary and no output left."""
-    from higanbana.formats import checkpoint
+    from higanbana.formats import streaming
 
     calls = {"n": 0}
-    real = checkpoint._write_bytes
+    real = streaming._write_bytes
 
     def interrupt(f, data):
         calls["n"] += 1
@@ -195,7 +195,7 @@ def test_ctrl_c_is_one_line_and_leaves_nothing(world, tmp_path, unchanged, monke
             raise KeyboardInterrupt
         real(f, data)
 
-    monkeypatch.setattr(checkpoint, "_write_bytes", interrupt)
+    monkeypatch.setattr(streaming, "_write_bytes", interrupt)
     with unchanged(tmp_path):
         result = cli("merge", world["base"], tmp_path / "merged", "--lora", world["lora"])
     assert result.code == 130 and calls["n"] == 5
