@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from higanbana.cli.tools import add_merge_parser
 from higanbana.errors import HiganbanaError
 from higanbana.formats import checkpoint as ckpt_mod
 from higanbana.formats.checkpoint import open_checkpoint, write_streaming
@@ -17,7 +18,7 @@ from higanbana.formats.sdxl_names import SgmNameMap
 from higanbana.models.sd import load_sd
 from higanbana.models.tiny import save_tiny_sd, tiny_sd_inputs, tiny_sd_parts
 from higanbana.stable_diffusion import save_sd_network, sd_network
-from higanbana.tools.merge import add_merge_parser, merge
+from higanbana.tools.merge import merge
 
 _OPENCLIP = {
     "self_attn.out_proj": "attn.out_proj",
