@@ -15,7 +15,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _selfcheck(args: argparse.Namespace) -> int:
-    from ..selfcheck import format_table, run_selfcheck
+    from ..workflows.selfcheck import format_table, run_selfcheck
 
     rows = run_selfcheck(args.out, steps=args.steps, only=args.algos)
     print(format_table(rows))
@@ -28,7 +28,7 @@ def _selfcheck(args: argparse.Namespace) -> int:
 
 
 def _experiment(args: argparse.Namespace) -> int:
-    from ..experiment import run_experiment
+    from ..workflows.experiment import run_experiment
 
     result = run_experiment(args.grid, progress=not args.no_progress)
     if result.ranking is not None:

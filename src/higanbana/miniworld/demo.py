@@ -287,7 +287,7 @@ def run_demo(
     the tables also written to ``out/summary.txt`` and ``out/summary.json``."""
     import torch
 
-    from ..experiment import run_experiment
+    from ..workflows.experiment import run_experiment
 
     if isinstance(plan, str):
         if plan not in PLANS:
