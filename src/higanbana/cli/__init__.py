@@ -109,4 +109,3 @@ def main(argv: list[str] | None = None) -> int:
         where = f"{exc.filename}: " if exc.filename else ""
         print(f"error: {where}{exc.strerror or _one_line(exc)}", file=sys.stderr)
         return 2
-
