@@ -20,6 +20,7 @@ from pathlib import Path
 
 from ..errors import ConfigError, nearest
 from ..safeio import check_name
+from ..schema import read_text
 
 __all__ = [
     "ALTER_TEMPLATES",
@@ -397,12 +398,6 @@ _CONCEPT_KEYS = (
     "clip_rule",
 )
 _REQUIRED = ("name", "trigger", "category")
-
-
-def read_text(path: Path, what: str) -> str:
-    from ..schema import read_text as read
-
-    return read(path, what)
 
 
 def _read_folder(name: str, images_dir: Path | None, caption_dir: Path | None, ext: str) -> tuple[list[str], list[str]]:

@@ -58,7 +58,10 @@ from torch import Tensor, nn
 
 from ..algorithms import accepted_options, algorithm_class, list_algorithms, option_types
 from ..errors import ConfigError, HiganbanaError, nearest
+from ..formats import save_tensors
+from ..formats.detect import normalize_foreign
 from ..formats.metadata import SS_METADATA_MINIMUM_KEYS, model_hashes
+from ..formats.reader import read_network_file, records_from_tensors
 from ..network import AdapterNetwork, LoadReport, NetworkConfig, Part
 from ..stable_diffusion import SD_KINDS, sd_file_metadata, sd_network_parts
 
@@ -395,8 +398,6 @@ class KohyaNetwork(AdapterNetwork):
         not fatal; tensors that do not fit their module (another algorithm, rank or shape) are an error,
         and so is a file none of whose modules is in the network.
         """
-        from ..formats.reader import read_network_file
-
         tensors, _records, _meta = read_network_file(file)
         report = self.load_state_tensors(tensors, source=str(file), strict=False)
         if report.mismatched or not report.loaded:
@@ -525,8 +526,6 @@ class KohyaNetwork(AdapterNetwork):
         the network; with the trainer's (even ``--no_metadata``'s minimum set) that wins, with any missing
         minimum key filled in and ``algo`` added to ``ss_network_args``.
         """
-        from ..formats import save_tensors
-
         path = Path(file)
         if path.suffix.lower() != ".safetensors":
             raise HiganbanaError(
@@ -567,8 +566,6 @@ class KohyaNetwork(AdapterNetwork):
         if device is not None:
             self.to(device=device)
         if weights_sd is not None:
-            from ..formats.detect import normalize_foreign
-
             tensors, _ = normalize_foreign(dict(weights_sd))
             report = self.load_state_tensors(tensors, source="weights_sd", strict=False)
             if report.mismatched or report.missing:
@@ -659,8 +656,6 @@ def create_network(
 
 def _records_of(file: Any, tensors: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, dict[str, Any]], dict]:
     """Records for ``weights_sd``: from the file's ``higanbana.modules`` when it has them, else detected."""
-    from ..formats.reader import records_from_tensors
-
     metadata: dict[str, str] = {}
     if file is not None and str(file).lower().endswith(".safetensors") and Path(file).is_file():
         from safetensors import safe_open
@@ -696,7 +691,6 @@ def create_network_from_weights(
     if weights_sd is None:
         if file is None:
             raise ConfigError("create_network_from_weights: give a file or weights_sd")
-        from ..formats.reader import read_network_file
 
         tensors, records, _metadata = read_network_file(file)
     else:

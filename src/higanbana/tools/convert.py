@@ -60,7 +60,10 @@ from ..formats.peft import peft_refusals, save_peft_folder, to_peft
 from ..formats.reader import read_tensors, records_from_tensors
 from ..formats.safetensors_io import save_tensors
 from ..formats.validate import check_file
+from ..models.sd import load_sd
+from ..network import AdapterNetwork, Part
 from ..safeio import check_writable
+from ..stable_diffusion import sd_file_metadata, sd_network_parts
 from .resize import DTYPES, parse_dtype
 
 TARGETS = ("kohya", "peft", "diffusers")
@@ -169,9 +172,6 @@ def _rename_prefixes(
 
 # --------------------------------------------------------------------------- the model
 def _parts(model: Any, model_prefix: str) -> list:
-    from ..network import Part
-    from ..stable_diffusion import sd_network_parts
-
     if hasattr(model, "kind") and hasattr(model, "unet") and hasattr(model, "text_encoders"):
         return sd_network_parts(model.kind, model.unet, list(model.text_encoders))
     if isinstance(model, nn.Module):
@@ -285,8 +285,6 @@ def _convert(
     if model is not None and base is not None:
         raise ConfigError("pass model= or base=, not both")
     if base is not None:
-        from ..models.sd import load_sd
-
         stage("load base")
         model = load_sd(base)
     stage("read")
@@ -306,8 +304,6 @@ def _convert(
             )
         stage("write")
         return _kohya_without_model(src, dst, tensors, records, metadata, source, file_dtype, report, prefix_map)
-
-    from ..network import AdapterNetwork
 
     stage("map onto model")
 
@@ -360,8 +356,6 @@ def _kohya_with_model(dst, net, model, metadata, dtype, report) -> ConvertReport
     out = net.file_tensors(dtype)
     meta: dict[str, str] = {}
     if hasattr(model, "kind") and not any(k.startswith("ss_") for k in metadata):
-        from ..stable_diffusion import sd_file_metadata
-
         meta.update(sd_file_metadata(net, model.kind, output_name=dst.stem))
     meta.update({k: v for k, v in metadata.items() if not k.startswith(("sshs_", "higanbana.", "lora_adapter"))})
     meta["sshs_model_hash"], meta["sshs_legacy_hash"] = model_hashes(out, meta)

@@ -74,7 +74,11 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError, HiganbanaError
+from ..formats import save_tensors
+from ..formats.checkpoint import open_checkpoint
+from ..formats.metadata import kohya_metadata, model_hashes
 from ..safeio import check_writable
+from ..stable_diffusion import sd_network_parts
 
 __all__ = [
     "MODES",
@@ -432,8 +436,6 @@ def model_pairs(base: Any, tuned: Any, *, text_encoders: bool = True) -> Iterato
     ``base``/``tuned`` are ``SDParts`` of the same kind; names are the ones our files use (SGM paths
     for an SDXL UNet). The architectures must match: the first differing parameter is named.
     """
-    from ..stable_diffusion import sd_network_parts
-
     if base.kind != tuned.kind:
         raise HiganbanaError(f"the base model is {base.kind} but the tuned model is {tuned.kind}")
     tes_b = list(base.text_encoders) if text_encoders else []
@@ -575,10 +577,6 @@ def extract_models(
     mix), read lazily with :func:`higanbana.formats.checkpoint.open_checkpoint`: no configs or
     model classes are needed and memory stays at a layer or two.
     """
-    from ..formats import save_tensors
-    from ..formats.checkpoint import open_checkpoint
-    from ..formats.metadata import kohya_metadata, model_hashes
-
     out = Path(out)
     if out.exists() and not overwrite:
         raise HiganbanaError(f"{out} exists; pass --overwrite to replace it")

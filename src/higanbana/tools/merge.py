@@ -24,6 +24,7 @@ from ..errors import HiganbanaError
 from ..formats.checkpoint import Checkpoint, open_checkpoint
 from ..formats.metadata import read_base_model
 from ..formats.reader import read_network_file
+from ..network import _base_model_hint
 from ..safeio import check_writable
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -86,8 +87,6 @@ def _check_base(path: str, metadata: dict[str, str], kind: str) -> None:
 
 
 def _read_file(path: str, strength: float, ckpt: Checkpoint, unsafe_pickle: bool) -> _FileAdapters:
-    from ..network import _base_model_hint
-
     tensors, records, metadata = read_network_file(path, unsafe_pickle=unsafe_pickle)
     _check_base(path, metadata, ckpt.kind)
     modules, aliases = ckpt.modules(), ckpt.aliases()

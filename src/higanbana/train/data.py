@@ -52,7 +52,7 @@ import torch
 from PIL import Image, ImageOps
 
 from ..errors import ConfigError, HiganbanaError, nearest
-from ..schema import check_finite
+from ..schema import check_finite, read_text
 from .buckets import assign_bucket, make_buckets, resize_and_crop
 
 __all__ = [
@@ -337,7 +337,6 @@ def specs_from_dataset_toml(path, *, defaults: dict | None = None) -> list[Datas
     """
     path = Path(path)
     name = str(path)
-    from ..schema import read_text
 
     text = read_text(path, "dataset config")
     try:

@@ -37,8 +37,23 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError, HiganbanaError
+from ..formats.reader import read_network_file
+from ..models.pipeline import build_pipeline, default_scheduler_config, read_scheduler_config
+from ..models.sd import load_sd
+from ..network import NetworkConfig
 from ..safeio import discard, writable_folder, write_text
+from ..stable_diffusion import save_sd_network, sd_network
 from .config import TrainConfig
+from .data import (
+    DatasetSpec,
+    build_training_data,
+    specs_from_dataset_toml,
+    subsets_from_imagefolder,
+    subsets_from_kohya_folder,
+)
+from .latents import LatentCache, sample_latents
+from .optim import make_optimizer, make_scheduler, warmup_steps
+from .sample import generate_samples, log_samples, parse_prompt_file, save_samples
 from .state import TrainState, list_states, load_state, resolve_resume, save_state
 
 _SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -65,14 +80,6 @@ class TrainResult:
 # ----------------------------------------------------------------------------------- set-up
 def build_data(config: TrainConfig, *, progress: bool = True):
     """The :class:`~higanbana.train.data.TrainingData` of the ``[data]`` section."""
-    from .data import (
-        DatasetSpec,
-        build_training_data,
-        specs_from_dataset_toml,
-        subsets_from_imagefolder,
-        subsets_from_kohya_folder,
-    )
-
     d = config.data
     subset_defaults = {
         "keep_tokens": d.keep_tokens,
@@ -116,9 +123,6 @@ def build_data(config: TrainConfig, *, progress: bool = True):
 
 def load_model(config: TrainConfig):
     """The base model's parts (never downloads) and its noise-schedule config."""
-    from ..models.pipeline import default_scheduler_config, read_scheduler_config
-    from ..models.sd import load_sd
-
     m = config.model
     parts = load_sd(m.pretrained, None if m.kind == "auto" else m.kind, config=m.config or None)
     if parts.vae is None:
@@ -139,8 +143,6 @@ def load_model(config: TrainConfig):
 
 def build_network(config: TrainConfig, parts):
     """The adapter network the ``[network]`` section describes, attached to ``parts``."""
-    from ..stable_diffusion import sd_network
-
     n = config.network
     if n.config:
         net_config: Any = dict(n.config)
@@ -165,8 +167,6 @@ def build_network(config: TrainConfig, parts):
             f"{parts.kind} model (check network.preset / network.config rules)"
         )
     if n.network_weights:
-        from ..formats.reader import read_network_file
-
         tensors, _records, _meta = read_network_file(n.network_weights)
         report = net.load_state_tensors(tensors, source=n.network_weights, strict=False)
         if not report.ok:
@@ -208,9 +208,6 @@ def preflight(config: TrainConfig) -> None:
     names, the sample prompt file, the network's preset/rules/options, the optimizer and schedule
     (built on a stand-in parameter), the resume state, and that the output folders can be written.
     ``--dry-run`` runs it too, and creates nothing."""
-    from .optim import make_optimizer, make_scheduler
-    from .state import resolve_resume
-
     config.validate()
     c = config
     _exists(c.model.pretrained, "model.pretrained")
@@ -224,15 +221,11 @@ def preflight(config: TrainConfig) -> None:
     if c.data.dataset_config:
         _exists(c.data.dataset_config, "data.dataset_config", "file")
     if c.sample.prompts:
-        from .sample import parse_prompt_file
-
         try:
             parse_prompt_file(c.sample.prompts)
         except ConfigError as exc:
             raise ConfigError(f"sample.prompts: {exc}") from None
     # the network's preset, rules, algorithm and option names (option values are checked per layer)
-    from ..network import NetworkConfig
-
     n = c.network
     net_config: Any = {**n.config, "preset": n.config.get("preset", n.preset)} if n.config else n.preset
     try:
@@ -437,7 +430,6 @@ class _Run:
         self.steps_per_epoch = math.ceil(self.micro_per_epoch / accum)
         self.total_steps = t.max_train_steps or t.max_train_epochs * self.steps_per_epoch
         self.epochs = math.ceil(self.total_steps / self.steps_per_epoch)
-        from .optim import warmup_steps
 
         warmup = warmup_steps(c.scheduler, self.total_steps)
         if c.scheduler.type != "constant" and warmup >= self.total_steps:
@@ -511,7 +503,6 @@ class _Run:
             trainable=c.network.train_text_encoder,
             cache=c.data.cache_text_encoder_outputs,
         )
-        from .latents import LatentCache
 
         self.latents = None
         if c.data.cache_latents != "none":
@@ -538,7 +529,6 @@ class _Run:
                 lrs[prefix] = o.text_encoder_lr2 if o.text_encoder_lr2 >= 0 else o.text_encoder_lr
             else:
                 lrs[prefix] = o.text_encoder_lr
-        from .optim import make_optimizer, make_scheduler
 
         groups = self.net.param_groups(o.unet_lr, lrs=lrs, loraplus_ratio=o.loraplus_ratio or None)
         self.params = [p for g in groups for p in g["params"]]
@@ -550,8 +540,6 @@ class _Run:
 
     # ----------------------------------------------------------------- one step
     def _latents_for(self, indices: list[int], flips: list[bool], gens: list[torch.Generator]) -> torch.Tensor:
-        from .latents import sample_latents
-
         vae = self.parts.vae
         if self.latents is not None:
             params = [self.latents.get(i, f).to(self.device) for i, f in zip(indices, flips, strict=True)]
@@ -685,8 +673,6 @@ class _Run:
         }
 
     def save(self, name: str, state: TrainState, *, with_state: bool) -> tuple[Path, Path | None]:
-        from ..stable_diffusion import save_sd_network
-
         c = self.config
         path = self.out_dir / f"{name}.safetensors"
         state_path = None
@@ -732,9 +718,6 @@ class _Run:
         if not self.accelerator.is_main_process:
             self.accelerator.wait_for_everyone()
             return
-        from ..models.pipeline import build_pipeline
-        from .sample import generate_samples, log_samples, parse_prompt_file, save_samples
-
         prompts = parse_prompt_file(c.sample.prompts)
         pipeline = build_pipeline(self.parts, sampler=c.sample.sampler, scheduler_config=self.scheduler_config)
         w, h = c.sample.width or self.config.resolution[0], c.sample.height or self.config.resolution[1]
