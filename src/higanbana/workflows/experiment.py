@@ -46,7 +46,7 @@ from ..safeio import check_name, inside, writable_folder, write_text
 from ..schema import SEED_MAX, check_finite, load_toml, sections_of, toml_value
 from ..train import train
 from ..train.config import TrainConfig
-from ..train.trainer import preflight as training_preflight
+from ..train.setup import preflight as training_preflight
 
 _GRID_KEYS = ("out", "train", "evaluate", "seeds", "epochs", "configs", "vary", "group_by")
 
