@@ -1,5 +1,8 @@
 """Image and text encoders of the evaluation (docs/design.md §5): DINOv2, CLIP and VGG-19 Gram matrices.
 
+One file on purpose: every encoder shares the preprocessing, the local-only loading and the
+protocols, and :func:`load_encoder`/:func:`encoder_kind_of` choose among all of them.
+
 The miniature world's tiny models stand in for them at its scale: a CLIP folder in the DINOv2 slot
 gives CLIP's projected image features, and an SD/``AutoencoderKL`` folder in the VGG-19 slot gives
 Gram matrices of the VAE encoder's conv features (:class:`VaeStyleEncoder`); see

@@ -1,5 +1,8 @@
 """Prompt sets of the evaluation framework (docs/design.md §5).
 
+One file on purpose: the concepts, the prompt types' templates and the trigger rules for CLIP are
+one definition of what is generated and measured.
+
 Four prompt types are evaluated separately: ``train`` (the training captions), ``trigger`` (the
 concept descriptor alone), ``alter`` (content changes) and ``style`` (style changes). Each
 (concept, prompt type) gets ``n_images`` images spread over its prompts in order, with

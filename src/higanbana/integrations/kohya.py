@@ -1,5 +1,8 @@
 """kohya sd-scripts network module: train any higanbana algorithm with ``train_network.py``.
 
+One file on purpose: it is the one module sd-scripts imports, and its parts (``network_args``
+parsing, model-kind detection, the network class, the two module functions) serve only that protocol.
+
 sd-scripts loads a network *module* by name (``--network_module``) and drives it through a small
 protocol: ``create_network`` / ``create_network_from_weights`` at module level, then ``apply_to``,
 ``prepare_optimizer_params``, ``save_weights`` … on the network it returns. This module implements

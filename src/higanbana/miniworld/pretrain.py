@@ -1,5 +1,8 @@
 """Pretraining of the miniature world's tiny models: a CLIP, a VAE and a Stable Diffusion UNet.
 
+One file on purpose: the three stages share their helpers (step budget, optimizer, batches) and
+feed one another (the CLIP's text tower conditions the UNet, the VAE encodes its latents).
+
 Three stages, each deterministic given its seed and sized for a laptop CPU (32 px images):
 
 1. :func:`train_clip` — a transformers ``CLIPModel`` trained contrastively (InfoNCE with a learnable

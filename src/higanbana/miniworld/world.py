@@ -1,5 +1,8 @@
 """The miniature world: a deterministic generator of small captioned RGB images.
 
+One file on purpose: the vocabularies, scenes, rendering, base distribution and held-out concepts
+are one generator whose guarantees (held-out words, determinism) hold across all of them.
+
 A :class:`Scene` is a set of attributes (shape, colour, size, position, count, background
 pattern and colour, rendering style); :func:`render` draws it at 32 or 64 px (or any size >= 16)
 and :meth:`Scene.caption` writes its caption from the attributes. :func:`sample_scene` and

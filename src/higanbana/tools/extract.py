@@ -1,5 +1,8 @@
 """Extract a LoRA / LoCon (optionally Tucker) or Full difference from a base and a tuned weight.
 
+One file on purpose: the numeric contract below (rank selection, fallback, Σ split, Tucker) is one
+decision list, and the whole-model part (model and checkpoint weight pairs) only feeds it.
+
 For every Linear / Conv layer, ``ΔW = W_tuned − W_base`` is factored by a truncated SVD of
 ``flat(ΔW)`` (out, in·∏k) into the LoRA keys of docs/design.md §3 (``lora_down.weight``,
 ``lora_up.weight``, ``alpha``; Tucker adds ``lora_mid.weight``), or stored whole as the Full keys
