@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from higanbana.cli.tools import add_merge_parser
 from higanbana.errors import HiganbanaError
 from higanbana.formats import streaming
 from higanbana.formats.checkpoint import open_checkpoint
@@ -18,7 +19,7 @@ from higanbana.formats.sdxl_names import SgmNameMap
 from higanbana.formats.streaming import write_streaming
 from higanbana.models.sd import load_sd
 from higanbana.models.tiny import save_tiny_sd, tiny_sd_inputs, tiny_sd_parts
-from higanbana.tools.merge import add_merge_parser, merge
+from higanbana.tools.merge import merge
 
 _OPENCLIP = {
     "self_attn.out_proj": "attn.out_proj",

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 
 from higanbana.errors import ConfigError
-from higanbana.evaluate.encoders import save_tiny_encoders
-from higanbana.experiment import Grid, run_experiment
 from higanbana.models.tiny import save_tiny_sd, tiny_sd_parts
+from higanbana.workflows.experiment import Grid, run_experiment
+from tests.tiny_encoders import save_tiny_encoders
 from tests.train.test_trainer import make_images
 
 TRAIN = """

@@ -297,3 +297,19 @@ def test_native_sgm_unet_keeps_its_own_paths():
         "lora_unet_time_embed_2",
         "lora_unet_out_2",
     }
+
+
+def test_the_alias_sd_scripts_imports_is_the_integration():
+    """``--network_module higanbana.kohya`` imports the alias; it holds the same objects as the home module."""
+    import importlib
+
+    from higanbana.integrations import kohya as home
+
+    alias = importlib.import_module(kohya.NETWORK_MODULE)
+    assert alias is kohya and kohya.NETWORK_MODULE == "higanbana.kohya"
+    public = {
+        n for n, v in vars(home).items() if not n.startswith("_") and getattr(v, "__module__", None) == home.__name__
+    }
+    assert public | set(home.__all__) <= set(alias.__all__)
+    for name in alias.__all__:
+        assert getattr(alias, name) is getattr(home, name), name

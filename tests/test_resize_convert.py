@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from higanbana.cli.tools import add_convert_parser, add_resize_parser
 from higanbana.errors import HiganbanaError
 from higanbana.formats import load_network, save_network
 from higanbana.formats.metadata import model_hashes
@@ -18,8 +19,8 @@ from higanbana.formats.safetensors_io import load_tensors, save_tensors
 from higanbana.formats.sd_network import load_sd_network, save_sd_network, sd_network
 from higanbana.models.tiny import tiny_sd_parts
 from higanbana.network import AdapterNetwork
-from higanbana.tools.convert import add_convert_parser, convert
-from higanbana.tools.resize import add_resize_parser, resize, select_rank
+from higanbana.tools.convert import convert
+from higanbana.tools.resize import resize, select_rank
 
 SPECTRUM = torch.tensor([8.0, 4.0, 2.0, 1.0, 0.5, 0.25], dtype=torch.float64)
 

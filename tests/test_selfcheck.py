@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from higanbana.cli import main
-from higanbana.selfcheck import format_table, run_selfcheck
+from higanbana.workflows.selfcheck import format_table, run_selfcheck
 
 
 @pytest.mark.slow

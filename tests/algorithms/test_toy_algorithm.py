@@ -117,7 +117,7 @@ def _trained(model: nn.Module) -> AdapterNetwork:
 def test_registered_listed_and_removed(toy):
     assert "toy" in list_algorithms() and algorithm_class("toy") is Toy
     assert accepted_options(Toy) == {"gain", "multiplier", "dropout", "module_dropout", "forward_mode", "dtype"}
-    from higanbana.selfcheck import selfcheck_setups
+    from higanbana.workflows.selfcheck import selfcheck_setups
 
     assert ("toy", "toy", {"gain": 1.0}, 1e-4) in selfcheck_setups()
     unregister("toy")
@@ -194,7 +194,7 @@ def test_validated_like_every_algorithm(toy, tmp_path):
 
 
 def test_selfcheck_trains_saves_and_reloads_it(toy, tmp_path):
-    from higanbana.selfcheck import run_selfcheck
+    from higanbana.workflows.selfcheck import run_selfcheck
 
     (row,) = run_selfcheck(tmp_path, steps=5, only=["toy"])
     assert row.label == "toy" and row.loss_after < row.loss_before and row.reload_error < 1e-5

@@ -23,9 +23,9 @@ class World:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> World:
-    from higanbana.evaluate.encoders import save_tiny_encoders
     from higanbana.formats.sd_network import save_sd_network, sd_network
     from higanbana.models.tiny import save_tiny_sd, tiny_sd_parts
+    from tests.tiny_encoders import save_tiny_encoders
     from tests.train.test_trainer import make_images
 
     root = tmp_path_factory.mktemp("eval_world")

@@ -10,7 +10,8 @@ from PIL import Image
 
 from higanbana.errors import HiganbanaError
 from higanbana.evaluate import encoders as enc
-from higanbana.evaluate.encoders import letterbox, load_encoder, resize_short_side, save_tiny_encoders
+from higanbana.evaluate.encoders import letterbox, load_encoder, resize_short_side
+from tests.tiny_encoders import TINY_VGG19_WIDTHS, save_tiny_encoders
 
 
 def _images(n=5, seed=0):
@@ -222,7 +223,7 @@ def test_vgg_loads_torchvision_state_dict():
 def test_vgg_loads_pth_file(tmp_path, vgg):
     sd = {f"features.{k}": v for k, v in vgg.features.state_dict().items()}
     torch.save(sd, tmp_path / "vgg.pth")
-    loaded = enc.Vgg19StyleEncoder(tmp_path / "vgg.pth", widths=enc.TINY_VGG19_WIDTHS, short_side=64)
+    loaded = enc.Vgg19StyleEncoder(tmp_path / "vgg.pth", widths=TINY_VGG19_WIDTHS, short_side=64)
     assert torch.equal(loaded.gram_matrices(_images(1))[3], vgg.gram_matrices(_images(1))[3])
     with pytest.raises(HiganbanaError, match=r"features\.0\.weight has shape"):
         enc.Vgg19StyleEncoder(tmp_path / "vgg.pth")  # tiny weights, full-width VGG-19

@@ -11,10 +11,10 @@ import torch
 
 from higanbana.errors import ConfigError, HiganbanaError
 from higanbana.evaluate.config import EvalConfig
-from higanbana.evaluate.encoders import save_tiny_encoders
 from higanbana.evaluate.run import evaluate
 from higanbana.formats.sd_network import save_sd_network, sd_network
 from higanbana.models.tiny import save_tiny_sd, tiny_sd_parts
+from tests.tiny_encoders import save_tiny_encoders
 from tests.train.test_trainer import make_images
 
 

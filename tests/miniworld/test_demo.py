@@ -12,10 +12,10 @@ from higanbana.cli import build_parser
 from higanbana.errors import ConfigError
 from higanbana.evaluate.aggregate import load_table
 from higanbana.evaluate.config import EvalConfig
-from higanbana.experiment import Grid
 from higanbana.miniworld.demo import PLANS, WORLD_ALTER_TEMPLATES, DemoPlan, run_demo, write_demo
 from higanbana.miniworld.tokenizer import world_tokenizer
 from higanbana.train import TrainConfig
+from higanbana.workflows.experiment import Grid
 
 
 def test_full_plan_is_the_papers_table_1_grid(tmp_path):

@@ -132,7 +132,7 @@ def _fixed_loss(model_dir: Path, adapter: Path | None, data_dir: Path) -> float:
 
     from higanbana.formats.sd_network import load_sd_network
     from higanbana.models.sd import load_sd
-    from higanbana.train.trainer import TextEncoder, diffusion_loss
+    from higanbana.train.step import TextEncoder, diffusion_loss
 
     parts = load_sd(model_dir)
     if adapter is not None:

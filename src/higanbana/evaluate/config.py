@@ -46,6 +46,7 @@ from ..schema import (
     sections_to_toml,
     unbounded,
 )
+from .prompts import CATEGORIES, PROMPT_TYPES, check_templates
 
 
 @dataclass
@@ -172,8 +173,6 @@ class EvalConfig:
         return cls.from_dict(data, str(path))
 
     def validate(self) -> None:
-        from .prompts import PROMPT_TYPES
-
         where = self.source or "config"
         if not self.model.pretrained:
             raise ConfigError(f"{where}: model.pretrained is required (the base model)")
@@ -185,8 +184,6 @@ class EvalConfig:
         for section in dataclasses.fields(self):
             if section.name not in ("source", "checkpoints"):
                 check_fields(getattr(self, section.name), f"{where}: {section.name}")
-        from .prompts import CATEGORIES, check_templates
-
         for category, templates in self.prompts.alter_templates.items():
             if category not in CATEGORIES:
                 raise ConfigError(
@@ -209,7 +206,7 @@ class EvalConfig:
                 ) from None
         if not self.output.dir:
             raise ConfigError(f"{where}: output.dir must name a folder")
-        from ..models.pipeline import canonical_sampler
+        from ..models.pipeline import canonical_sampler  # lazy: models imports torch, this config does not
 
         try:
             canonical_sampler(self.generation.sampler)

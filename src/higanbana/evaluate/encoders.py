@@ -1,5 +1,8 @@
 """Image and text encoders of the evaluation (docs/design.md §5): DINOv2, CLIP and VGG-19 Gram matrices.
 
+One file on purpose: every encoder shares the preprocessing, the local-only loading and the
+protocols, and :func:`load_encoder`/:func:`encoder_kind_of` choose among all of them.
+
 The miniature world's tiny models stand in for them at its scale: a CLIP folder in the DINOv2 slot
 gives CLIP's projected image features, and an SD/``AutoencoderKL`` folder in the VGG-19 slot gives
 Gram matrices of the VAE encoder's conv features (:class:`VaeStyleEncoder`); see
@@ -393,7 +396,7 @@ class Vgg19StyleEncoder(StyleEncoder):
     ``features.`` prefix optional, ``classifier.*`` ignored). ``None`` is an error unless
     ``random_init=True`` (tests). Images are resized (short side ``short_side``), ImageNet-normalised,
     and batched by size, so images of any shape can be mixed in one call. ``widths`` shrinks the
-    network for tests; a tiny file from :func:`save_tiny_encoders` records its widths in its metadata.
+    network for tests; a file whose metadata records ``widths`` (the tests' tiny VGG) is read at them.
     """
 
     name = "vgg19"
@@ -577,7 +580,7 @@ class VaeStyleEncoder(StyleEncoder):
 
 
 # ----------------------------------------------------------------------------------------------
-# factory and tiny models
+# factory
 
 ENCODER_KINDS = ("dinov2", "clip", "clip_image", "vgg19", "vae_gram")
 #: The evaluation's encoder slots (``[encoders]`` keys) and what each one computes.
@@ -644,44 +647,3 @@ def encoder_kind_of(slot: str, path: Any) -> str:
     if slot == "vgg19" and p.is_dir() and _vae_folder(p) is not None:
         return "vae_gram"
     return slot
-
-
-TINY_DINOV2: dict[str, Any] = dict(
-    hidden_size=32, num_hidden_layers=2, num_attention_heads=4, mlp_ratio=2, patch_size=14, image_size=56
-)
-TINY_CLIP_TEXT: dict[str, Any] = dict(
-    hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=1000,
-    max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1,
-)  # fmt: skip
-TINY_CLIP_VISION: dict[str, Any] = dict(
-    hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8
-)
-TINY_VGG19_WIDTHS = (4, 8, 16, 32, 32)
-
-
-def save_tiny_encoders(folder: str | os.PathLike, seed: int = 0) -> dict[str, Path]:
-    """Save tiny random models of the real architectures (for tests and the tiny end-to-end run).
-
-    A ``Dinov2Model`` folder, a ``CLIPModel`` folder with an offline-built ``CLIPTokenizer``, and a
-    ``vgg19.safetensors`` with torchvision key names (narrow widths, recorded in its metadata).
-    Deterministic for a given ``seed``; the global RNG is left untouched.
-    """
-    from safetensors.torch import save_file
-    from transformers import CLIPConfig, CLIPModel, Dinov2Config, Dinov2Model
-
-    from ..models.tiny import tiny_clip_tokenizer
-
-    folder = Path(folder)
-    paths = {"dinov2": folder / "dinov2", "clip": folder / "clip", "vgg19": folder / "vgg19.safetensors"}
-    folder.mkdir(parents=True, exist_ok=True)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        Dinov2Model(Dinov2Config(**TINY_DINOV2)).eval().save_pretrained(paths["dinov2"])
-        torch.manual_seed(seed + 1)
-        cfg = CLIPConfig(text_config=TINY_CLIP_TEXT, vision_config=TINY_CLIP_VISION, projection_dim=16)
-        CLIPModel(cfg).eval().save_pretrained(paths["clip"])
-    tiny_clip_tokenizer().save_pretrained(paths["clip"])
-    vgg = Vgg19StyleEncoder(None, random_init=True, widths=TINY_VGG19_WIDTHS, seed=seed + 2)
-    sd = {f"features.{k}": v.contiguous() for k, v in vgg.features.state_dict().items()}
-    save_file(sd, str(paths["vgg19"]), metadata={"widths": ",".join(map(str, TINY_VGG19_WIDTHS))})
-    return paths

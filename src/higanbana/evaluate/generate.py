@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from ..errors import HiganbanaError
+from ..models.pipeline import canonical_sampler, make_scheduler
 from ..safeio import atomic_path, check_name, write_text
 
 
@@ -99,8 +100,6 @@ def generate_images(
     """Generate the missing images of ``items`` for ``model`` (a pipeline with its adapter, if any,
     already attached); returns the paths of this process's share (existing and new)."""
     from tqdm.auto import tqdm
-
-    from ..models.pipeline import canonical_sampler, make_scheduler
 
     folder = Path(root) / model
     record = {**asdict(settings), "sampler": canonical_sampler(settings.sampler), "adapter": adapter or None}

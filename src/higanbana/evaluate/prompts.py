@@ -1,5 +1,8 @@
 """Prompt sets of the evaluation framework (docs/design.md §5).
 
+One file on purpose: the concepts, the prompt types' templates and the trigger rules for CLIP are
+one definition of what is generated and measured.
+
 Four prompt types are evaluated separately: ``train`` (the training captions), ``trigger`` (the
 concept descriptor alone), ``alter`` (content changes) and ``style`` (style changes). Each
 (concept, prompt type) gets ``n_images`` images spread over its prompts in order, with
@@ -20,6 +23,7 @@ from pathlib import Path
 
 from ..errors import ConfigError, nearest
 from ..safeio import check_name
+from ..schema import read_text
 
 __all__ = [
     "ALTER_TEMPLATES",
@@ -397,12 +401,6 @@ _CONCEPT_KEYS = (
     "clip_rule",
 )
 _REQUIRED = ("name", "trigger", "category")
-
-
-def read_text(path: Path, what: str) -> str:
-    from ..schema import read_text as read
-
-    return read(path, what)
 
 
 def _read_folder(name: str, images_dir: Path | None, caption_dir: Path | None, ext: str) -> tuple[list[str], list[str]]:

@@ -29,9 +29,16 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError, HiganbanaError
+from ..formats.reader import read_network_file
+from ..formats.sd_network import load_sd_network
+from ..models.pipeline import build_pipeline, read_scheduler_config
+from ..models.sd import load_sd
 from ..safeio import atomic_path, clean_stale_temps, writable_folder, write_text
 from . import metrics as M
 from .config import EvalConfig
+from .encoders import encoder_kind_of, load_encoder, load_plugin
+from .generate import GenerationSettings, file_digest, generate_images, image_path
+from .prompts import alter_diversity_warnings, build_all, concepts_from_toml
 
 BASE = "base"
 
@@ -97,11 +104,6 @@ def _device(config: EvalConfig) -> torch.device:
 def generate_all(config: EvalConfig, items: list[Any], *, progress: bool = True) -> dict[str, list[Path]]:
     """Phase 1: images of every model; returns ``{model: [path per item]}`` (all processes' paths)."""
     from accelerate import PartialState
-
-    from ..formats.sd_network import load_sd_network
-    from ..models.pipeline import build_pipeline, read_scheduler_config
-    from ..models.sd import load_sd
-    from .generate import GenerationSettings, file_digest, generate_images, image_path
 
     state = PartialState()
     device = _device(config)
@@ -172,8 +174,6 @@ def _check_encoders(config: EvalConfig) -> None:
     generated."""
     import importlib.util
 
-    from .encoders import encoder_kind_of
-
     e = config.encoders
     needed = _encoder_slots(config.prompts.types)
     missing = [slot for slot, optional in needed.items() if not optional and not getattr(e, slot)]
@@ -206,8 +206,6 @@ def _check_encoders(config: EvalConfig) -> None:
 
 def _load_encoders(config: EvalConfig, device: torch.device) -> dict[str, Any]:
     """The encoders of the slots the registered metrics need (an unset optional slot is left out)."""
-    from .encoders import encoder_kind_of, load_encoder, load_plugin
-
     e = config.encoders
     _check_encoders(config)
 
@@ -379,6 +377,7 @@ def _models_table(config: EvalConfig) -> Any:
 
 def report(config: EvalConfig, raw: Any, images: dict[str, list[Path]], items: list[Any]) -> tuple[Path, Any]:
     """Phase 4: aggregate and write the report (with image grids per model × prompt type)."""
+    # lazy: aggregate imports pandas and report matplotlib, needed only in this last phase
     from . import aggregate as A
     from .report import write_report
 
@@ -421,8 +420,6 @@ def preflight(config: EvalConfig) -> None:
     names (again: a library caller may have changed fields), the base model's path, every checkpoint
     file (read and validated as every reader does), the encoders, and that ``output.dir`` can be
     written (nothing is created here)."""
-    from ..formats.reader import read_network_file
-
     config.validate()
     m = config.model
     if not Path(m.pretrained).exists():
@@ -448,8 +445,6 @@ def preflight(config: EvalConfig) -> None:
 def evaluate(config: EvalConfig, *, progress: bool = True, log: Callable[[str], None] = print) -> EvalResult:
     """Run the whole evaluation ``config`` describes (see the module docstring)."""
     from accelerate import PartialState
-
-    from .prompts import alter_diversity_warnings, build_all, concepts_from_toml
 
     out = Path(config.output.dir)
     preflight(config)

@@ -27,6 +27,8 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..safeio import writable_folder, write_text
+from ..schema import toml_value
+from ..workflows.experiment import run_experiment
 from .shipped import shipped_model
 from .world import CONCEPTS, write_concept_folder
 
@@ -121,8 +123,6 @@ PLANS: dict[str, DemoPlan] = {
 
 
 def _toml(value: Any) -> str:
-    from ..schema import toml_value
-
     return toml_value(value)
 
 
@@ -249,7 +249,7 @@ def ranking_column(algo: str, lr: float) -> str:
 
 def _analyse(raw: Any) -> tuple[Any, Any, Any]:
     """Per-model criterion scores, fidelity correlations and fidelity on <trigger> of ``raw``."""
-    from ..evaluate import aggregate as A
+    from ..evaluate import aggregate as A  # lazy: aggregate imports pandas
 
     scores = A.rank_normalize(raw)
     fid = A.fidelity_correlations(A.correlations(scores))
@@ -286,8 +286,6 @@ def run_demo(
     """Write the demo's experiment into ``out`` and run it (training, evaluation, report); returns
     the tables also written to ``out/summary.txt`` and ``out/summary.json``."""
     import torch
-
-    from ..experiment import run_experiment
 
     if isinstance(plan, str):
         if plan not in PLANS:

@@ -1,5 +1,8 @@
 """Pretraining of the miniature world's tiny models: a CLIP, a VAE and a Stable Diffusion UNet.
 
+One file on purpose: the three stages share their helpers (step budget, optimizer, batches) and
+feed one another (the CLIP's text tower conditions the UNet, the VAE encodes its latents).
+
 Three stages, each deterministic given its seed and sized for a laptop CPU (32 px images):
 
 1. :func:`train_clip` — a transformers ``CLIPModel`` trained contrastively (InfoNCE with a learnable
@@ -40,6 +43,9 @@ from ..evaluate.encoders import (  # images_to_tensor and VaeStyleEncoder: re-ex
     VaeStyleEncoder,
     images_to_tensor,
 )
+from ..models.pipeline import build_pipeline, read_scheduler_config
+from ..models.sd import SDParts, load_sd
+from ..models.tiny import save_tiny_sd
 from ..safeio import atomic_folder, write_text
 from .checker import check
 from .tokenizer import MAX_LENGTH, world_tokenizer
@@ -492,9 +498,6 @@ def save_miniworld(folder, clip, vae, unet, tokenizer, *, dtype: torch.dtype = t
     text tower, tokenizer/, scheduler/, model_index.json) and ``folder/clip`` (the CLIPModel and its
     tokenizer). Weights are stored in ``dtype`` (fp16 keeps the shipped models small; ``load_sd`` and
     ``ClipEncoder`` load them as float32). The in-memory modules are left unchanged."""
-    from ..models.sd import SDParts
-    from ..models.tiny import save_tiny_sd
-
     folder = Path(folder)
     te = text_encoder_of(clip)
 
@@ -591,9 +594,6 @@ def pretrain(out, scale: str = "full", seed: int = 0, *, progress: bool = True, 
     """
     from diffusers import AutoencoderKL
     from transformers import CLIPModel
-
-    from ..models.pipeline import build_pipeline, read_scheduler_config
-    from ..models.sd import load_sd
 
     if scale not in SCALES:
         raise ConfigError(f"unknown scale {scale!r}; expected one of {sorted(SCALES)}")

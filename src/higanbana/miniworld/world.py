@@ -1,5 +1,8 @@
 """The miniature world: a deterministic generator of small captioned RGB images.
 
+One file on purpose: the vocabularies, scenes, rendering, base distribution and held-out concepts
+are one generator whose guarantees (held-out words, determinism) hold across all of them.
+
 A :class:`Scene` is a set of attributes (shape, colour, size, position, count, background
 pattern and colour, rendering style); :func:`render` draws it at 32 or 64 px (or any size >= 16)
 and :meth:`Scene.caption` writes its caption from the attributes. :func:`sample_scene` and
@@ -27,6 +30,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from ..errors import ConfigError, nearest
+from ..evaluate.prompts import Concept
+from ..safeio import atomic_path, clean_stale_temps
 
 __all__ = [
     "BACKGROUNDS",
@@ -655,7 +660,6 @@ def write_concept_folder(name: str, root, n: int = 12, repeats: int = 10, seed: 
     concept = _concept(name)
     if repeats < 1:
         raise ConfigError(f"repeats must be >= 1, got {repeats}")
-    from ..safeio import atomic_path, clean_stale_temps
 
     folder = Path(root) / f"{repeats}_{concept.descriptor}"
     folder.mkdir(parents=True, exist_ok=True)
@@ -671,8 +675,6 @@ def write_concept_folder(name: str, root, n: int = 12, repeats: int = 10, seed: 
 def evaluation_concept(name: str, folder):
     """A :class:`higanbana.evaluate.prompts.Concept` for a held-out concept, with the images and
     captions of ``folder`` (as written by :func:`write_concept_folder`) as its training data."""
-    from ..evaluate.prompts import Concept
-
     concept = _concept(name)
     folder = Path(folder)
     if not folder.is_dir():

@@ -13,6 +13,9 @@ from typing import Any
 
 import torch
 
+from ..errors import ConfigError
+from .sd import SD_KINDS, SDParts
+
 TINY_SD_UNET: dict[str, Any] = dict(
     sample_size=16,
     in_channels=4,
@@ -165,11 +168,7 @@ def tiny_sd_parts(kind: str = "sd1", seed: int = 0, with_vae: bool = False):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from .sd import SD_KINDS, SDParts
-
     if kind not in SD_KINDS:
-        from ..errors import ConfigError
-
         raise ConfigError(f"unknown model kind {kind!r}; expected one of {SD_KINDS}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -41,12 +41,11 @@ Every file is written atomically; an existing output is refused unless ``overwri
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +61,7 @@ from ..formats.reader import read_tensors, records_from_tensors
 from ..formats.safetensors_io import save_tensors
 from ..formats.sd_network import sd_file_metadata, sd_network_parts
 from ..formats.validate import check_file
+from ..models.sd import load_sd
 from ..network import Part
 from ..safeio import check_writable
 from .resize import DTYPES, parse_dtype
@@ -278,8 +278,6 @@ def _convert(
     if model is not None and base is not None:
         raise ConfigError("pass model= or base=, not both")
     if base is not None:
-        from ..models.sd import load_sd
-
         stage("load base")
         model = load_sd(base)
     stage("read")
@@ -370,7 +368,6 @@ def _to_peft(src, dst, net, to, part, allow_lossy, dtype, report) -> ConvertRepo
     return report
 
 
-# --------------------------------------------------------------------------- CLI
 def format_report(report: ConvertReport) -> str:
     lines = [
         f"{report.src} ({report.source_format}) -> {report.dst} ({report.target}"
@@ -385,70 +382,3 @@ def format_report(report: ConvertReport) -> str:
         lines.append(f"    … and {len(report.dropped) - 20} more")
     lines.extend(f"  note: {n}" for n in report.notes)
     return "\n".join(lines)
-
-
-def _prefix_map(items: Sequence[str] | None) -> dict[str, str] | None:
-    if not items:
-        return None
-    out = {}
-    for item in items:
-        old, eq, new = item.partition("=")
-        if not eq or not old or not new:
-            raise ConfigError(f"--prefix-map {item!r}: expected OLD=NEW, e.g. lycoris=lora_unet")
-        out[old] = new
-    return out
-
-
-def _run(args: argparse.Namespace) -> int:
-    report = convert(
-        args.src,
-        args.dst,
-        to=args.to,
-        dtype=args.dtype,
-        allow_lossy=args.allow_lossy,
-        prefix_map=_prefix_map(args.prefix_map),
-        overwrite=args.overwrite,
-        unsafe_pickle=args.unsafe_pickle,
-        base=args.base,
-        part=args.part,
-    )
-    print(json.dumps(asdict(report), indent=2) if args.json else format_report(report))
-    return 0
-
-
-EPILOG = """\
-examples:
-  higanbana convert my_lora.safetensors peft_out/ --to peft --base ./sd15-diffusers
-  higanbana convert my_lora.safetensors diffusers_out/ --to diffusers --base ./sdxl-diffusers
-  higanbana convert peft_out/ back.safetensors --to kohya --base ./sd15-diffusers
-  higanbana convert simpletuner.safetensors kohya.safetensors --prefix-map lycoris=lora_unet --dtype fp16
-
-kohya names are lossy ('_' stands for '.'), so PEFT/diffusers output needs the model (--base).
-Lossy steps (dropping modules the target cannot hold, DoRA into diffusers) need --allow-lossy;
-anything the target would compute differently (OFT/BOFT/GLoRA/IA3 into PEFT, LoCon Tucker,
-input-axis DoRA) is refused.
-"""
-
-
-def add_convert_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Define ``higanbana convert`` on an argparse sub-parsers object; ``func`` runs it."""
-    p = subparsers.add_parser(
-        "convert",
-        help="convert between kohya/LyCORIS, PEFT and diffusers files",
-        description="Convert an adapter file or folder between kohya/LyCORIS naming, PEFT and diffusers.",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("src", help="adapter file, PEFT folder or diffusers file/folder")
-    p.add_argument("dst", help="output .safetensors (kohya) or folder (peft, diffusers)")
-    p.add_argument("--to", choices=TARGETS, default="kohya", help="target format (default: kohya)")
-    p.add_argument("--base", default=None, help="the base model (diffusers folder or checkpoint) for module paths")
-    p.add_argument("--part", default=None, help="PEFT: which part to write (lora_unet, lora_te, …; default the UNet)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="output dtype (default: as the source)")
-    p.add_argument("--allow-lossy", action="store_true", help="allow dropping what the target cannot hold")
-    p.add_argument("--prefix-map", nargs="+", metavar="OLD=NEW", help="rename module prefixes, e.g. lycoris=lora_unet")
-    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
-    p.add_argument("--unsafe-pickle", action="store_true", help="allow reading a pickle source (weights only)")
-    p.add_argument("--json", action="store_true", help="print the report as JSON")
-    p.set_defaults(func=_run)
-    return p

@@ -1,11 +1,15 @@
 """Extract a LoRA / LoCon (optionally Tucker) or Full difference from a base and a tuned weight.
 
+One file on purpose: the numeric contract below (rank selection, fallback, Σ split, Tucker) is one
+decision list, and the whole-model part (model and checkpoint weight pairs) only feeds it.
+
 For every Linear / Conv layer, ``ΔW = W_tuned − W_base`` is factored by a truncated SVD of
 ``flat(ΔW)`` (out, in·∏k) into the LoRA keys of docs/design.md §3 (``lora_down.weight``,
 ``lora_up.weight``, ``alpha``; Tucker adds ``lora_mid.weight``), or stored whole as the Full keys
 (``diff``, ``diff_b``) when a low-rank form would not pay.
 
-Command line (:func:`add_extract_parser`; the options map one-to-one onto :func:`extract`)::
+Command line (``higanbana extract``, parsed in :mod:`higanbana.cli.tools`; the options map one-to-one
+onto :func:`extract`)::
 
     higanbana extract BASE TUNED OUT --mode fixed|threshold|ratio|quantile
         --linear-param X --conv-param Y [--tucker] [--randomized [--oversample 8 --niter 2]]
@@ -73,13 +77,16 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError, HiganbanaError
+from ..formats import save_tensors
+from ..formats.checkpoint import open_checkpoint
+from ..formats.metadata import kohya_metadata, model_hashes
+from ..formats.sd_network import sd_network_parts
 from ..safeio import check_writable
 
 __all__ = [
     "MODES",
     "CheckpointPairs",
     "ModuleReport",
-    "add_extract_parser",
     "choose_rank",
     "extract",
     "extract_models",
@@ -432,8 +439,6 @@ def model_pairs(base: Any, tuned: Any, *, text_encoders: bool = True) -> Iterato
     ``base``/``tuned`` are ``SDParts`` of the same kind; names are the ones our files use (SGM paths
     for an SDXL UNet). The architectures must match: the first differing parameter is named.
     """
-    from ..formats.sd_network import sd_network_parts
-
     if base.kind != tuned.kind:
         raise HiganbanaError(f"the base model is {base.kind} but the tuned model is {tuned.kind}")
     tes_b = list(base.text_encoders) if text_encoders else []
@@ -575,10 +580,6 @@ def extract_models(
     mix), read lazily with :func:`higanbana.formats.checkpoint.open_checkpoint`: no configs or
     model classes are needed and memory stays at a layer or two.
     """
-    from ..formats import save_tensors
-    from ..formats.checkpoint import open_checkpoint
-    from ..formats.metadata import kohya_metadata, model_hashes
-
     out = Path(out)
     if out.exists() and not overwrite:
         raise HiganbanaError(f"{out} exists; pass --overwrite to replace it")
@@ -608,69 +609,3 @@ def extract_models(
     meta["sshs_model_hash"], meta["sshs_legacy_hash"] = model_hashes(tensors, meta)
     save_tensors(tensors, out, meta)
     return reports
-
-
-def _run(args: Any) -> int:
-
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
-    reports = extract_models(
-        args.base,
-        args.tuned,
-        args.output,
-        kind=args.kind,
-        text_encoders=not args.unet_only,
-        overwrite=args.overwrite,
-        mode=args.mode,
-        linear_param=args.linear_param,
-        conv_param=args.conv_param if args.conv_param is not None else args.linear_param,
-        use_tucker=args.tucker,
-        randomized=args.randomized,
-        oversample=args.oversample,
-        niter=args.niter,
-        min_diff=args.min_diff,
-        full_fallback=not args.no_full_fallback,
-        dtype=dtype,
-    )
-    print(format_report(reports, max_rows=None if args.verbose else 20))
-    print(f"\nwritten to {args.output}")
-    return 0
-
-
-EXTRACT_EXAMPLES = """examples:
-  higanbana extract base.safetensors tuned.safetensors out.safetensors --mode fixed --linear-param 32 --conv-param 16
-  higanbana extract ./base-diffusers ./tuned-diffusers out.safetensors --mode quantile --linear-param 0.9 --tucker
-  higanbana extract base tuned out.safetensors --mode fixed --linear-param 32 --randomized
-"""
-
-
-def add_extract_parser(subparsers: Any) -> Any:
-    """``higanbana extract BASE TUNED OUT``: the options map one-to-one onto :func:`extract`."""
-    import argparse
-
-    p = subparsers.add_parser(
-        "extract",
-        help="extract a LoCon file from a fine-tuned model and its base (SVD of each weight difference)",
-        description="Extract a LoCon file (SVD of each Linear/Conv weight difference) from a fine-tuned "
-        "model and its base: local diffusers folders or single-file checkpoints.",
-        epilog=EXTRACT_EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("base", help="the base model (diffusers folder or single file)")
-    p.add_argument("tuned", help="the fine-tuned model, same architecture")
-    p.add_argument("output", help="output .safetensors file")
-    p.add_argument("--mode", choices=MODES, default="fixed", help="how each layer's rank is chosen (default: fixed)")
-    p.add_argument("--linear-param", type=float, default=16, help="rank or mode value for Linear/1x1 conv (16)")
-    p.add_argument("--conv-param", type=float, default=None, help="the same for convs with k>1 (default: linear)")
-    p.add_argument("--tucker", action="store_true", help="store k>1 convs in the LoCon Tucker form")
-    p.add_argument("--randomized", action="store_true", help="randomized SVD (torch.svd_lowrank; fixed mode)")
-    p.add_argument("--oversample", type=int, default=8, help="randomized SVD: extra columns (8)")
-    p.add_argument("--niter", type=int, default=2, help="randomized SVD: power iterations (2)")
-    p.add_argument("--min-diff", type=float, default=0.0, help="skip layers with max|ΔW| at most this (0)")
-    p.add_argument("--no-full-fallback", action="store_true", help="never store a layer as a full diff")
-    p.add_argument("--unet-only", action="store_true", help="leave the text encoders out")
-    p.add_argument("--kind", choices=("sd1", "sd2", "sdxl"), help="the model kind, when it cannot be detected")
-    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32", help="output dtype (fp32)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
-    p.add_argument("--verbose", action="store_true", help="list every layer in the report")
-    p.set_defaults(func=_run)
-    return p

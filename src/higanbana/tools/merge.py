@@ -9,7 +9,6 @@ second) is merged per q/k/v row slice.
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 from collections.abc import Sequence
@@ -30,14 +29,6 @@ from ..safeio import check_writable
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 _PRETTY = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL"}
-
-EPILOG = """examples:
-  higanbana merge sd15.safetensors sd15-style.safetensors --lora style.safetensors:0.8
-  higanbana merge ./sdxl-base ./sdxl-merged --lora a.safetensors:0.7 --lora b.safetensors:0.5 --dtype fp16
-
-Files apply in the order given, each on the result of the previous ones. BASE is a diffusers
-folder or an original single-file .safetensors checkpoint; OUT has the same format.
-"""
 
 
 @dataclass
@@ -96,7 +87,6 @@ def _check_base(path: str, metadata: dict[str, str], kind: str) -> None:
 
 
 def _read_file(path: str, strength: float, ckpt: Checkpoint, unsafe_pickle: bool) -> _FileAdapters:
-
     tensors, records, metadata = read_network_file(path, unsafe_pickle=unsafe_pickle)
     _check_base(path, metadata, ckpt.kind)
     modules, aliases = ckpt.modules(), ckpt.aliases()
@@ -123,17 +113,6 @@ def _read_file(path: str, strength: float, ckpt: Checkpoint, unsafe_pickle: bool
         grouped.setdefault(rename[name], {})[suffix] = value
     new_records = {rename[n]: r for n, r in records.items()}
     return _FileAdapters(str(path), float(strength), new_records, grouped)
-
-
-def _parse_lora(spec: str) -> tuple[str, float]:
-    """``FILE[:STRENGTH]``; a colon that is not followed by a number belongs to the path."""
-    head, sep, tail = spec.rpartition(":")
-    if sep and head:
-        try:
-            return head, float(tail)  # nan/inf are numbers here: merge() refuses them by name
-        except ValueError:
-            pass
-    return spec, 1.0
 
 
 def _check_strength(path: str | os.PathLike, strength: object) -> float:
@@ -241,43 +220,3 @@ def merge(
     for f in files:  # a module is counted once per file even when its weight and bias were both merged
         report.merged[f.path] = sorted(set(report.merged[f.path]))
     return report
-
-
-def _run(args: argparse.Namespace) -> int:
-    report = merge(
-        args.base,
-        [_parse_lora(s) for s in args.lora],
-        args.out,
-        dtype=args.dtype,
-        overwrite=args.overwrite,
-        unsafe_pickle=args.unsafe_pickle,
-        kind=args.kind,
-    )
-    print(report.summary())
-    return 0
-
-
-def add_merge_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Define ``higanbana merge`` on an argparse sub-parsers object; ``func`` runs it."""
-    p = subparsers.add_parser(
-        "merge",
-        help="merge adapter files into a whole SD checkpoint",
-        description="Merge LoRA/LyCORIS files into an SD1.x/SD2.x/SDXL checkpoint (diffusers folder or single file).",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("base", help="the base checkpoint: a diffusers folder or an original .safetensors file")
-    p.add_argument("out", help="the merged checkpoint (same format as BASE)")
-    p.add_argument(
-        "--lora",
-        action="append",
-        required=True,
-        metavar="FILE[:STRENGTH]",
-        help="an adapter file and its strength (default 1); repeat to merge several, in order",
-    )
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="output dtype (default: as the checkpoint)")
-    p.add_argument("--kind", choices=("sd1", "sd2", "sdxl"), default=None, help="the model kind, if not detected")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
-    p.add_argument("--unsafe-pickle", action="store_true", help="allow .pt/.ckpt/.bin adapter files (weights only)")
-    p.set_defaults(func=_run)
-    return p

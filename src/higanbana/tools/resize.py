@@ -46,12 +46,11 @@ existing output is refused unless ``overwrite``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -337,62 +336,3 @@ def format_reports(reports: list[ResizeReport]) -> str:
             f"{worst.rel_error:.3e} ({worst.name}); errors are of ΔW (DoRA's merged weight needs the base)"
         )
     return "\n".join(lines)
-
-
-def _run(args: argparse.Namespace) -> int:
-    reports = resize(
-        args.input,
-        args.output,
-        mode=args.mode,
-        param=args.param,
-        conv_param=args.conv_param,
-        keep_alpha_ratio=args.keep_alpha_ratio,
-        skip_other=args.skip_other,
-        overwrite=args.overwrite,
-        dtype=args.dtype,
-        unsafe_pickle=args.unsafe_pickle,
-    )
-    print(json.dumps([asdict(r) for r in reports], indent=2) if args.json else format_reports(reports))
-    return 0
-
-
-EPILOG = """\
-examples:
-  higanbana resize big.safetensors r8.safetensors --rank 8
-  higanbana resize big.safetensors q.safetensors --mode quantile --param 0.9 --conv-param 0.8
-  higanbana resize big.safetensors t.safetensors --mode ratio --param 0.05 --skip-other --dtype fp16
-
-modes (on the singular values σ of each module's scaled ΔW = (α/r)·up·down):
-  fixed      keep --param (= --rank) singular values
-  threshold  keep those with σ > param
-  ratio      keep those with σ > param·σ_max
-  quantile   keep the leading ones whose running sum stays below param·Σσ (param ≥ 1 keeps all)
-The new rank never exceeds the old one (asking for more is exact). New alpha = new rank
-(scale 1) unless --keep-alpha-ratio keeps the old α/r.
-"""
-
-
-def add_resize_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Define ``higanbana resize`` on an argparse sub-parsers object; ``func`` runs it."""
-    p = subparsers.add_parser(
-        "resize",
-        help="change the rank of a LoRA/LoCon file by SVD",
-        description="Change the rank of every LoRA/LoCon module of a file by truncated SVD of its update.",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("input", help="LoRA/LoCon file (.safetensors; a pickle with --unsafe-pickle)")
-    p.add_argument("output", help="output .safetensors file")
-    p.add_argument("--mode", choices=MODES, default="fixed", help="how the new rank is chosen (default: fixed)")
-    p.add_argument(
-        "--param", "--rank", dest="param", type=float, required=True, help="rank (fixed) or the mode's value"
-    )
-    p.add_argument("--conv-param", type=float, default=None, help="the value for convs with k>1 (default: --param)")
-    p.add_argument("--keep-alpha-ratio", action="store_true", help="keep the old α/r instead of alpha = new rank")
-    p.add_argument("--skip-other", action="store_true", help="copy non-LoRA modules unchanged instead of refusing")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="output dtype (default: as the input)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
-    p.add_argument("--unsafe-pickle", action="store_true", help="allow reading a pickle input (weights only)")
-    p.add_argument("--json", action="store_true", help="print the per-module report as JSON")
-    p.set_defaults(func=_run)
-    return p

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from ..models.pipeline import canonical_sampler
 from ..safeio import check_name
 from ..schema import (
     SEED,
@@ -286,7 +287,6 @@ class TrainConfig:
             raise ConfigError(f"{where}: data.resolution must be an int or [width, height], got {res!r}")
         if len(res) == 1:
             self.data.resolution = [res[0], res[0]]
-        from ..models.pipeline import canonical_sampler
 
         try:
             canonical_sampler(self.sample.sampler)

@@ -24,6 +24,7 @@ import torch
 from ..errors import ConfigError, nearest
 from ..models.pipeline import canonical_sampler, make_scheduler, sampler_name
 from ..safeio import atomic_path, check_name, clean_stale_temps
+from ..schema import read_text
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -200,7 +201,6 @@ def parse_prompt_file(path: str | os.PathLike) -> list[SamplePrompt]:
     parser = _PARSERS.get(path.suffix.lower())
     if parser is None:
         raise ConfigError(f"{path}: unknown prompt file type {path.suffix!r}; expected one of .txt, .toml, .json")
-    from ..schema import read_text
 
     text = read_text(path, "prompt file", encoding="utf-8-sig")
     prompts = parser(path, text)

@@ -1,5 +1,9 @@
 """The training loop: one function, :func:`train`, from a validated :class:`TrainConfig` to files.
 
+What the loop is given comes from :mod:`.setup` (data, model, network, preflight); what one step
+computes is :mod:`.step` (text conditioning, the loss); here: the run's plan, placement, the
+randomness, the loop, saving, sampling and resuming.
+
 Decisions that make runs reproducible and resumable:
 
 - **Randomness is a function of position.** Every sample of a global batch draws its latent
@@ -34,12 +38,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from ..errors import ConfigError, HiganbanaError
+from ..formats.sd_network import save_sd_network
+from ..models.pipeline import build_pipeline
 from ..safeio import discard, writable_folder, write_text
 from .config import TrainConfig
+from .latents import LatentCache, sample_latents
+from .optim import make_optimizer, make_scheduler, warmup_steps
+from .sample import generate_samples, log_samples, parse_prompt_file, save_samples
+from .setup import build_data, build_network, check_clip_skip, load_model, output_folders, preflight
 from .state import TrainState, list_states, load_state, resolve_resume, save_state
+from .step import TextEncoder, diffusion_loss
 
 _SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _MIXED = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -62,198 +72,6 @@ class TrainResult:
     plan: str = ""
 
 
-# ----------------------------------------------------------------------------------- set-up
-def build_data(config: TrainConfig, *, progress: bool = True):
-    """The :class:`~higanbana.train.data.TrainingData` of the ``[data]`` section."""
-    from .data import (
-        DatasetSpec,
-        build_training_data,
-        specs_from_dataset_toml,
-        subsets_from_imagefolder,
-        subsets_from_kohya_folder,
-    )
-
-    d = config.data
-    subset_defaults = {
-        "keep_tokens": d.keep_tokens,
-        "shuffle_caption": d.shuffle_caption,
-        "caption_dropout_rate": d.caption_dropout_rate,
-        "flip_aug": d.flip_aug,
-    }
-    dataset_defaults = {
-        "resolution": config.resolution,
-        "enable_bucket": d.enable_bucket,
-        "min_bucket_reso": d.min_bucket_reso,
-        "max_bucket_reso": d.max_bucket_reso,
-        "bucket_reso_steps": d.bucket_reso_steps,
-        "bucket_no_upscale": d.bucket_no_upscale,
-        "batch_size": d.batch_size,
-    }
-    if d.dataset_config:
-        defaults = {**subset_defaults, **dataset_defaults, "caption_extension": d.caption_extension}
-        defaults["resolution"] = list(config.resolution)
-        if d.class_tokens:
-            defaults["class_tokens"] = d.class_tokens
-        specs = specs_from_dataset_toml(d.dataset_config, defaults=defaults)
-    else:
-        if d.train_data_dir:
-            subsets = subsets_from_kohya_folder(
-                d.train_data_dir, caption_extension=d.caption_extension, **subset_defaults
-            )
-            if d.class_tokens:
-                for s in subsets:
-                    s.class_tokens = s.class_tokens or d.class_tokens
-        else:
-            subsets = subsets_from_imagefolder(d.imagefolder, **subset_defaults)
-        specs = [DatasetSpec(subsets=subsets, **dataset_defaults)]
-    sizes = {s.batch_size for s in specs}
-    if sizes != {d.batch_size}:
-        raise ConfigError(
-            f"{d.dataset_config}: every dataset must use data.batch_size = {d.batch_size} (found {sorted(sizes)})"
-        )
-    return build_training_data(specs, progress=progress)
-
-
-def load_model(config: TrainConfig):
-    """The base model's parts (never downloads) and its noise-schedule config."""
-    from ..models.pipeline import default_scheduler_config, read_scheduler_config
-    from ..models.sd import load_sd
-
-    m = config.model
-    parts = load_sd(m.pretrained, None if m.kind == "auto" else m.kind, config=m.config or None)
-    if parts.vae is None:
-        raise HiganbanaError(f"{m.pretrained}: the model has no VAE; training needs one to encode the images")
-    if parts.tokenizers is None:
-        raise HiganbanaError(f"{m.pretrained}: the model has no tokenizer(s); give a folder that has them")
-    scheduler_config = read_scheduler_config(m.pretrained)
-    if scheduler_config is None and m.config:
-        scheduler_config = read_scheduler_config(m.config)
-    v_pred = m.v_parameterization or parts.v_parameterization
-    if scheduler_config is None:
-        scheduler_config = default_scheduler_config(parts.kind, v_pred)
-    prediction = config.training.prediction_type
-    if prediction == "auto":
-        prediction = "v_prediction" if v_pred else scheduler_config.get("prediction_type", "epsilon")
-    return parts, dict(scheduler_config), prediction
-
-
-def build_network(config: TrainConfig, parts):
-    """The adapter network the ``[network]`` section describes, attached to ``parts``."""
-    from ..formats.sd_network import sd_network
-
-    n = config.network
-    if n.config:
-        net_config: Any = dict(n.config)
-        net_config.setdefault("preset", n.preset)
-    else:
-        net_config = n.preset
-    try:
-        net = sd_network(
-            parts,
-            net_config,
-            n.algo,
-            train_unet=n.train_unet,
-            train_text_encoder=n.train_text_encoder,
-            **n.options,
-        )
-    except HiganbanaError as exc:  # name the section: the option's value does not fit a module
-        raise ConfigError(f"network: {exc}") from None
-    net.attach()
-    if not net.adapters:
-        raise ConfigError(
-            f"network: preset {n.preset!r} with algo {n.algo!r} adapted no module of the "
-            f"{parts.kind} model (check network.preset / network.config rules)"
-        )
-    if n.network_weights:
-        from ..formats.reader import read_network_file
-
-        tensors, _records, _meta = read_network_file(n.network_weights)
-        report = net.load_state_tensors(tensors, source=n.network_weights, strict=False)
-        if not report.ok:
-            problems = [*report.missing[:3], *list(report.mismatched)[:3], *report.unexpected[:3]]
-            raise HiganbanaError(
-                f"network.network_weights: {n.network_weights} does not fit the configured network "
-                f"({len(report.missing)} missing, {len(report.mismatched)} mismatched, "
-                f"{len(report.unexpected)} unexpected; e.g. {', '.join(problems)})"
-            )
-    return net
-
-
-def output_folders(config: TrainConfig) -> dict[str, Path]:
-    """``{config field: folder}`` of every folder a run writes."""
-    out = Path(config.save.output_dir)
-    folders = {"save.output_dir": out}
-    if config.logging.log_with != "none":
-        folders["logging.logging_dir"] = (
-            Path(config.logging.logging_dir) if config.logging.logging_dir else out / "logs"
-        )
-    if config.data.cache_latents == "disk":
-        folders["data.cache_dir"] = Path(config.data.cache_dir) if config.data.cache_dir else out / "cache"
-    return folders
-
-
-def _exists(path: str, where: str, kind: str = "any") -> None:
-    p = Path(path)
-    if not p.exists():
-        raise ConfigError(f"{where}: {path} does not exist")
-    if kind == "file" and not p.is_file():
-        raise ConfigError(f"{where}: {path} is a folder, not a file")
-    if kind == "folder" and not p.is_dir():
-        raise ConfigError(f"{where}: {path} is not a folder")
-
-
-def preflight(config: TrainConfig) -> None:
-    """Every check that needs neither the images nor the model's weights, before any work or write:
-    the config's values and names (again: a library caller may have changed fields), the paths it
-    names, the sample prompt file, the network's preset/rules/options, the optimizer and schedule
-    (built on a stand-in parameter), the resume state, and that the output folders can be written.
-    ``--dry-run`` runs it too, and creates nothing."""
-    from .optim import make_optimizer, make_scheduler
-    from .state import resolve_resume
-
-    config.validate()
-    c = config
-    _exists(c.model.pretrained, "model.pretrained")
-    if c.model.config:
-        _exists(c.model.config, "model.config", "folder")
-    if c.network.network_weights:
-        _exists(c.network.network_weights, "network.network_weights", "file")
-    for key in ("train_data_dir", "imagefolder"):
-        if getattr(c.data, key):
-            _exists(getattr(c.data, key), f"data.{key}", "folder")
-    if c.data.dataset_config:
-        _exists(c.data.dataset_config, "data.dataset_config", "file")
-    if c.sample.prompts:
-        from .sample import parse_prompt_file
-
-        try:
-            parse_prompt_file(c.sample.prompts)
-        except ConfigError as exc:
-            raise ConfigError(f"sample.prompts: {exc}") from None
-    # the network's preset, rules, algorithm and option names (option values are checked per layer)
-    from ..network import NetworkConfig
-
-    n = c.network
-    net_config: Any = {**n.config, "preset": n.config.get("preset", n.preset)} if n.config else n.preset
-    try:
-        NetworkConfig.load(net_config).with_options(n.algo, **n.options)
-    except HiganbanaError as exc:
-        raise type(exc)(f"network: {exc}") from None
-    # the optimizer's and the schedule's arguments, on a stand-in parameter
-    stand_in = torch.nn.Parameter(torch.zeros(1))
-    lr = c.optimizer.unet_lr if c.optimizer.unet_lr > 0 else 1e-4
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        optimizer = make_optimizer([{"params": [stand_in], "lr": lr}], c.optimizer)
-        make_scheduler(optimizer, c.scheduler, 1000)
-    if c.training.resume and c.training.resume != "latest":
-        state = resolve_resume(c.training.resume, c.save.output_dir)
-        if state is not None and not (state / "train_state.json").is_file():
-            raise ConfigError(f"training.resume: {state} is not a training state (no train_state.json)")
-    for where, folder in output_folders(c).items():
-        writable_folder(folder, where=where, create=False)
-
-
 def _fingerprint(config: TrainConfig, world: int) -> str:
     """What must not change between a run and its resume (paths of outputs and step counts may)."""
     d = config.to_dict()
@@ -265,136 +83,14 @@ def _fingerprint(config: TrainConfig, world: int) -> str:
     return hashlib.sha1(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _check_clip_skip(config: TrainConfig, parts) -> None:
-    """``training.clip_skip`` must name a layer the text encoder(s) have."""
-    layers = []
-    for te in parts.text_encoders:
-        cfg = getattr(te, "config", None)
-        cfg = getattr(cfg, "text_config", cfg)
-        n = getattr(cfg, "num_hidden_layers", None)
-        if isinstance(n, int):
-            layers.append(n)
-    if layers and config.training.clip_skip > min(layers):
-        raise ConfigError(
-            f"training.clip_skip = {config.training.clip_skip} is more than the text encoder's "
-            f"{min(layers)} layers (1 = the last layer, 2 = the one before it)"
-        )
-
-
 def _modules_text(names: list[str]) -> str:
     shown = ", ".join(names[:5])
     return f"{len(names)} module(s) ({shown}{', …' if len(names) > 5 else ''})"
 
 
-# ------------------------------------------------------------------------------- text
-class TextEncoder:
-    """Captions → UNet conditioning, as the diffusers pipelines compute it (with ``clip_skip``).
-
-    SD1/SD2: the last hidden state (or the ``clip_skip``-th last, through the final layer norm).
-    SDXL: both encoders' penultimate hidden states concatenated, and the second one's pooled
-    projection. Frozen encoders run without gradients; ``cache`` keeps outputs per caption.
-    """
-
-    def __init__(self, parts, clip_skip: int, *, trainable: bool, cache: bool) -> None:
-        self.parts = parts
-        self.clip_skip = clip_skip
-        self.trainable = trainable
-        self.cache: dict[str, tuple[torch.Tensor, torch.Tensor | None]] | None = {} if cache else None
-
-    def _ids(self, tokenizer, captions: list[str], device) -> torch.Tensor:
-        out = tokenizer(
-            captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-        )
-        return out.input_ids.to(device)
-
-    def _encode(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        parts = self.parts
-        device = parts.unet.device
-        if parts.kind != "sdxl":
-            te = parts.text_encoders[0]
-            ids = self._ids(parts.tokenizers[0], captions, device)
-            if self.clip_skip == 1:
-                return te(input_ids=ids).last_hidden_state, None
-            out = te(input_ids=ids, output_hidden_states=True)
-            hidden = out.hidden_states[-self.clip_skip]
-            norm = te.text_model.final_layer_norm if hasattr(te, "text_model") else te.final_layer_norm
-            return norm(hidden), None
-        hiddens, pooled = [], None
-        for i, (te, tok) in enumerate(zip(parts.text_encoders, parts.tokenizers, strict=True)):
-            out = te(input_ids=self._ids(tok, captions, device), output_hidden_states=True)
-            hiddens.append(out.hidden_states[-(self.clip_skip + 1)])
-            if i == 1:
-                pooled = out.text_embeds
-        return torch.cat(hiddens, dim=-1), pooled
-
-    def __call__(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if self.cache is None:
-            with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
-                return self._encode(captions)
-        todo = [c for c in dict.fromkeys(captions) if c not in self.cache]
-        if todo:
-            with torch.no_grad():
-                hidden, pooled = self._encode(todo)
-            for i, c in enumerate(todo):
-                self.cache[c] = (hidden[i], None if pooled is None else pooled[i])
-        hidden = torch.stack([self.cache[c][0] for c in captions])
-        pooled = None if self.parts.kind != "sdxl" else torch.stack([self.cache[c][1] for c in captions])
-        return hidden, pooled
-
-
-# ------------------------------------------------------------------------------- loss
+# ------------------------------------------------------------------------------- randomness
 def _sample_seed(seed: int, micro: int, position: int) -> int:
     return (seed * 1_000_003 + micro * 65_537 + position) % (2**63 - 1)
-
-
-def diffusion_loss(
-    unet,
-    noise_scheduler,
-    latents: torch.Tensor,
-    hidden: torch.Tensor,
-    generators: list[torch.Generator],
-    *,
-    prediction: str,
-    noise_offset: float = 0.0,
-    min_snr_gamma: float = 0.0,
-    loss_type: str = "l2",
-    huber_c: float = 0.1,
-    added_cond: dict[str, torch.Tensor] | None = None,
-    dtype: torch.dtype | None = None,
-) -> torch.Tensor:
-    """The denoising loss of one batch, averaged over its samples.
-
-    Per sample (its own generator): noise ``ε ~ N(0, I)`` (+ ``noise_offset · N(0,1)`` per channel),
-    timestep ``t ~ U{0..T-1}``, ``x_t = √ᾱ_t x_0 + √(1-ᾱ_t) ε``; the target is ε (epsilon) or
-    ``v = √ᾱ_t ε − √(1-ᾱ_t) x_0`` (v-prediction). min-SNR-γ weights each sample by
-    ``min(SNR, γ)/SNR`` (epsilon) or ``min(SNR, γ)/(SNR+1)`` (v), with ``SNR = ᾱ_t/(1-ᾱ_t)``.
-    """
-    b = latents.shape[0]
-    device = latents.device
-    noise = torch.stack([torch.randn(latents.shape[1:], generator=g) for g in generators]).to(device)
-    if noise_offset:
-        offsets = torch.stack([torch.randn(latents.shape[1], 1, 1, generator=g) for g in generators]).to(device)
-        noise = noise + noise_offset * offsets
-    steps = noise_scheduler.config.num_train_timesteps
-    t = torch.stack([torch.randint(0, steps, (), generator=g) for g in generators]).to(device)
-    noisy = noise_scheduler.add_noise(latents, noise, t)
-    target = noise if prediction == "epsilon" else noise_scheduler.get_velocity(latents, noise, t)
-    model_in = noisy if dtype is None else noisy.to(dtype)
-    kwargs = {"added_cond_kwargs": added_cond} if added_cond is not None else {}
-    pred = unet(model_in, t, hidden if dtype is None else hidden.to(dtype), **kwargs).sample.float()
-    if loss_type == "l2":
-        per = F.mse_loss(pred, target.float(), reduction="none")
-    elif loss_type == "l1":
-        per = F.l1_loss(pred, target.float(), reduction="none")
-    else:
-        per = F.huber_loss(pred, target.float(), reduction="none", delta=huber_c)
-    per = per.reshape(b, -1).mean(dim=1)
-    if min_snr_gamma:
-        ac = noise_scheduler.alphas_cumprod.to(device)[t].float()
-        snr = ac / (1 - ac)
-        weight = torch.clamp(snr, max=min_snr_gamma) / (snr if prediction == "epsilon" else snr + 1)
-        per = per * weight
-    return per.mean()
 
 
 # ------------------------------------------------------------------------------- the loop
@@ -426,7 +122,7 @@ class _Run:
         self.device = acc.device
         self.data = build_data(c, progress=self.progress and acc.is_main_process)
         self.parts, self.scheduler_config, self.prediction = load_model(c)
-        _check_clip_skip(c, self.parts)
+        check_clip_skip(c, self.parts)
         from accelerate.utils import set_seed
 
         set_seed(t.seed)  # the adapters' random initialisation (the same on every process)
@@ -437,7 +133,6 @@ class _Run:
         self.steps_per_epoch = math.ceil(self.micro_per_epoch / accum)
         self.total_steps = t.max_train_steps or t.max_train_epochs * self.steps_per_epoch
         self.epochs = math.ceil(self.total_steps / self.steps_per_epoch)
-        from .optim import warmup_steps
 
         warmup = warmup_steps(c.scheduler, self.total_steps)
         if c.scheduler.type != "constant" and warmup >= self.total_steps:
@@ -511,7 +206,6 @@ class _Run:
             trainable=c.network.train_text_encoder,
             cache=c.data.cache_text_encoder_outputs,
         )
-        from .latents import LatentCache
 
         self.latents = None
         if c.data.cache_latents != "none":
@@ -538,7 +232,6 @@ class _Run:
                 lrs[prefix] = o.text_encoder_lr2 if o.text_encoder_lr2 >= 0 else o.text_encoder_lr
             else:
                 lrs[prefix] = o.text_encoder_lr
-        from .optim import make_optimizer, make_scheduler
 
         groups = self.net.param_groups(o.unet_lr, lrs=lrs, loraplus_ratio=o.loraplus_ratio or None)
         self.params = [p for g in groups for p in g["params"]]
@@ -550,8 +243,6 @@ class _Run:
 
     # ----------------------------------------------------------------- one step
     def _latents_for(self, indices: list[int], flips: list[bool], gens: list[torch.Generator]) -> torch.Tensor:
-        from .latents import sample_latents
-
         vae = self.parts.vae
         if self.latents is not None:
             params = [self.latents.get(i, f).to(self.device) for i, f in zip(indices, flips, strict=True)]
@@ -685,8 +376,6 @@ class _Run:
         }
 
     def save(self, name: str, state: TrainState, *, with_state: bool) -> tuple[Path, Path | None]:
-        from ..formats.sd_network import save_sd_network
-
         c = self.config
         path = self.out_dir / f"{name}.safetensors"
         state_path = None
@@ -732,9 +421,6 @@ class _Run:
         if not self.accelerator.is_main_process:
             self.accelerator.wait_for_everyone()
             return
-        from ..models.pipeline import build_pipeline
-        from .sample import generate_samples, log_samples, parse_prompt_file, save_samples
-
         prompts = parse_prompt_file(c.sample.prompts)
         pipeline = build_pipeline(self.parts, sampler=c.sample.sampler, scheduler_config=self.scheduler_config)
         w, h = c.sample.width or self.config.resolution[0], c.sample.height or self.config.resolution[1]

@@ -14,9 +14,9 @@ A re-run skips the images and features that exist. docs/evaluation.md lists ever
 """
 
 
-def _run(args: Any) -> int:
-    from .config import EvalConfig
-    from .run import evaluate
+def _evaluate(args: argparse.Namespace) -> int:
+    from ..evaluate.config import EvalConfig
+    from ..evaluate.run import evaluate
 
     config = EvalConfig.load(args.config, list(args.overrides))
     result = evaluate(config, progress=not args.no_progress)
@@ -25,7 +25,8 @@ def _run(args: Any) -> int:
     return 0
 
 
-def add_evaluate_parser(subparsers: Any) -> Any:
+def add_evaluate_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Define ``higanbana evaluate`` on an argparse sub-parsers object; ``func`` runs it."""
     p = subparsers.add_parser(
         "evaluate",
         help="generate, measure and report: the paper's evaluation of fine-tuned checkpoints",
@@ -37,5 +38,5 @@ def add_evaluate_parser(subparsers: Any) -> Any:
     p.add_argument("config", help="the evaluation config (.toml)")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides (anywhere after CONFIG)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.set_defaults(func=_run)
+    p.set_defaults(func=_evaluate)
     return p

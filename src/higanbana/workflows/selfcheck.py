@@ -19,12 +19,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .algorithms import algorithm_classes
-from .errors import ConfigError, nearest
-from .formats import load_network, save_network
-from .models.tiny import tiny_sd_unet, tiny_unet_inputs
-from .network import AdapterNetwork
-from .safeio import writable_folder
+from ..algorithms import algorithm_classes
+from ..errors import ConfigError, nearest
+from ..formats import load_network, save_network
+from ..models.tiny import tiny_sd_unet, tiny_unet_inputs
+from ..network import AdapterNetwork
+from ..safeio import writable_folder
 
 
 def selfcheck_setups() -> list[tuple[str, str, dict[str, Any], float]]:

@@ -37,9 +37,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError, HiganbanaError, nearest
-from .safeio import check_name, inside, writable_folder, write_text
-from .schema import SEED_MAX, check_finite, load_toml
+from ..errors import ConfigError, HiganbanaError, nearest
+from ..evaluate.config import Checkpoint, EvalConfig
+from ..evaluate.prompts import concepts_from_toml
+from ..evaluate.run import evaluate
+from ..evaluate.run import preflight as evaluation_preflight
+from ..safeio import check_name, inside, writable_folder, write_text
+from ..schema import SEED_MAX, check_finite, load_toml, sections_of, toml_value
+from ..train import train
+from ..train.config import TrainConfig
+from ..train.setup import preflight as training_preflight
 
 _GRID_KEYS = ("out", "train", "evaluate", "seeds", "epochs", "configs", "vary", "group_by")
 
@@ -228,9 +235,6 @@ _GRID_OWNED = {
 def _check_set_keys(overrides: dict[str, Any], where: str) -> None:
     """The keys of a ``set`` table: ``section.key`` of the training config (values are checked with it),
     not one the grid sets itself (it would be silently replaced)."""
-    from .schema import sections_of
-    from .train.config import TrainConfig
-
     sections = sections_of(TrainConfig)
     for key in overrides:
         if key in _GRID_OWNED:
@@ -242,15 +246,11 @@ def _check_set_keys(overrides: dict[str, Any], where: str) -> None:
 
 
 def _toml_literal(value: Any) -> str:
-    from .schema import toml_value
-
     return toml_value(value)
 
 
 def run_config(grid: Grid, run: RunSpec) -> Any:
     """The validated :class:`~higanbana.train.TrainConfig` of one run (an error names the grid and the run)."""
-    from .train import TrainConfig
-
     folder = run_folder(grid, run)
     overrides = [f"{k}={_toml_literal(v)}" for k, v in run.overrides.items()]
     overrides += [
@@ -279,8 +279,6 @@ def run_folder(grid: Grid, run: RunSpec) -> Path:
 
 def train_run(grid: Grid, run: RunSpec, *, progress: bool = True, log: Callable[[str], None] = print) -> Path:
     """Train one (configuration, seed) to the last epoch, saving every epoch; skip when done."""
-    from .train import train
-
     folder = run_folder(grid, run)
     final = folder / "model.safetensors"
     config = run_config(grid, run)
@@ -313,12 +311,6 @@ def run_experiment(
     evaluate_overrides: list[str] | tuple[str, ...] = (),
 ) -> Any:
     """Train every run of the grid, then evaluate all checkpoints together; returns the EvalResult."""
-    from .evaluate.config import Checkpoint, EvalConfig
-    from .evaluate.prompts import concepts_from_toml
-    from .evaluate.run import evaluate
-    from .evaluate.run import preflight as evaluation_preflight
-    from .train.trainer import preflight as training_preflight
-
     grid = Grid.load(grid_path)
     runs = grid.runs()
     writable_folder(grid.out, where=f"{grid.source}: out", create=False)

@@ -24,10 +24,10 @@ def is_override(arg: str) -> bool:
     return "=" in arg and "." in key and " " not in key
 
 
-def _run(args: Any) -> int:
+def _train(args: argparse.Namespace) -> int:
     from ..schema import toml_value
-    from .config import TrainConfig
-    from .trainer import train
+    from ..train.config import TrainConfig
+    from ..train.trainer import train
 
     overrides = list(args.overrides)
     if args.resume:
@@ -39,7 +39,8 @@ def _run(args: Any) -> int:
     return 0
 
 
-def add_train_parser(subparsers: Any) -> Any:
+def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Define ``higanbana train`` on an argparse sub-parsers object; ``func`` runs it."""
     p = subparsers.add_parser(
         "train",
         help="fine-tune an SD1.x/SD2/SDXL model with any algorithm from a TOML config",
@@ -52,5 +53,5 @@ def add_train_parser(subparsers: Any) -> Any:
     p.add_argument("--dry-run", action="store_true", help="print the data, buckets, steps and wrapped modules; exit")
     p.add_argument("--resume", help="a state folder to resume from, or 'latest'")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.set_defaults(func=_run)
+    p.set_defaults(func=_train)
     return p

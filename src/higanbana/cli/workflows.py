@@ -1,0 +1,71 @@
+"""``higanbana demo | selfcheck | experiment``: jobs that train and evaluate together."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from ..miniworld.demo import run_demo
+
+    run_demo(args.out, args.plan, progress=not args.no_progress)
+    return 0
+
+
+def _selfcheck(args: argparse.Namespace) -> int:
+    from ..workflows.selfcheck import format_table, run_selfcheck
+
+    rows = run_selfcheck(args.out, steps=args.steps, only=args.algos)
+    print(format_table(rows))
+    print(f"\nadapter files written to {args.out}/")
+    worse = [r.label for r in rows if not r.loss_after < r.loss_before]
+    if worse:
+        print(f"loss did not decrease for: {', '.join(worse)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _experiment(args: argparse.Namespace) -> int:
+    from ..workflows.experiment import run_experiment
+
+    result = run_experiment(args.grid, progress=not args.no_progress)
+    if result.ranking is not None:
+        print(result.ranking.to_string())
+    print(f"report: {result.report}")
+    return 0
+
+
+def add_demo_parser(subparsers: Any) -> argparse.ArgumentParser:
+    demo = subparsers.add_parser(
+        "demo", help="the paper's experiment in the miniature world: fine-tune, evaluate, rank (CPU, minutes)"
+    )
+    demo.add_argument("--out", default="demo-output", help="output folder (default: demo-output)")
+    plans = "full: 3 concepts x 4 algorithms x 2 learning rates; quick: a one-minute smoke run"
+    demo.add_argument("--plan", default="full", choices=("full", "quick"), help=plans)
+    demo.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    demo.set_defaults(func=_demo)
+    return demo
+
+
+def add_selfcheck_parser(subparsers: Any) -> argparse.ArgumentParser:
+    check = subparsers.add_parser("selfcheck", help="train, save and reload every algorithm on a tiny SD UNet")
+    check.add_argument("--out", default="selfcheck-output", help="folder for the adapter files")
+    check.add_argument("--steps", type=int, default=40, help="Adam steps per algorithm (default: 40)")
+    check.add_argument("--algos", nargs="*", help="only these setups (e.g. lora lokr)")
+    check.set_defaults(func=_selfcheck)
+    return check
+
+
+def add_experiment_parser(subparsers: Any) -> argparse.ArgumentParser:
+    experiment = subparsers.add_parser(
+        "experiment",
+        help="configurations × seeds × epochs: train, evaluate together, report (docs/evaluation.md)",
+        description="Run an experiment grid: train every (configuration, seed), evaluate every epoch's "
+        "checkpoint with the same prompts and seeds, aggregate and report. Finished work is skipped.",
+    )
+    experiment.add_argument("grid", help="the grid file (.toml)")
+    experiment.add_argument("--no-progress", action="store_true", help="no progress bars")
+    experiment.set_defaults(func=_experiment)
+    return experiment
