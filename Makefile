@@ -29,9 +29,11 @@ peers: $(PEERS_STAMP)
 demo: $(STAMP)
 	$(BIN)/higanbana demo
 
+# static types where they pay: the algorithms, the files and the network (settings in pyproject.toml)
 lint: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks scripts
+	$(BIN)/ruff format --check src tests benchmarks scripts
+	$(BIN)/python -m mypy src/higanbana/algorithms src/higanbana/formats src/higanbana/network
 
 test: lint peers
 	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --durations=10
