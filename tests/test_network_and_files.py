@@ -31,6 +31,26 @@ def test_module_key_follows_kohya():
     )
 
 
+def test_one_construction_path_records_rebuild_the_same_network(unet):
+    """A config's plan and the records it leaves (``modules=``, as a file's records are built) give
+    the same modules, options and tensors; mixing the two ways is an error."""
+    from higanbana.network import Part, plan_modules
+
+    net = AdapterNetwork(unet, "lora", attention_linears, prefix="lora_unet", rank=2, alpha=1)
+    randomize(net, std=0.1)
+    again = AdapterNetwork(unet, prefix="lora_unet", modules=list(net.records.values()))
+    assert list(again.records) == list(net.records)
+    assert again.module_records() == net.module_records()
+    again.load_state_tensors(net.state_tensors())
+    for name, adapter in net:
+        torch.testing.assert_close(again.adapters[name].merged_weight(1.0), adapter.merged_weight(1.0))
+    parts = [Part("lora_unet", unet)]
+    plan = plan_modules(parts, net.config, attention_linears)
+    assert [r.name for r in plan] == list(net.records)
+    with pytest.raises(ConfigError, match="pass no config"):
+        AdapterNetwork(unet, "lora", modules=plan)
+
+
 def test_save_and_reload_reproduces_outputs(unet, tmp_path):
     net = AdapterNetwork(unet, "lokr", attention_linears, prefix="lora_unet", rank=2, factor=4).attach()
     randomize(net, std=0.1)
