@@ -14,7 +14,7 @@ from torch import Tensor
 
 from ..errors import ConfigError
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # factored.py imports this module
     from .factored import FactoredAdapter
 
 

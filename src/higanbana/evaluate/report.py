@@ -443,7 +443,7 @@ def _demo(out_dir: str) -> Path:
     """Write a report of synthetic metrics (used by scripts/screenshot_report.sh's documentation)."""
     from PIL import Image
 
-    from higanbana.evaluate.aggregate import (
+    from higanbana.evaluate.aggregate import (  # lazy: aggregate imports pandas
         correlations,
         importance,
         rank_normalize,

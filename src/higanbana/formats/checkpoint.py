@@ -24,6 +24,7 @@ from typing import Any, cast
 import torch
 
 from ..errors import HiganbanaError
+from ..models.sd import detect_kind
 from ..safeio import atomic_folder
 from .sdxl_names import NameMappingError, SgmNameMap
 from .streaming import ST_DTYPES, read_header, write_streaming
@@ -446,8 +447,6 @@ def _component_files(folder: Path) -> list[Path]:
 
 
 def _open_folder(path: Path, kind: str | None) -> Checkpoint:
-    from ..models.sd import detect_kind
-
     index_file = path / "model_index.json"
     if not index_file.is_file():
         raise HiganbanaError(f"{path}: a folder checkpoint needs model_index.json (a diffusers model folder)")
