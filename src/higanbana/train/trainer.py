@@ -4,6 +4,9 @@ What the loop is given comes from :mod:`.setup` (data, model, network, preflight
 computes is :mod:`.step` (text conditioning, the loss); here: the run's plan, placement, the
 randomness, the loop, saving, sampling and resuming.
 
+One file over ~500 lines on purpose: what is left is one object, the run (:class:`_Run`), whose
+methods share its state — placement, the step counter, the optimizer and the files it writes.
+
 Decisions that make runs reproducible and resumable:
 
 - **Randomness is a function of position.** Every sample of a global batch draws its latent
