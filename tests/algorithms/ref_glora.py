@@ -25,8 +25,10 @@ def reference(state, w0, b0, m):
     b1, b2 = state["b1.weight"], state["b2.weight"]
     out, inp, kernel = w0.shape[0], w0.shape[1], tuple(w0.shape[2:])
     r = a1.shape[1]
-    assert tuple(a1.shape) == (inp, r) and tuple(a2.shape) == (r, inp)
-    assert tuple(b1.shape) == (out, r) and tuple(b2.shape) == (r, inp, *kernel)
+    ones = (1,) * len(kernel)  # convolutions: a1, a2 and b1 are 1×1 conv weights (LyCORIS's layout)
+    assert tuple(a1.shape) == (inp, r, *ones) and tuple(a2.shape) == (r, inp, *ones)
+    assert tuple(b1.shape) == (out, r, *ones) and tuple(b2.shape) == (r, inp, *kernel)
+    a1, a2, b1 = a1.flatten(1), a2.flatten(1), b1.flatten(1)
     scale = float(state["alpha"]) / r
     a = torch.einsum("ir,rj->ij", a1, a2)
     delta = torch.einsum("oi...,ij->oj...", w0, a) + torch.einsum("or,ri...->oi...", b1, b2)

@@ -1,7 +1,8 @@
 """GLoRA: ``ΔW = flat(W0)·(a1·a2) + b1·b2`` — a low-rank map of the input channels plus a LoRA term.
 
 Keys: ``a1.weight`` (in, r), ``a2.weight`` (r, in), ``b1.weight`` (out, r), ``b2.weight``
-(r, in) for Linear and (r, in, *k) for ConvNd, ``alpha``; ``s = α/r``. For a conv the ``a`` term
+(r, in) for Linear; for ConvNd ``a1``, ``a2``, ``b1`` as 1×1 conv weights (in, r, 1..), (r, in, 1..),
+(out, r, 1..) — LyCORIS's layout — and ``b2`` (r, in, *k); ``alpha``; ``s = α/r``. For a conv the ``a`` term
 acts on the input-channel axis of ``W0``: ``ΔW[o,j,κ] = Σ_i W0[o,i,κ]·A[i,j]`` with ``A = a1·a2``.
 
 Bypass. Because ``op(x, W0·A) = op(P_A(x), W0)`` where ``P_A`` is the pointwise projection of the
@@ -230,11 +231,15 @@ class GLoRA(FactoredAdapter):
 
     # ------------------------------------------------------------------ state
     def state_tensors(self) -> dict[str, Tensor]:
+        """For convolutions ``a1``, ``a2`` and ``b1`` are written as 1×1 conv weights, (in, r, 1, 1),
+        (r, in, 1, 1) and (out, r, 1, 1): the layout LyCORIS writes and requires (it copies them
+        into conv modules); ComfyUI and A1111 flatten them, so the values read are the same."""
         a2, _ = self._ups(None)
+        ones = self.spec.ones_kernel
         out = {
-            "a1.weight": self.a1.detach().clone(),
-            "a2.weight": a2.detach().clone(),
-            "b1.weight": self.b1.detach().clone(),
+            "a1.weight": self.a1.detach().clone().reshape(*self.a1.shape, *ones),
+            "a2.weight": a2.detach().clone().reshape(*a2.shape, *ones),
+            "b1.weight": self.b1.detach().clone().reshape(*self.b1.shape, *ones),
             "b2.weight": self.scaled_up(self.b2).detach().clone(),
         }
         out.update(self.common_state())
