@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-__all__ = ["Patch", "calculate_weight", "load_patches", "te_key_map", "unet_key_map"]
+__all__ = ["Patch", "PatchFailed", "calculate_weight", "load_patches", "te_key_map", "unet_key_map"]
 
 #: ``LORA_CLIP_MAP`` of A.2: kohya suffix → transformers CLIP module path inside an encoder layer.
 CLIP_MAP = {
@@ -227,9 +227,16 @@ def _factored_delta(p: Patch, w: Tensor, dt: torch.dtype) -> tuple[Tensor, float
         if w2 is None:
             rank = t["lokr_w2_b"].shape[0]  # w2_b wins over w1_b
             if t["lokr_t2"] is not None:
-                w2 = _tucker(t["lokr_t2"], t["lokr_w2_a"], t["lokr_w2_b"])
-            else:
-                w2 = t["lokr_w2_a"] @ t["lokr_w2_b"].flatten(1)
+                # the real loader builds the Tucker w2 with one einsum (a non-contiguous (u2, v2, k, k)
+                # result) and krons it with w1 as (u1, v1, 1, 1); torch.kron raises for most shapes, and
+                # ComfyUI logs the error and leaves the weight unpatched
+                w2 = torch.einsum("xykl,yo,xq->qokl", t["lokr_t2"], t["lokr_w2_b"], t["lokr_w2_a"])
+                try:
+                    delta = torch.kron(w1[:, :, None, None], w2).reshape(w.shape)
+                except RuntimeError as exc:
+                    raise PatchFailed(f"lokr: {exc}") from exc
+                return delta, _scale(p.alpha, rank)
+            w2 = t["lokr_w2_a"] @ t["lokr_w2_b"].flatten(1)
         # w1 acts as (u1, v1, 1, …) for conv: kron with the flattened (u2, v2·∏k) w2 is the same tensor
         delta = torch.kron(w1.flatten(1).contiguous(), w2.flatten(1).contiguous()).reshape(w.shape)
         return delta, _scale(p.alpha, rank)  # both sides full ⇒ rank None ⇒ sc = 1, α ignored
@@ -323,19 +330,27 @@ def _boft(p: Patch, w: Tensor, s: float, dt: torch.dtype) -> Tensor:
     return w + s * (out - w)
 
 
+class PatchFailed(RuntimeError):
+    """An error ComfyUI catches inside ``calculate_weight``: it logs "ERROR <adapter> <key> …" and leaves
+    the weight as it was."""
+
+
 def calculate_weight(
     patches: list[Patch],
     weight: Tensor,
     bias: Tensor | None = None,
     strength: float = 1.0,
     intermediate_dtype: torch.dtype = torch.float32,
+    errors: list[str] | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Reproduce ``comfy/lora.py::calculate_weight`` for one module (A.3-A.5) at LoRA strength ``strength``.
 
     Weight patches change ``weight``, bias patches change ``bias`` (dropped when the module has no bias, as
     ComfyUI only patches tensors the model has). Factored adapters: ``W += s·sc·ΔW`` or DoRA (A.4); diff:
     ``W += s·diff`` (skipped on a shape mismatch, like ComfyUI's "SHAPE MISMATCH"); set: ``W = set_weight``;
-    OFT/BOFT per A.5. Returns new tensors in the input dtypes.
+    OFT/BOFT per A.5. Returns new tensors in the input dtypes. A patch whose computation raises (LoKr
+    with a Tucker ``w2``, see :func:`_factored_delta`) leaves the weight unchanged, its message appended
+    to ``errors``, as ComfyUI logs it.
     """
     dt = intermediate_dtype
     w = weight.to(dt).clone()
@@ -356,7 +371,12 @@ def calculate_weight(
         elif p.kind == "boft":
             w = _boft(p, w, s, dt)
         else:
-            delta, sc = _factored_delta(p, w, dt)
+            try:
+                delta, sc = _factored_delta(p, w, dt)
+            except PatchFailed as exc:
+                if errors is not None:
+                    errors.append(str(exc))
+                continue
             decomposed = p.dora_scale is not None
             w = _weight_decompose(p.dora_scale, w, delta, sc, s) if decomposed else w + (s * sc) * delta
     return w.to(weight.dtype), None if b is None else b.to(bias.dtype)

@@ -132,7 +132,11 @@ def comfy_merge(model, path, before):
     for target, plist in patches.items():
         index, p = target.split(":", 1)
         w, b = before[int(index)][p]
-        merged[(int(index), p)] = comfyui_ref.calculate_weight(plist, w, b, 1.0)
+        errors: list[str] = []
+        merged[(int(index), p)] = comfyui_ref.calculate_weight(plist, w, b, 1.0, errors=errors)
+        if errors:  # ComfyUI logged the error and left the weight unpatched: the module is not loaded
+            assert merged[(int(index), p)][0].equal(w)
+            unloaded = [*unloaded, *(k for k in sd if key_map.get(k.partition(".")[0]) == target)]
     return merged, unloaded
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from higanbana.algorithms import algorithm_class
+
 from . import a1111_ref as a1
 from . import comfyui_ref as cf
 
@@ -163,13 +165,31 @@ def test_comfy_lokr_both_full_scale_one():
     torch.testing.assert_close(got, w + kron_delta(w1, w2, w.shape))
 
 
-def test_comfy_lokr_w1_factored_and_tucker_w2():
+def test_comfy_lokr_tucker_w2_fails_in_kron_and_is_skipped():
+    """ComfyUI's Tucker w2 (one einsum, not contiguous) makes torch.kron raise for these shapes: the
+    error is logged and the weight left unpatched — and ``info`` predicts it from the same tensors."""
     w = rnd(8, 6, 3, 3)
     w1a, w1b = rnd(2, 2, seed=1), rnd(2, 3, seed=2)
     t2, w2a, w2b = rnd(2, 2, 3, 3, seed=3), rnd(2, 4, seed=4), rnd(2, 2, seed=5)
     sd = prefixed(dict(lokr_w1_a=w1a, lokr_w1_b=w1b, lokr_t2=t2, lokr_w2_a=w2a, lokr_w2_b=w2b, alpha=alpha(3)))
+    patches, _ = cf.load_patches(sd, KM)
+    errors: list[str] = []
+    got, _ = cf.calculate_weight(patches[T], w, None, 1.0, intermediate_dtype=F64, errors=errors)
+    assert errors and torch.equal(got, w)
+    module = {k.partition(".")[2]: v for k, v in sd.items()}
+    assert algorithm_class("lokr").own_tool_verdicts(module, None)["ComfyUI"][0] == "skip"
+
+
+def test_comfy_lokr_w1_factored_and_tucker_w2_where_kron_works():
+    """With w1 a 1×1 block the same path succeeds: ΔW = kron(w1, tucker(t2, w2_a, w2_b))."""
+    w = rnd(4, 6, 3, 3)
+    w1a, w1b = rnd(1, 2, seed=1), rnd(2, 1, seed=2)
+    t2, w2a, w2b = rnd(2, 2, 3, 3, seed=3), rnd(2, 4, seed=4), rnd(2, 6, seed=5)
+    sd = prefixed(dict(lokr_w1_a=w1a, lokr_w1_b=w1b, lokr_t2=t2, lokr_w2_a=w2a, lokr_w2_b=w2b, alpha=alpha(3)))
     got, _ = comfy(sd, w)
     torch.testing.assert_close(got, w + 1.5 * kron_delta(w1a @ w1b, tucker(t2, w2a, w2b), w.shape))
+    module = {k.partition(".")[2]: v for k, v in sd.items()}
+    assert "ComfyUI" not in algorithm_class("lokr").own_tool_verdicts(module, None)
 
 
 @pytest.mark.parametrize("conv", [False, True])

@@ -40,7 +40,7 @@ from .cost import Costs
 from .dora import dora_options
 from .factored import FactoredAdapter
 from .factorize import factorize
-from .files import FileStateError, alpha_of, dims, need, same, shape
+from .files import SKIP, FileStateError, Verdicts, alpha_of, dims, need, same, shape
 from .layer import layer_spec
 from .loha import tucker_rebuild
 from .options import FactoredOptions, option, whole_number
@@ -419,6 +419,31 @@ class LoKr(FactoredAdapter):
     @classmethod
     def alpha_scales(cls, tensors: Mapping[str, Tensor]) -> bool:
         return bool({"lokr_w1_a", "lokr_w2_a"} & set(tensors))  # both blocks full: the scale is 1
+
+    @classmethod
+    def own_tool_verdicts(cls, tensors: Mapping[str, Tensor], options: Mapping[str, Any] | None) -> Verdicts:
+        """ComfyUI and a Tucker ``w2`` (k×k convs): it builds ``w2`` from ``lokr_t2``, ``w2_a`` and
+        ``w2_b`` with one einsum, whose result is not contiguous, and passes it to ``torch.kron`` with
+        ``w1`` as (u1, v1, 1, 1); for most shapes ``kron`` then raises (a ``view`` of that layout), which
+        ComfyUI logs and skips, leaving the weight unpatched (``comfy/weight_adapter/lokr.py``, ComfyUI
+        2026-12; torch 2.13). Whether it raises depends on the shapes and strides only, so the same two
+        ops are run here on the file's tensors."""
+        if "lokr_t2" not in tensors or "lokr_w2" in tensors:
+            return {}
+        t2, w2_a, w2_b = tensors["lokr_t2"], tensors["lokr_w2_a"], tensors["lokr_w2_b"]
+        w1 = tensors["lokr_w1"] if "lokr_w1" in tensors else tensors["lokr_w1_a"] @ tensors["lokr_w1_b"]
+        w2 = torch.einsum("abkl,bv,au->uvkl", t2.float(), w2_b.float(), w2_a.float())
+        try:
+            torch.kron(w1.float()[:, :, None, None], w2)
+        except RuntimeError:
+            return {
+                "ComfyUI": (
+                    SKIP,
+                    "Tucker LoKr (lokr_t2): ComfyUI's torch.kron raises on its non-contiguous w2 and the weight "
+                    "is left unpatched",
+                )
+            }
+        return {}
 
     @classmethod
     def from_peft(cls, tensors: dict[str, Tensor], alpha: float, rank: int) -> tuple[dict[str, Tensor], float]:
