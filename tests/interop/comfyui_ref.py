@@ -11,6 +11,11 @@ ComfyUI code was consulted or copied. It reproduces, for SD-family files:
   deviations (output-axis DoRA normalises by the ORIGINAL weight, OFT clamps with the raw α, OFT strength is
   applied twice, OFT ignores ``rescale``) (:func:`calculate_weight`).
 
+Checked against the real code since (read, not copied): the LoKr path follows
+``comfy/weight_adapter/lokr.py`` of comfyanonymous/ComfyUI at commit 179c2d35c84b (read 2026-12-06) —
+its Tucker ``w2`` is one einsum whose non-contiguous result makes ``torch.kron`` raise for most
+shapes, an error ``calculate_weight`` logs before leaving the weight unpatched (:class:`PatchFailed`).
+
 Everything is computed in ``intermediate_dtype`` (float32 like ComfyUI, float64 for tests) and cast back to the
 dtype of the weight passed in (ComfyUI uses stochastic rounding for low-precision weights; we cast plainly).
 """
