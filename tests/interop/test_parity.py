@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import re
 
 import pytest
 import torch
@@ -187,6 +188,25 @@ def test_comfyui_oft_constraint_deviates_and_info_warns(model, tmp_path):
 
 
 # --------------------------------------------------------------------------- A1111
+_OPENCLIP_LAYER = re.compile(r"(?:1_)?model_transformer_resblocks_\d+_(.+)")
+
+
+def _a1111_text_module_exists(compvis: str) -> bool:
+    """Whether A1111's text-encoder module namespace (its ``network_layer_mapping``) has this name.
+
+    The transformers CLIP encoders (SD1's, SDXL's first: ``transformer_text_model_…``,
+    ``0_transformer_text_model_…``) keep every module path; the OpenCLIP ones (SD2's, SDXL's second:
+    ``[1_]model_transformer_resblocks_N_…``) name their layers ``attn``, ``attn_out_proj``, ``ln_1``,
+    ``ln_2``, ``mlp_c_fc``, ``mlp_c_proj`` — so a converted ``layer_norm1``/``layer_norm2`` matches
+    nothing (q/k/v reach ``attn`` through A1111's ``_[qkv]_proj`` fallback). A name the conversion left
+    alone (``lora_te_text_model_final_layer_norm``, ``lora_te2_…``) is not a module either.
+    """
+    if compvis.startswith(("transformer_text_model_", "0_transformer_text_model_")):
+        return True
+    layer = _OPENCLIP_LAYER.fullmatch(compvis)
+    return layer is not None and not layer[1].startswith("layer_norm")
+
+
 def a1111_merge(model, path, before, where):
     """A1111 merge; UNet weights keyed by their LDM names, derived independently of our kohya names."""
     sd, _ = load_tensors(path)
@@ -200,7 +220,8 @@ def a1111_merge(model, path, before, where):
     for name, (index, p) in where.items():  # text encoders: A1111's name conversion is a renaming
         if index > 0:
             compvis = a1111_ref.convert_name(name, model.kind)
-            weights[compvis], back[compvis] = before[index][p], (index, p)
+            if _a1111_text_module_exists(compvis):
+                weights[compvis], back[compvis] = before[index][p], (index, p)
     merged, unsupported = a1111_ref.load_and_merge(sd, weights, model.kind)
     return {back[k]: v for k, v in merged.items()}, unsupported
 
@@ -237,3 +258,20 @@ def test_a1111_output_axis_dora_deviates_and_info_warns(model, tmp_path):
     assert not torch.allclose(merged[(index, p)][0], after[index][p][0], rtol=1e-4, atol=1e-6)
     verdict = {v["tool"]: v for v in file_info(path)["compatibility"]}["A1111"]
     assert verdict["status"] == "loads with deviation" and "input axis" in " ".join(verdict["notes"])
+
+
+def test_a1111_skips_text_encoder_norms_it_cannot_name_and_info_says_so(model, tmp_path):
+    """A1111 converts only the encoder layers of ``lora_te_``/``lora_te2_`` names, and on OpenCLIP
+    encoders not their layer norms: SD1's final_layer_norm and SDXL's second encoder's norms are left
+    unpatched; ``lora_te1_`` (SDXL's first encoder) falls back to its transformers names and loads."""
+    path, before, _after, where = _saved_and_merged(model, "norm", {}, NORMS, tmp_path)
+    _merged, unsupported = a1111_merge(model, path, before, where)
+    skipped = set(_verdict(path, "A1111")["skipped"])
+    assert set(unsupported) == skipped
+    if model.kind == "sd1":
+        assert "lora_te_text_model_final_layer_norm" in skipped
+        assert not {n for n in skipped if "encoder_layers" in n}  # transformers layer norms load
+    else:
+        te2 = {n for n in where if n.startswith("lora_te2_")}
+        assert te2 and te2 <= skipped  # layer_norm1/2 and final_layer_norm of the OpenCLIP encoder
+        assert not {n for n in skipped if n.startswith("lora_te1_")}

@@ -112,7 +112,7 @@ def compatibility(
         cls = algorithm_class(record.get("algo") or detect_algo(name, module))
         if cls.tool_note and cls.tool_note not in notes:
             notes.append(cls.tool_note)
-        verdicts = _naming_verdicts(name, partial_attention)
+        verdicts = _naming_verdicts(name, partial_attention, base)
         merge_verdicts(verdicts, cls.tool_verdicts(module, record.get("options")))
         for tool, tally in tallies.items():
             kind, reason = verdicts.get(tool, ("load", ""))
@@ -143,7 +143,7 @@ def compatibility(
     return out
 
 
-def _naming_verdicts(name: str, partial_attention: set[str]) -> Verdicts:
+def _naming_verdicts(name: str, partial_attention: set[str], base: str = "unknown") -> Verdicts:
     """What the tools' name mapping alone decides for a module (before its algorithm is asked)."""
     standalone = name.startswith("lycoris_")  # LyCORIS standalone / SimpleTuner: diffusers UNet paths
     if not name.startswith(SD_PREFIXES) and not standalone:
@@ -161,7 +161,30 @@ def _naming_verdicts(name: str, partial_attention: set[str]) -> Verdicts:
         out["A1111"] = (SKIP, "A1111 has no compvis name for this UNet module")
     elif name in partial_attention:
         out["A1111"] = (SKIP, "A1111 applies OpenCLIP attention q/k/v/out only all four together")
+    elif (why := _a1111_text_encoder_skip(name, base)) is not None:
+        out["A1111"] = (SKIP, why)
     return out
+
+
+_A1111_TE_LAYER = re.compile(r"lora_te2?_text_model_encoder_layers_\d+_(.+)")
+
+
+def _a1111_text_encoder_skip(name: str, base: str) -> str | None:
+    """A1111's text-encoder names (``extensions-builtin/Lora/networks.py``, v1.10): it converts only
+    ``lora_te_``/``lora_te2_text_model_encoder_layers_N_*``; any other ``lora_te_``/``lora_te2_`` name
+    (``final_layer_norm``, embeddings) is left as it is and matches no module. On the OpenCLIP encoders
+    (SD2's, SDXL's second) it renames ``mlp_fc1/2`` and ``self_attn`` but not ``layer_norm1/2``, which
+    match nothing there (OpenCLIP's are ``ln_1``/``ln_2``). ``lora_te1_`` names all fall back to SDXL's
+    first (transformers) encoder. An unknown base is read as SD1/SDXL (the transformers layout)."""
+    if not name.startswith(("lora_te_", "lora_te2_")):
+        return None
+    layer = _A1111_TE_LAYER.fullmatch(name)
+    if layer is None:
+        return "A1111 maps only the encoder layers of this text encoder (not final_layer_norm or embeddings)"
+    openclip = name.startswith("lora_te2_") or base == "sd2"
+    if openclip and layer[1].startswith("layer_norm"):
+        return "A1111 does not map layer_norm1/2 of an OpenCLIP text encoder (its ln_1/ln_2)"
+    return None
 
 
 _A1111_UNET = re.compile(
