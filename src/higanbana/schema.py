@@ -290,12 +290,15 @@ def read_text(path: str | os.PathLike, what: str = "config file", *, encoding: s
 
 def load_toml(path: str | os.PathLike, what: str = "config file") -> dict[str, Any]:
     """A TOML file as a table; every reason it cannot be read is one ConfigError naming the file."""
-    path = Path(path)
-    text = read_text(path, what)
+    return parse_toml(read_text(path, what), path)
+
+
+def parse_toml(text: str, source: str | os.PathLike) -> dict[str, Any]:
+    """TOML text (already read from ``source``) as a table, or one ConfigError naming ``source``."""
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+        raise ConfigError(f"{source}: not valid TOML ({exc})") from None
 
 
 def resolve_paths(data: dict[str, Any], root: Path, path_fields: dict[str, tuple[str, ...]]) -> None:

@@ -250,7 +250,7 @@ FILES = [
     (
         "concepts-not-toml",
         lambda w, t: [write_eval(w, t, concepts=_concepts(t, "[[concept]\n"))],
-        ["concepts.toml", "invalid TOML"],
+        ["concepts.toml", "not valid TOML"],
     ),
     (
         "caption-not-utf8",

@@ -324,7 +324,7 @@ def test_concepts_from_toml_file_errors(tmp_path):
     with pytest.raises(ConfigError, match="did you mean 'concept'"):
         concepts_from_toml(bad)
     bad.write_text("[[concept]\n")
-    with pytest.raises(ConfigError, match="invalid TOML"):
+    with pytest.raises(ConfigError, match="not valid TOML"):
         concepts_from_toml(bad)
     dup = tmp_path / "dup.toml"
     dup.write_text('[[concept]]\nname="x"\ntrigger="s"\ncategory="scene"\n' * 2)

@@ -236,7 +236,7 @@ keep_tokens = 2
         ("[[datasets]]\n[[datasets.subsets]]\nnum_repeats = 2\n", "image_dir is required"),
         ('[[datasets]]\n[[datasets.subsets]]\nimage_dir = "x"\ncolor_aug = true\n', "not supported"),
         ("[general]\nbatch_size = 1\n", "no \\[\\[datasets\\]\\]"),
-        ("[general\n", "invalid TOML"),
+        ("[general\n", "not valid TOML"),
         ('[[datasets]]\nbucket_reso_steps = 48\n[[datasets.subsets]]\nimage_dir = "x"\n', "1: data.min_bucket_reso"),
     ],
 )

@@ -16,14 +16,13 @@ The template texts below are our own.
 from __future__ import annotations
 
 import re
-import tomllib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ConfigError, nearest
 from ..safeio import check_name
-from ..schema import read_text
+from ..schema import load_toml, read_text
 
 __all__ = [
     "ALTER_TEMPLATES",
@@ -434,11 +433,7 @@ def concepts_from_toml(path) -> list[Concept]:
     against the TOML file's folder. Captions of ``captions`` come before those of the folder.
     """
     path = Path(path)
-    text = read_text(path, "concept file")
-    try:
-        doc = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    doc = load_toml(path, "concept file")
     extra = [k for k in doc if k != "concept"]
     if extra:
         raise ConfigError(f"{path}: unknown top-level key {extra[0]!r}{nearest(extra[0], ['concept'])}")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tomllib
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -24,7 +23,7 @@ import torch
 from ..errors import ConfigError, nearest
 from ..models.pipeline import canonical_sampler, make_scheduler, sampler_name
 from ..safeio import atomic_path, check_name, clean_stale_temps
-from ..schema import read_text
+from ..schema import parse_toml, read_text
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -155,10 +154,7 @@ def _from_mapping(entry: Any, where: str) -> SamplePrompt:
 
 
 def _parse_toml(path: Path, text: str) -> list[SamplePrompt]:
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: invalid TOML: {exc}") from exc
+    data = parse_toml(text, path)
     defaults = {k: v for k, v in data.items() if k != "prompt"}
     table = data.get("prompt")
     if isinstance(table, list):  # [[prompt]] tables, defaults at the top level

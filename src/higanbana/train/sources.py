@@ -19,14 +19,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-import tomllib
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, HiganbanaError, nearest
-from ..schema import check_finite, read_text
+from ..schema import check_finite, load_toml
 from .buckets import make_buckets
 
 __all__ = [
@@ -309,11 +308,7 @@ def specs_from_dataset_toml(path, *, defaults: dict | None = None) -> list[Datas
     path = Path(path)
     name = str(path)
 
-    text = read_text(path, "dataset config")
-    try:
-        doc = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{name}: invalid TOML: {exc}") from exc
+    doc = load_toml(path, "dataset config")
 
     both = {**_DATASET_KEYS, **_SUBSET_KEYS}
     base = {k: v for k, v in (defaults or {}).items() if k in both and v is not None}
