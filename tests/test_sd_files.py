@@ -122,13 +122,33 @@ def _verdicts(path):
 @pytest.mark.parametrize(
     ("algo", "options", "expected"),
     [
-        ("lora", {"rank": 2}, {"ComfyUI": "loads", "A1111": "loads", "diffusers": "loads"}),
-        ("loha", {"rank": 2}, {"ComfyUI": "loads", "A1111": "loads", "diffusers": "does not load"}),
-        ("lokr", {"rank": 2}, {"ComfyUI": "loads", "A1111": "loads", "diffusers": "does not load"}),
-        ("ia3", {}, {"ComfyUI": "does not load", "A1111": "loads", "diffusers": "does not load"}),
-        ("glora", {"rank": 2}, {"ComfyUI": "loads", "A1111": "does not load", "diffusers": "does not load"}),
-        ("boft", {"rank": 2}, {"ComfyUI": "loads", "A1111": "does not load", "diffusers": "does not load"}),
-        ("full", {}, {"ComfyUI": "loads", "A1111": "loads", "diffusers": "does not load"}),
+        ("lora", {"rank": 2}, {"ComfyUI": "loads", "A1111": "loads", "diffusers": "loads", "LyCORIS": "does not load"}),
+        (
+            "loha",
+            {"rank": 2},
+            {"ComfyUI": "loads", "A1111": "loads", "diffusers": "does not load", "LyCORIS": "does not load"},
+        ),
+        (
+            "lokr",
+            {"rank": 2},
+            {"ComfyUI": "loads", "A1111": "loads", "diffusers": "does not load", "LyCORIS": "does not load"},
+        ),
+        (
+            "ia3",
+            {},
+            {"ComfyUI": "does not load", "A1111": "loads", "diffusers": "does not load", "LyCORIS": "does not load"},
+        ),
+        (
+            "glora",
+            {"rank": 2},
+            {"ComfyUI": "loads", "A1111": "does not load", "diffusers": "does not load", "LyCORIS": "does not load"},
+        ),
+        (
+            "boft",
+            {"rank": 2},
+            {"ComfyUI": "loads", "A1111": "does not load", "diffusers": "does not load", "LyCORIS": "does not load"},
+        ),
+        ("full", {}, {"ComfyUI": "loads", "A1111": "loads", "diffusers": "does not load", "LyCORIS": "does not load"}),
     ],
 )
 def test_info_compatibility_per_algorithm(sd1, tmp_path, algo, options, expected):
@@ -141,7 +161,8 @@ def test_info_warns_about_each_tools_deviations(sd1, tmp_path):
     assert "ComfyUI divides by ‖W0‖" in " ".join(dora["ComfyUI"]["notes"])
     assert "only the input axis" in " ".join(dora["A1111"]["notes"])
     assert "drops dora_scale" in " ".join(dora["diffusers"]["notes"])
-    assert all(v["status"] == "loads with deviation" for v in dora.values())
+    assert all(v["status"] == "loads with deviation" for tool, v in dora.items() if tool != "LyCORIS")
+    assert "reads only lycoris_ names" in " ".join(dora["LyCORIS"]["notes"])  # kohya names: 0 modules
     legacy = _verdicts(_saved(sd1, tmp_path, "lora", rank=2, weight_decompose=True, wd_on_output=False))
     assert legacy["ComfyUI"]["status"] == legacy["A1111"]["status"] == "loads"
 

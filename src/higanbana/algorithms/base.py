@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError, HiganbanaError, nearest
 from .cost import Costs, bypass_is_cheaper
-from .files import REJECT, SKIP, TOOLS, FileStateError, Verdicts
+from .files import REJECT, SKIP, TOOLS, FileStateError, Kernel, Verdicts
 from .layer import LayerSpec, layer_spec
 from .options import AdapterOptions, check_fraction, finite_number, option_fields
 
@@ -238,9 +238,13 @@ class Adapter(nn.Module):
         return "-"
 
     @classmethod
-    def tool_verdicts(cls, tensors: Mapping[str, Tensor], options: Mapping[str, Any] | None) -> Verdicts:
-        """How ComfyUI, A1111 and diffusers treat one (valid) module: a tool not in the result loads it
-        as we compute it. Tools outside ``loaded_by`` skip it (diffusers rejects the whole file)."""
+    def tool_verdicts(
+        cls, tensors: Mapping[str, Tensor], options: Mapping[str, Any] | None, kernel: Kernel = None
+    ) -> Verdicts:
+        """How ComfyUI, A1111, diffusers and LyCORIS treat one (valid) module: a tool not in the result
+        loads it as we compute it. Tools outside ``loaded_by`` skip it (diffusers rejects the whole file).
+        ``kernel`` is the layer's kernel where the caller knows it (from the module's name), for the rules
+        that depend on it and cannot read it from the file."""
         name = cls.title or cls.algo
         out: Verdicts = {}
         for tool in TOOLS:

@@ -50,7 +50,7 @@ class BOFT(OrthogonalAdapter):
     algo = "boft"
     title = "BOFT"
     block_dims = 4
-    loaded_by = frozenset({"ComfyUI"})
+    loaded_by = frozenset({"ComfyUI", "LyCORIS"})
     peft_refusal = "PEFT's BOFT acts on the input side with its own butterfly parametrisation; ours rotates output rows"
     examples = (("boft", {"rank": 4}, 3e-3),)
 

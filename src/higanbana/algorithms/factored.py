@@ -14,7 +14,7 @@ from ..errors import ConfigError
 from .base import Adapter, copy_checked
 from .cost import Costs, with_dora
 from .dora import dora_bypass, dora_weight, weight_norm
-from .files import DEVIATE, TOOLS, FileStateError, Verdicts, dora_axis, merge_verdicts
+from .files import DEVIATE, REJECT, TOOLS, FileStateError, Kernel, Verdicts, dora_axis, merge_verdicts
 from .options import FactoredOptions, check_fraction, finite_number, whole_number
 
 
@@ -28,21 +28,25 @@ class FactoredAdapter(Adapter):
     supports_dora: ClassVar[bool] = False
 
     @classmethod
-    def tool_verdicts(cls, tensors: Mapping[str, Tensor], options: Mapping[str, Any] | None) -> Verdicts:
+    def tool_verdicts(
+        cls, tensors: Mapping[str, Tensor], options: Mapping[str, Any] | None, kernel: Kernel = None
+    ) -> Verdicts:
         """The tools that do not load the algorithm; then alpha 0 (ComfyUI, A1111 and diffusers read
         scale 0); then the algorithm's own rules (:meth:`own_tool_verdicts`); then DoRA (ComfyUI divides
-        by ‖W0‖ instead of ‖W0+ΔW‖, A1111 supports only the input axis, diffusers drops ``dora_scale``).
+        by ‖W0‖ instead of ‖W0+ΔW‖, A1111 supports only the input axis, diffusers drops ``dora_scale``,
+        LyCORIS raises on the input axis).
         Per tool the most severe verdict wins (reject > skip > deviate), the first among equals."""
-        out = super().tool_verdicts(tensors, options)
+        out = super().tool_verdicts(tensors, options, kernel)
         if _alpha_is_zero(cls, tensors):
             merge_verdicts(
                 out,
                 {
                     tool: (DEVIATE, ALPHA_ZERO.format(tool="load_lora_weights" if tool == "diffusers" else tool))
                     for tool in TOOLS
+                    if tool != "LyCORIS"  # it reads alpha 0 as the rank, as we do
                 },
             )
-        merge_verdicts(out, cls.own_tool_verdicts(tensors, options))
+        merge_verdicts(out, cls.own_tool_verdicts(tensors, options, kernel))
         axis = dora_axis(tensors, options)
         if axis == "output":
             merge_verdicts(
@@ -52,6 +56,17 @@ class FactoredAdapter(Adapter):
                     "A1111": (DEVIATE, "DoRA on the output axis: A1111 supports only the input axis (wrong result)"),
                 },
             )
+        if axis == "input":
+            merge_verdicts(
+                out,
+                {
+                    "LyCORIS": (
+                        REJECT,
+                        "DoRA on the input axis: LyCORIS rebuilds dora_scale on the output axis and its copy of "
+                        "this one raises",
+                    )
+                },
+            )
         if axis is not None:
             merge_verdicts(
                 out, {"diffusers": (DEVIATE, "DoRA: load_lora_weights drops dora_scale (plain LoRA result)")}
@@ -59,7 +74,9 @@ class FactoredAdapter(Adapter):
         return out
 
     @classmethod
-    def own_tool_verdicts(cls, tensors: Mapping[str, Tensor], options: Mapping[str, Any] | None) -> Verdicts:
+    def own_tool_verdicts(
+        cls, tensors: Mapping[str, Tensor], options: Mapping[str, Any] | None, kernel: Kernel = None
+    ) -> Verdicts:
         """The algorithm's own deviations, between the alpha-0 and the DoRA rules."""
         return {}
 

@@ -19,14 +19,17 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import torch
 from torch import Tensor
 
 from ..errors import HiganbanaError
 
-#: the tools ``info`` gives a verdict for
-TOOLS = ("ComfyUI", "A1111", "diffusers")
-#: a tool leaves the module out / loads it with another result / (diffusers) rejects the whole file
+#: the tools ``info`` gives a verdict for (LyCORIS: lycoris-lora's ``create_lycoris_from_weights``)
+TOOLS = ("ComfyUI", "A1111", "diffusers", "LyCORIS")
+#: a tool leaves the module out / loads it with another result / fails on the whole file (raises)
 SKIP, DEVIATE, REJECT = "skip", "deviate", "reject"
+#: a module's layer kernel where known: ``()`` a Linear, ``(kh, kw)`` a convolution, None unknown
+Kernel = tuple[int, ...] | None
 
 #: a per-tool verdict on one module: ``(kind, reason)``; a tool missing from the mapping loads it as we do
 Verdicts = dict[str, tuple[str, str]]
@@ -93,3 +96,32 @@ def dora_axis(mod: Mapping[str, Tensor], options: Mapping[str, object] | None) -
     if options and "wd_on_output" in options:
         return "output" if options["wd_on_output"] else "input"
     return "input" if scale.dim() >= 2 and scale.shape[0] == 1 and scale.shape[1] > 1 else "output"
+
+
+def copy_verdict(
+    tool: str, what: str, expected: Mapping[str, tuple[int, ...] | None], tensors: Mapping[str, Tensor]
+) -> Verdicts:
+    """A tool that rebuilds a module from the file's shapes and then copies each file tensor into its
+    own parameter (``param.copy_(tensor)``): a key it has no parameter for, or a shape that does not
+    broadcast to its parameter, raises (``REJECT``); a shape that broadcasts silently gives another
+    result (``DEVIATE``). ``expected`` is its parameter shape per key it copies (None: it has no
+    parameter for that key), in the order it copies; ``what`` describes its rebuild for the reason."""
+    deviation: Verdicts = {}
+    for key, want in expected.items():
+        if key not in tensors:
+            continue
+        got = tuple(tensors[key].shape)
+        if want is None:
+            return {tool: (REJECT, f"{what}: it has no {key} to copy the file's into (raises)")}
+        if got == want:
+            continue
+        try:
+            fits = torch.broadcast_shapes(got, want) == torch.Size(want)
+        except RuntimeError:
+            fits = False
+        if not fits:
+            return {tool: (REJECT, f"{what}: its {key} is {want}, the file's {got}, and the copy raises")}
+        deviation = deviation or {
+            tool: (DEVIATE, f"{what}: its {key} is {want}, the file's {got}, which it broadcasts (another result)")
+        }
+    return deviation

@@ -33,7 +33,7 @@ class Full(Adapter):
     file_keys = frozenset({"diff", "diff_b"})
     marker_keys = ("diff",)
     peft_refusal = "PEFT has no full weight-difference adapter"
-    loaded_by = frozenset({"ComfyUI", "A1111"})
+    loaded_by = frozenset({"ComfyUI", "A1111", "LyCORIS"})
     examples = (("full", {}, 3e-4),)
 
     @dataclass(frozen=True)

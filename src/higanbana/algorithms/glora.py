@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from .base import copy_checked, require
 from .cost import Costs
 from .factored import FactoredAdapter
-from .files import DEVIATE, SKIP, FileStateError, Verdicts, dims, need
+from .files import DEVIATE, REJECT, SKIP, FileStateError, Kernel, Verdicts, dims, need
 from .layer import LayerSpec, layer_spec
 from .options import FactoredOptions, option
 
@@ -87,7 +87,7 @@ class GLoRA(FactoredAdapter):
     file_keys = frozenset({"a1.weight", "a2.weight", "b1.weight", "b2.weight", "alpha"})
     marker_keys = ("a1.weight",)
     peft_refusal = "PEFT's GLoRA is element-wise (W0 + W0⊙A + B); ours is the matrix product W0·a1·a2 + b1·b2"
-    loaded_by = frozenset({"ComfyUI", "A1111"})
+    loaded_by = frozenset({"ComfyUI", "A1111", "LyCORIS"})
     examples = (("glora", {"rank": 4}, 3e-3),)
 
     @dataclass(frozen=True)
@@ -280,11 +280,24 @@ class GLoRA(FactoredAdapter):
         return str(a1.shape[1] if glora_layout(tensors) == "new" else a1.shape[0])
 
     @classmethod
-    def own_tool_verdicts(cls, tensors: Mapping[str, Tensor], options: Mapping[str, Any] | None) -> Verdicts:
-        """ComfyUI reads both layouts (by shapes); A1111 only the old one."""
+    def own_tool_verdicts(
+        cls, tensors: Mapping[str, Tensor], options: Mapping[str, Any] | None, kernel: Kernel = None
+    ) -> Verdicts:
+        """ComfyUI reads both layouts (by shapes); A1111 only the old one; LyCORIS (``lycoris/modules/glora.py``,
+        4.1.3) only the new one, with ``a1``/``a2``/``b1`` as 1×1 conv weights on convolutions (its copy of a
+        2-D factor into them raises)."""
         if glora_layout(tensors) == "old":
-            return {"ComfyUI": (DEVIATE, "old GLoRA layout: ComfyUI reads it (by shapes)")}
-        return {"A1111": (SKIP, "A1111 reads only the old GLoRA layout")}
+            return {
+                "ComfyUI": (DEVIATE, "old GLoRA layout: ComfyUI reads it (by shapes)"),
+                "LyCORIS": (REJECT, "old GLoRA layout: LyCORIS reads only the new one (its copy raises)"),
+            }
+        out: Verdicts = {"A1111": (SKIP, "A1111 reads only the old GLoRA layout")}
+        if tensors["b2.weight"].dim() > 2 and tensors["a1.weight"].dim() == 2:
+            out["LyCORIS"] = (
+                REJECT,
+                "GLoRA on a convolution with 2-D a1/a2/b1: LyCORIS expects 1×1 conv weights (its copy raises)",
+            )
+        return out
 
 
 def glora_layout(tensors: Mapping[str, Tensor]) -> str:

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from .base import Adapter, copy_checked, require
 from .cost import Costs
-from .files import FileStateError, need, shape
+from .files import REJECT, FileStateError, Kernel, Verdicts, need, shape
 from .layer import layer_spec
 from .options import AdapterOptions, option
 
@@ -41,6 +41,20 @@ class IA3(Adapter):
     )
     loaded_by = frozenset({"A1111"})
     examples = (("ia3", {}, 1e-2),)
+
+    @classmethod
+    def tool_verdicts(
+        cls, tensors: Mapping[str, Tensor], options: Mapping[str, Any] | None, kernel: Kernel = None
+    ) -> Verdicts:
+        """LyCORIS 4.1.3 reads ``weight`` and ``on_input`` for an IA3 module but its
+        ``make_module_from_state_dict`` takes only ``weight``: every IA3 file (its own too) raises a
+        TypeError in ``create_lycoris_from_weights`` (``lycoris/modules/ia3.py``)."""
+        out = super().tool_verdicts(tensors, options, kernel)
+        out["LyCORIS"] = (
+            REJECT,
+            "LyCORIS 4.1.3 cannot load IA3 (its make_module_from_state_dict raises, own files too)",
+        )
+        return out
 
     @dataclass(frozen=True)
     class Options(AdapterOptions):

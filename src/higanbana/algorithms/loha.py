@@ -72,7 +72,7 @@ class LoHa(FactoredAdapter):
     marker_keys = ("hada_w1_a",)
     key_flags = (("weight_decompose", "dora_scale"), ("use_tucker", "hada_t1"))
     peft_type = "LOHA"
-    loaded_by = frozenset({"ComfyUI", "A1111"})
+    loaded_by = frozenset({"ComfyUI", "A1111", "LyCORIS"})
     examples = (("loha", {"rank": 4}, 3e-3),)
 
     @dataclass(frozen=True)

@@ -40,7 +40,19 @@ from .cost import Costs
 from .dora import dora_options
 from .factored import FactoredAdapter
 from .factorize import factorize
-from .files import SKIP, FileStateError, Verdicts, alpha_of, dims, need, same, shape
+from .files import (
+    SKIP,
+    FileStateError,
+    Kernel,
+    Verdicts,
+    alpha_of,
+    copy_verdict,
+    dims,
+    merge_verdicts,
+    need,
+    same,
+    shape,
+)
 from .layer import layer_spec
 from .loha import tucker_rebuild
 from .options import FactoredOptions, option, whole_number
@@ -58,6 +70,69 @@ def lokr_split(out: int, inp: int, factor: int, unbalanced: bool) -> tuple[tuple
             "the products must equal the layer's dimensions"
         )
     return (u1, u2), (v1, v2)
+
+
+def lycoris_rebuild_verdict(tensors: Mapping[str, Tensor], kernel: Kernel) -> Verdicts:
+    """Whether lycoris-lora 4.1.3's ``create_lycoris_from_weights`` rebuilds this LoKr module as written.
+
+    LyCORIS does not store its options: ``LokrModule.make_module_from_state_dict``
+    (``lycoris/modules/lokr.py``) reads the rank from ``lokr_w1_a``/``lokr_w2_a`` (their second axis),
+    infers a ``factor`` from the block shapes, constructs a fresh module for the layer with it (its own
+    split and layout rules, never ``unbalanced_factorization``) and copies the file's tensors into the new
+    parameters. The same steps are run here on shapes; a key it has no parameter for or a shape that
+    does not fit raises. The layer is taken from the file (``kernel`` where the caller knows it, else the
+    blocks' own dims: a 2-D factored ``w2`` reads as a Linear).
+    """
+    has = set(tensors)
+    dims_of = {k: tuple(t.shape) for k, t in tensors.items()}
+    w1 = dims_of.get("lokr_w1") or (dims_of["lokr_w1_a"][0], dims_of["lokr_w1_b"][1])
+    tucker = "lokr_t2" in has
+    # its reading of w2 (for a Tucker w2_a, (r, u2), that reads r as the rows)
+    w2 = dims_of["lokr_w2"][:2] if "lokr_w2" in has else (dims_of["lokr_w2_a"][0], dims_of["lokr_w2_b"][1])
+    # its rank, and whether both blocks are full
+    full = not has & {"lokr_w1_a", "lokr_w2_a"}
+    rank = dims_of["lokr_w1_a"][1] if "lokr_w1_a" in has else dims_of["lokr_w2_a"][1] if "lokr_w2_a" in has else 1
+    # its factor, from the shapes as it reads them
+    out_f, in_f = w1[0] * w2[0], w1[1] * w2[1]
+    if w1[0] == factorize(out_f)[0] and w1[1] == factorize(in_f)[0]:
+        factor = -1
+    else:
+
+        def fits(f: int) -> bool:
+            return out_f % f == 0 and in_f % f == 0 and f in (w1[0], w2[0]) and f in (w1[1], w2[1])
+
+        f1, f2 = max(w1), max(w2)
+        factor = f1 if fits(f1) else f2 if fits(f2) else min(f1, f2)
+    # the layer, as we wrote it
+    if "lokr_w2" in has:
+        k = dims_of["lokr_w2"][2:]
+        v2 = dims_of["lokr_w2"][1]
+        u2 = dims_of["lokr_w2"][0]
+    elif tucker:
+        k, u2, v2 = dims_of["lokr_t2"][2:], dims_of["lokr_w2_a"][1], dims_of["lokr_w2_b"][1]
+    else:
+        k = tuple(kernel or ())
+        u2, v2 = dims_of["lokr_w2_a"][0], dims_of["lokr_w2_b"][1] // max(1, math.prod(k))
+    out, inp = w1[0] * u2, w1[1] * v2
+    # its constructor
+    (a, b), (c, d) = factorize(out, factor), factorize(inp, factor)
+    # in the order it copies: w1 (or its factors), w2 (or its factors), t2
+    expected: dict[str, tuple[int, ...] | None] = dict.fromkeys(
+        ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
+    )
+    if "lokr_w1" not in has and "lokr_w2" not in has and rank < max(a, c) / 2 and not full:
+        expected.update(lokr_w1_a=(a, rank), lokr_w1_b=(rank, c))
+    else:
+        expected["lokr_w1"] = (a, c)
+    its_tucker = tucker and any(i != 1 for i in k)
+    if full or rank >= max(b, d) / 2:
+        expected["lokr_w2"] = (b, d, *k)
+    elif its_tucker:
+        expected.update(lokr_t2=(rank, rank, *k), lokr_w2_a=(rank, b), lokr_w2_b=(rank, d))
+    else:
+        expected.update(lokr_w2_a=(b, rank), lokr_w2_b=(rank, d * math.prod(k)))
+    what = f"LyCORIS rebuilds this LoKr with factor {factor} and rank {rank} from the shapes"
+    return copy_verdict("LyCORIS", what, expected, tensors)
 
 
 def _divisors(n: int) -> list[int]:
@@ -97,7 +172,7 @@ class LoKr(FactoredAdapter):
     key_flags = (("weight_decompose", "dora_scale"),)
     peft_type = "LOKR"
     diffusers_export = True
-    loaded_by = frozenset({"ComfyUI", "A1111"})
+    loaded_by = frozenset({"ComfyUI", "A1111", "LyCORIS"})
     examples = (("lokr", {"rank": 4, "factor": 4}, 3e-3),)
 
     @dataclass(frozen=True)
@@ -421,29 +496,30 @@ class LoKr(FactoredAdapter):
         return bool({"lokr_w1_a", "lokr_w2_a"} & set(tensors))  # both blocks full: the scale is 1
 
     @classmethod
-    def own_tool_verdicts(cls, tensors: Mapping[str, Tensor], options: Mapping[str, Any] | None) -> Verdicts:
+    def own_tool_verdicts(
+        cls, tensors: Mapping[str, Tensor], options: Mapping[str, Any] | None, kernel: Kernel = None
+    ) -> Verdicts:
         """ComfyUI and a Tucker ``w2`` (k×k convs): it builds ``w2`` from ``lokr_t2``, ``w2_a`` and
         ``w2_b`` with one einsum, whose result is not contiguous, and passes it to ``torch.kron`` with
         ``w1`` as (u1, v1, 1, 1); for most shapes ``kron`` then raises (a ``view`` of that layout), which
         ComfyUI logs and skips, leaving the weight unpatched (``comfy/weight_adapter/lokr.py``, ComfyUI
         2026-12; torch 2.13). Whether it raises depends on the shapes and strides only, so the same two
         ops are run here on the file's tensors."""
+        out = lycoris_rebuild_verdict(tensors, kernel)
         if "lokr_t2" not in tensors or "lokr_w2" in tensors:
-            return {}
+            return out
         t2, w2_a, w2_b = tensors["lokr_t2"], tensors["lokr_w2_a"], tensors["lokr_w2_b"]
         w1 = tensors["lokr_w1"] if "lokr_w1" in tensors else tensors["lokr_w1_a"] @ tensors["lokr_w1_b"]
         w2 = torch.einsum("abkl,bv,au->uvkl", t2.float(), w2_b.float(), w2_a.float())
         try:
             torch.kron(w1.float()[:, :, None, None], w2)
         except RuntimeError:
-            return {
-                "ComfyUI": (
-                    SKIP,
-                    "Tucker LoKr (lokr_t2): ComfyUI's torch.kron raises on its non-contiguous w2 and the weight "
-                    "is left unpatched",
-                )
-            }
-        return {}
+            reason = (
+                "Tucker LoKr (lokr_t2): ComfyUI's torch.kron raises on its non-contiguous w2 and the weight is "
+                "left unpatched (convert --for comfyui writes w2 dense)"
+            )
+            merge_verdicts(out, {"ComfyUI": (SKIP, reason)})
+        return out
 
     @classmethod
     def from_peft(cls, tensors: dict[str, Tensor], alpha: float, rank: int) -> tuple[dict[str, Tensor], float]:

@@ -20,7 +20,7 @@ from .base import copy_checked, require
 from .cost import Costs
 from .dora import dora_options
 from .factored import FactoredAdapter
-from .files import REJECT, FileStateError, Verdicts, alpha_of, dims, dora_axis, need, ones_from, same, shape
+from .files import REJECT, FileStateError, Kernel, Verdicts, alpha_of, dims, dora_axis, need, ones_from, same, shape
 from .layer import LayerSpec, layer_spec
 from .options import FactoredOptions, option
 
@@ -37,7 +37,7 @@ class LoRA(FactoredAdapter):
     key_flags = (("weight_decompose", "dora_scale"), ("use_tucker", "lora_mid.weight"))
     peft_type = "LORA"
     diffusers_export = True
-    loaded_by = frozenset({"ComfyUI", "A1111", "diffusers"})
+    loaded_by = frozenset({"ComfyUI", "A1111", "diffusers", "LyCORIS"})
     examples = (
         ("lora", {"rank": 4}, 3e-3),
         ("lora-tucker", {"rank": 4, "use_tucker": True}, 3e-3),
@@ -194,7 +194,9 @@ class LoRA(FactoredAdapter):
         return str(tensors["lora_down.weight"].shape[0])
 
     @classmethod
-    def own_tool_verdicts(cls, tensors: Mapping[str, Tensor], options: Mapping[str, Any] | None) -> Verdicts:
+    def own_tool_verdicts(
+        cls, tensors: Mapping[str, Tensor], options: Mapping[str, Any] | None, kernel: Kernel = None
+    ) -> Verdicts:
         if "lora_mid.weight" in tensors:
             return {"diffusers": (REJECT, "load_lora_weights rejects non-LoRA keys (LoCon with a Tucker mid)")}
         return {}

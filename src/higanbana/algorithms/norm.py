@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from ..errors import UnsupportedLayerError
 from .base import Adapter, copy_checked, require
 from .cost import Costs
-from .files import SKIP, FileStateError, Verdicts, dims, merge_verdicts, need, shape
+from .files import SKIP, FileStateError, Kernel, Verdicts, dims, merge_verdicts, need, shape
 
 
 @dataclass(frozen=True)
@@ -97,7 +97,7 @@ class Norm(Adapter):
     file_keys = frozenset({"w_norm", "b_norm"})
     marker_keys = ("w_norm",)
     peft_refusal = "PEFT has no LayerNorm/GroupNorm difference adapter"
-    loaded_by = frozenset({"ComfyUI", "A1111"})
+    loaded_by = frozenset({"ComfyUI", "A1111", "LyCORIS"})
     examples = (("norm", {}, 3e-3),)
     spec: NormSpec  # type: ignore[assignment]  # a norm layer has its own spec, not a LayerSpec
 
@@ -161,8 +161,10 @@ class Norm(Adapter):
         return None, None
 
     @classmethod
-    def tool_verdicts(cls, tensors: Mapping[str, Tensor], options: Mapping[str, Any] | None) -> Verdicts:
-        out = super().tool_verdicts(tensors, options)
+    def tool_verdicts(
+        cls, tensors: Mapping[str, Tensor], options: Mapping[str, Any] | None, kernel: Kernel = None
+    ) -> Verdicts:
+        out = super().tool_verdicts(tensors, options, kernel)
         if "b_norm" not in tensors:
             merge_verdicts(out, {"A1111": (SKIP, "A1111 needs both w_norm and b_norm")})
         return out

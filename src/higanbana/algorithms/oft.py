@@ -41,7 +41,18 @@ from torch import Tensor, nn
 from ..errors import ConfigError
 from .base import Adapter, copy_checked, require
 from .cost import Costs
-from .files import DEVIATE, SKIP, FileStateError, Verdicts, dims, merge_verdicts, need, shape
+from .files import (
+    DEVIATE,
+    SKIP,
+    FileStateError,
+    Kernel,
+    Verdicts,
+    copy_verdict,
+    dims,
+    merge_verdicts,
+    need,
+    shape,
+)
 from .layer import layer_spec
 from .options import AdapterOptions, finite_number, option, whole_number
 
@@ -93,7 +104,7 @@ class OrthogonalAdapter(Adapter):
     file_keys = frozenset({"oft_blocks", "alpha", "rescale"})
     marker_keys = ("oft_blocks",)
     key_flags = (("rescaled", "rescale"),)
-    loaded_by = frozenset({"ComfyUI", "A1111"})
+    loaded_by = frozenset({"ComfyUI", "A1111", "LyCORIS"})
     tool_note = "OFT/BOFT at strengths other than 1: each tool interpolates differently"
     #: the number of dims of ``oft_blocks``: 3 for OFT (n, b, b), 4 for BOFT (M, n, b, b)
     block_dims: ClassVar[int] = 3
@@ -138,10 +149,12 @@ class OrthogonalAdapter(Adapter):
         return "x".join(str(d) for d in tensors["oft_blocks"].shape[:-1])
 
     @classmethod
-    def tool_verdicts(cls, tensors: Mapping[str, Tensor], options: Mapping[str, Any] | None) -> Verdicts:
+    def tool_verdicts(
+        cls, tensors: Mapping[str, Tensor], options: Mapping[str, Any] | None, kernel: Kernel = None
+    ) -> Verdicts:
         """ComfyUI clamps ‖Q‖ with α instead of α·out and ignores ``rescale``; A1111 needs α > 0 and
         ignores ``rescale``."""
-        out = super().tool_verdicts(tensors, options)
+        out = super().tool_verdicts(tensors, options, kernel)
         rules: list[tuple[str, tuple[str, str]]] = []
         if _comfy_clamps_differently(tensors):
             rules.append(("ComfyUI", (DEVIATE, "OFT constraint: ComfyUI clamps ‖Q‖ with α instead of α·out")))
@@ -154,6 +167,7 @@ class OrthogonalAdapter(Adapter):
             rules.append(("A1111", (DEVIATE, "OFT rescale: A1111 ignores it")))
         for tool, verdict in rules:
             merge_verdicts(out, {tool: verdict})
+        merge_verdicts(out, lycoris_rebuild_verdict(tensors))
         return out
 
     @dataclass(frozen=True)
@@ -361,6 +375,30 @@ def _comfy_clamps_differently(tensors: Mapping[str, Tensor]) -> bool:
         return False
     stages = blocks.float() if blocks.dim() == 4 else blocks.float().unsqueeze(0)
     return any(float((stage - stage.transpose(-1, -2)).norm()) > float(alpha.reshape(-1)[0]) for stage in stages)
+
+
+def lycoris_rebuild_verdict(tensors: Mapping[str, Tensor]) -> Verdicts:
+    """Whether lycoris-lora 4.1.3's ``create_lycoris_from_weights`` rebuilds this OFT/BOFT module.
+
+    It stores no layout: ``make_module_from_state_dict`` (``lycoris/modules/diag_oft.py``, ``boft.py``)
+    takes the file's block size ``b`` as the rank request and constructs a fresh module for the
+    layer's ``out`` channels, then copies ``oft_blocks`` into it. Diag-OFT splits ``out`` as
+    ``factorization(out, b)`` and takes the SMALLER factor as the block size, so a file with
+    ``b > out/b`` gets blocks of ``out/b`` and the copy raises. BOFT picks the largest even block size
+    ≤ b with ``out/b`` a power of two (as we do) but always ``log2(n)+1`` stages: a file with fewer
+    stages raises, or, with one stage, is broadcast into every stage (another result).
+    """
+    blocks = tensors["oft_blocks"]
+    if blocks.dim() == 3:
+        n, b = blocks.shape[0], blocks.shape[1]
+        small, large = sorted((b, n))  # factorization(out, b): b divides out = n·b
+        expected: tuple[int, ...] = (large, small, small)
+        what = f"LyCORIS rebuilds Diag-OFT for out={n * b} with the smaller factor {small} as the block size"
+    else:
+        n, b = blocks.shape[1], blocks.shape[2]
+        expected = (n.bit_length(), n, b, b)
+        what = f"LyCORIS rebuilds BOFT with log2(n)+1 = {n.bit_length()} stages"
+    return copy_verdict("LyCORIS", what, {"oft_blocks": expected}, tensors)
 
 
 def oft_block_size(out: int, rank: int) -> int:

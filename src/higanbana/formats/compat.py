@@ -1,4 +1,4 @@
-"""Which tools load a file, and how faithfully: ComfyUI, AUTOMATIC1111 and diffusers.
+"""Which tools load a file, and how faithfully: ComfyUI, AUTOMATIC1111, diffusers and LyCORIS.
 
 The rules are those of docs/design.md §4, read from each tool's loading code (ComfyUI, A1111, diffusers),
 applied per module from its algorithm, options and tensor shapes. The parity tests in
@@ -15,7 +15,7 @@ from typing import Any
 from torch import Tensor
 
 from ..algorithms import algorithm_class
-from ..algorithms.files import DEVIATE, REJECT, SKIP, TOOLS, Verdicts, merge_verdicts
+from ..algorithms.files import DEVIATE, REJECT, SKIP, TOOLS, Kernel, Verdicts, merge_verdicts
 from .detect import detect_algo
 
 LOADS, DEVIATES, FAILS = "loads", "loads with deviation", "does not load"
@@ -30,6 +30,11 @@ COMFY_TE_SUFFIXES = (
     "self_attn_out_proj",
 )
 SD_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
+#: lycoris-lora's create_lycoris_from_weights (lycoris/wrapper.py, 4.1.3) matches only
+#: ``lycoris_<module path with _>`` of the one model it is given; other names are left unmatched
+LYCORIS_NAMES = (
+    "LyCORIS's create_lycoris_from_weights reads only lycoris_ names (convert --for lycoris renames the UNet's modules)"
+)
 
 
 @dataclass
@@ -95,16 +100,19 @@ def compatibility(
     base: str = "unknown",
     non_finite: Sequence[str] = (),
 ) -> list[ToolVerdict]:
-    """Verdicts of ComfyUI, A1111 and diffusers for modules ``{name: {suffix: tensor}}`` and their records.
+    """Verdicts of ComfyUI, A1111, diffusers and LyCORIS for modules ``{name: {suffix: tensor}}`` and their
+    records.
 
     The naming rules are the tools' and live here (an SD prefix, ComfyUI's text-encoder map, A1111's
     compvis names and OpenCLIP attention rule, the ``lycoris_`` prefix); what a tool does with an
     algorithm's module each algorithm declares (``tool_verdicts``). ``base`` (``sd1``, ``sd2``,
     ``sdxl`` or unknown) matters for A1111's OpenCLIP attention rule. ``non_finite`` names modules
-    with NaN/Inf values: every tool loads them, and its output is NaN.
+    with NaN/Inf values: every tool loads them, and its output is NaN. A module a tool raises on
+    (``REJECT``) fails the whole file in that tool: diffusers' ``load_lora_weights`` and LyCORIS's
+    ``create_lycoris_from_weights`` do not catch per module.
     """
     tallies = {tool: _Tally() for tool in TOOLS}
-    diffusers_whole: str | None = None
+    whole: dict[str, str] = {}
     partial_attention = _a1111_partial_attention(list(modules), base)
     notes: list[str] = []
     for name, module in modules.items():
@@ -113,11 +121,11 @@ def compatibility(
         if cls.tool_note and cls.tool_note not in notes:
             notes.append(cls.tool_note)
         verdicts = _naming_verdicts(name, partial_attention, base)
-        merge_verdicts(verdicts, cls.tool_verdicts(module, record.get("options")))
+        merge_verdicts(verdicts, cls.tool_verdicts(module, record.get("options"), sd_kernel(name, base)))
         for tool, tally in tallies.items():
             kind, reason = verdicts.get(tool, ("load", ""))
             if kind == REJECT:
-                diffusers_whole = diffusers_whole or f"{reason}, e.g. module {name}"
+                whole.setdefault(tool, f"{reason}, e.g. module {name}")
             elif kind == SKIP:
                 tally.skip(reason, name)
             elif kind == DEVIATE:
@@ -125,11 +133,7 @@ def compatibility(
             else:
                 tally.loaded += 1
     total = len(modules)
-    out = [
-        _verdict("ComfyUI", tallies["ComfyUI"], total),
-        _verdict("A1111", tallies["A1111"], total),
-        _verdict("diffusers", tallies["diffusers"], total, diffusers_whole),
-    ]
+    out = [_verdict(tool, tallies[tool], total, whole.get(tool)) for tool in TOOLS]
     if non_finite:
         for verdict in out:
             if verdict.status != FAILS:
@@ -137,8 +141,8 @@ def compatibility(
                 verdict.notes.append(f"NaN/Inf values, the output becomes NaN: {_examples(list(non_finite))}")
                 verdict.deviating = sorted({*verdict.deviating, *non_finite})
     for note in notes:
-        for verdict in out[:2]:
-            if verdict.status != FAILS:
+        for verdict in out:
+            if verdict.tool in ("ComfyUI", "A1111") and verdict.status != FAILS:
                 verdict.notes.append(note)
     return out
 
@@ -149,8 +153,15 @@ def _naming_verdicts(name: str, partial_attention: set[str], base: str = "unknow
     if not name.startswith(SD_PREFIXES) and not standalone:
         prefix = name.split("_")[0]
         reason = f"prefix {prefix!r} is not an SD model name (kohya lora_unet_/lora_te*_)"
-        return {"ComfyUI": (SKIP, reason), "A1111": (SKIP, reason), "diffusers": (REJECT, reason)}
+        return {
+            "ComfyUI": (SKIP, reason),
+            "A1111": (SKIP, reason),
+            "diffusers": (REJECT, reason),
+            "LyCORIS": (SKIP, LYCORIS_NAMES),
+        }
     out: Verdicts = {}
+    if not standalone:
+        out["LyCORIS"] = (SKIP, LYCORIS_NAMES)
     is_te = name.startswith("lora_te")
     if is_te and not name.endswith(COMFY_TE_SUFFIXES) and not name.endswith("text_projection"):
         out["ComfyUI"] = (SKIP, "ComfyUI maps only q/k/v/out_proj and mlp fc1/fc2 of text encoders")
@@ -164,6 +175,31 @@ def _naming_verdicts(name: str, partial_attention: set[str], base: str = "unknow
     elif (why := _a1111_text_encoder_skip(name, base)) is not None:
         out["A1111"] = (SKIP, why)
     return out
+
+
+_SD_CONV = re.compile(
+    r"(?:lora_unet|lycoris)_(conv_in|conv_out|.*_conv[12]|.*_conv_shortcut|.*_(down|up)samplers_0_(conv|op)"
+    r"|input_blocks_0_0|out_2|.*_in_layers_2|.*_out_layers_3|.*_skip_connection|input_blocks_\d+_0_op"
+    r"|output_blocks_\d+_\d+_conv|(.*)_proj_(in|out))"
+)
+_ONE_BY_ONE = ("conv_shortcut", "skip_connection", "proj_in", "proj_out")
+
+
+def sd_kernel(name: str, base: str = "unknown") -> Kernel:
+    """A UNet module's kernel from its kohya/LyCORIS name, where the SD layouts fix it: ``(3, 3)`` for
+    the resnet, sampler, ``conv_in``/``conv_out`` convolutions, ``(1, 1)`` for shortcuts and SD1's
+    ``proj_in``/``proj_out``, ``()`` for the other kohya UNet modules and text-encoder modules (Linears);
+    None when unknown (``proj_in``/``proj_out`` on an unknown base, other ``lycoris_`` names)."""
+    if name.startswith("lora_te"):
+        return ()
+    if not name.startswith(("lora_unet_", "lycoris_")):
+        return None
+    match = _SD_CONV.fullmatch(name)
+    if match is None:  # a Linear of an SD UNet; lycoris_ names may be of any model
+        return () if name.startswith("lora_unet_") else None
+    if name.endswith(("proj_in", "proj_out")):
+        return {"sd1": (1, 1), "sd2": (), "sdxl": ()}.get(base)
+    return (1, 1) if name.endswith(_ONE_BY_ONE) else (3, 3)
 
 
 _A1111_TE_LAYER = re.compile(r"lora_te2?_text_model_encoder_layers_\d+_(.+)")
