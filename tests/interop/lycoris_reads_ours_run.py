@@ -3,9 +3,11 @@ standalone ``lycoris_`` prefix, load it with the real ``lycoris.create_lycoris_f
 copy of the same UNet, and compare the two UNets' outputs.
 
 Usage: ``python lycoris_reads_ours_run.py OUT_DIR CASES_JSON``; ``CASES_JSON`` is a list of
-``[label, kind, algo, options, prefix]`` (``kind`` ``sd1`` or ``sdxl``; ``prefix`` the module-name
-prefix, ``lycoris`` for LyCORIS's standalone names). Prints one JSON object per line's end:
-``{label: {"modules", "effect", "loaded" | "failed", "error"}}``. Files land in ``OUT_DIR/<label>.safetensors``.
+``[label, kind, algo, options, prefix, for_lycoris]`` (``kind`` ``sd1`` or ``sdxl``; ``prefix`` the
+module-name prefix, ``lycoris`` for LyCORIS's standalone names; ``for_lycoris``: the saved file is passed
+through ``higanbana convert --for lycoris`` and the converted file is the one LyCORIS loads). Prints
+one JSON object: ``{label: {"path", "modules", "effect", "loaded" | "failed", "error"}}``; files land in
+``OUT_DIR/<label>.safetensors``.
 """
 
 from __future__ import annotations
@@ -45,7 +47,9 @@ def main(out: str, cases: list) -> dict:
 
     bases = {kind: tiny_sd_parts(kind, seed=0).unet.requires_grad_(False).eval() for kind in {c[1] for c in cases}}
     results = {}
-    for label, kind, algo, options, prefix in cases:
+    from higanbana.tools.convert import convert
+
+    for label, kind, algo, options, prefix, for_lycoris in cases:
         base = bases[kind]
         batch = _inputs(base)
         with torch.no_grad():
@@ -59,11 +63,19 @@ def main(out: str, cases: list) -> dict:
         net.attach()
         with torch.no_grad():
             ours = unet(**batch).sample
-        save_network(net, f"{out}/{label}.safetensors")
+        path = f"{out}/{label}.safetensors"
+        save_network(net, path)
+        if for_lycoris:
+            convert(path, f"{out}/{label}.converted.safetensors", for_tool="lycoris", progress=False)
+            path = f"{out}/{label}.converted.safetensors"
         other = copy.deepcopy(base)
-        row = {"modules": len(net.adapters), "effect": float((ours - frozen).abs().max() / frozen.abs().max())}
+        row = {
+            "path": path,
+            "modules": len(net.adapters),
+            "effect": float((ours - frozen).abs().max() / frozen.abs().max()),
+        }
         try:
-            lyco, _ = create_lycoris_from_weights(1.0, f"{out}/{label}.safetensors", other)
+            lyco, _ = create_lycoris_from_weights(1.0, path, other)
             lyco.apply_to()
             with torch.no_grad():
                 theirs = other(**batch).sample

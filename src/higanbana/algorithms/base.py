@@ -257,6 +257,13 @@ class Adapter(nn.Module):
         return out
 
     @classmethod
+    def layout_for(cls, tool: str, tensors: Mapping[str, Tensor]) -> dict[str, Tensor] | None:
+        """An exactly equivalent layout of this module (same weights at every strength) that ``tool``
+        reads where this one fails, or None when there is none or none is needed (``convert --for``).
+        The records of a rewritten module are detected again from its new keys."""
+        return None
+
+    @classmethod
     def peft_export(
         cls,
         modules: Mapping[str, Mapping[str, Tensor]],

@@ -23,6 +23,7 @@ branch is ``rescale ⊙ S·z − z`` (exactly 0 at init).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -53,6 +54,18 @@ class BOFT(OrthogonalAdapter):
     loaded_by = frozenset({"ComfyUI", "LyCORIS"})
     peft_refusal = "PEFT's BOFT acts on the input side with its own butterfly parametrisation; ours rotates output rows"
     examples = (("boft", {"rank": 4}, 3e-3),)
+
+    @classmethod
+    def layout_for(cls, tool: str, tensors: Mapping[str, Tensor]) -> dict[str, Tensor] | None:
+        """For LyCORIS (which always rebuilds log2(n)+1 stages): the missing stages as zero blocks.
+        A zero skew block is the identity rotation and adds nothing to ``‖Q‖``, so the result is the
+        same at every strength."""
+        blocks = tensors["oft_blocks"]
+        stages, n = blocks.shape[0], blocks.shape[1]
+        if tool != "LyCORIS" or stages >= max_stages(n):
+            return None
+        pad = blocks.new_zeros(max_stages(n) - stages, *blocks.shape[1:])
+        return {**tensors, "oft_blocks": torch.cat([blocks, pad])}
 
     @dataclass(frozen=True)
     class Options(OrthogonalAdapter.Options):

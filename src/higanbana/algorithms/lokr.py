@@ -132,6 +132,8 @@ def lycoris_rebuild_verdict(tensors: Mapping[str, Tensor], kernel: Kernel) -> Ve
     else:
         expected.update(lokr_w2_a=(b, rank), lokr_w2_b=(rank, d * math.prod(k)))
     what = f"LyCORIS rebuilds this LoKr with factor {factor} and rank {rank} from the shapes"
+    if tucker:
+        what += " (convert --for lycoris writes the Tucker w2 dense)"
     return copy_verdict("LyCORIS", what, expected, tensors)
 
 
@@ -519,6 +521,29 @@ class LoKr(FactoredAdapter):
                 "left unpatched (convert --for comfyui writes w2 dense)"
             )
             merge_verdicts(out, {"ComfyUI": (SKIP, reason)})
+        return out
+
+    @classmethod
+    def layout_for(cls, tool: str, tensors: Mapping[str, Tensor]) -> dict[str, Tensor] | None:
+        """For ComfyUI and LyCORIS, a Tucker ``w2`` (``lokr_t2``) is written as its dense product, and
+        ``w1`` dense too, with the scale ``α/r`` folded into ``w2`` (both blocks full: scale 1), which
+        both tools rebuild; the same weights at every strength."""
+        if tool not in ("ComfyUI", "LyCORIS") or "lokr_t2" not in tensors:
+            return None
+        t2, w2_a, w2_b = tensors["lokr_t2"], tensors["lokr_w2_a"], tensors["lokr_w2_b"]
+        work = torch.float64
+        rank = t2.shape[0]
+        scale = alpha_of(tensors, rank) / rank
+        w1 = (
+            tensors["lokr_w1"]
+            if "lokr_w1" in tensors
+            else tensors["lokr_w1_a"].to(work) @ tensors["lokr_w1_b"].to(work)
+        )
+        w2 = torch.einsum("abkl,au,bv->uvkl", t2.to(work), w2_a.to(work), w2_b.to(work)) * scale
+        dtype = t2.dtype
+        out = {"lokr_w1": w1.to(dtype), "lokr_w2": w2.to(dtype), "alpha": torch.tensor(float(rank))}
+        if "dora_scale" in tensors:
+            out["dora_scale"] = tensors["dora_scale"]
         return out
 
     @classmethod

@@ -198,8 +198,26 @@ class LoRA(FactoredAdapter):
         cls, tensors: Mapping[str, Tensor], options: Mapping[str, Any] | None, kernel: Kernel = None
     ) -> Verdicts:
         if "lora_mid.weight" in tensors:
-            return {"diffusers": (REJECT, "load_lora_weights rejects non-LoRA keys (LoCon with a Tucker mid)")}
+            return {
+                "diffusers": (
+                    REJECT,
+                    "load_lora_weights rejects non-LoRA keys "
+                    "(LoCon with a Tucker mid; convert --for diffusers folds it)",
+                )
+            }
         return {}
+
+    @classmethod
+    def layout_for(cls, tool: str, tensors: Mapping[str, Tensor]) -> dict[str, Tensor] | None:
+        """For diffusers (which rejects ``lora_mid``): LoCon Tucker ``up·mid·down`` as a plain conv LoRA,
+        the k×k core folded into ``lora_down`` (r, in, k, k); same rank and α, the same weights."""
+        if tool != "diffusers" or "lora_mid.weight" not in tensors:
+            return None
+        mid, down = tensors["lora_mid.weight"], tensors["lora_down.weight"]
+        folded = torch.einsum("abkl,bi->aikl", mid.double(), down.double().flatten(1)).to(down.dtype)
+        out = {k: v for k, v in tensors.items() if k != "lora_mid.weight"}
+        out["lora_down.weight"] = folded
+        return out
 
     @classmethod
     def peft_export(cls, modules, paths, root, records, shapes):

@@ -397,7 +397,7 @@ def lycoris_rebuild_verdict(tensors: Mapping[str, Tensor]) -> Verdicts:
     else:
         n, b = blocks.shape[1], blocks.shape[2]
         expected = (n.bit_length(), n, b, b)
-        what = f"LyCORIS rebuilds BOFT with log2(n)+1 = {n.bit_length()} stages"
+        what = f"LyCORIS rebuilds BOFT with log2(n)+1 = {n.bit_length()} stages (convert --for lycoris adds them)"
     return copy_verdict("LyCORIS", what, {"oft_blocks": expected}, tensors)
 
 

@@ -21,6 +21,7 @@ KIND_CHOICES = ("sd1", "sd2", "sdxl")
 RANK_MODES = ("fixed", "threshold", "ratio", "quantile")
 #: ``tools.convert.TARGETS``
 CONVERT_TARGETS = ("kohya", "peft", "diffusers")
+FOR_TOOLS = ("comfyui", "a1111", "lycoris", "diffusers")  # tools.convert.FOR_TOOLS, without importing torch
 
 
 # --------------------------------------------------------------------------- merge
@@ -227,11 +228,14 @@ examples:
   higanbana convert my_lora.safetensors diffusers_out/ --to diffusers --base ./sdxl-diffusers
   higanbana convert peft_out/ back.safetensors --to kohya --base ./sd15-diffusers
   higanbana convert simpletuner.safetensors kohya.safetensors --prefix-map lycoris=lora_unet --dtype fp16
+  higanbana convert my_lokr.safetensors for_comfy.safetensors --for comfyui
+  higanbana convert my_lora.safetensors for_lycoris.safetensors --for lycoris --allow-lossy
 
 kohya names are lossy ('_' stands for '.'), so PEFT/diffusers output needs the model (--base).
 Lossy steps (dropping modules the target cannot hold, DoRA into diffusers) need --allow-lossy;
 anything the target would compute differently (OFT/BOFT/GLoRA/IA3 into PEFT, LoCon Tucker,
-input-axis DoRA) is refused.
+input-axis DoRA) is refused. --for TOOL rewrites the modules that TOOL fails on into an exactly
+equivalent layout it reads, where one exists, and prints what `info` then says for TOOL.
 """
 
 
@@ -264,6 +268,7 @@ def _convert(args: argparse.Namespace) -> int:
         unsafe_pickle=args.unsafe_pickle,
         base=args.base,
         part=args.part,
+        for_tool=args.for_tool,
     )
     print(json.dumps(asdict(report), indent=2) if args.json else format_report(report))
     return 0
@@ -282,6 +287,13 @@ def add_convert_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("dst", help="output .safetensors (kohya) or folder (peft, diffusers)")
     p.add_argument("--to", choices=CONVERT_TARGETS, default="kohya", help="target format (default: kohya)")
     p.add_argument("--base", default=None, help="the base model (diffusers folder or checkpoint) for module paths")
+    p.add_argument(
+        "--for",
+        dest="for_tool",
+        choices=FOR_TOOLS,
+        default=None,
+        help="rewrite into an equivalent layout this tool loads (where one exists; `info` says which)",
+    )
     p.add_argument("--part", default=None, help="PEFT: which part to write (lora_unet, lora_te, …; default the UNet)")
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default=None, help="output dtype (default: as the source)")
     p.add_argument("--allow-lossy", action="store_true", help="allow dropping what the target cannot hold")

@@ -18,7 +18,7 @@ from ..algorithms import algorithm_class
 from ..algorithms.files import DEVIATE, REJECT, SKIP, TOOLS, Kernel, Verdicts, merge_verdicts
 from .detect import detect_algo
 
-LOADS, DEVIATES, FAILS = "loads", "loads with deviation", "does not load"
+LOADS, DEVIATES, PARTLY, FAILS = "loads", "loads with deviation", "loads partly", "does not load"
 
 #: the text-encoder modules kohya names that ComfyUI maps (ComfyUI's LORA_CLIP_MAP)
 COMFY_TE_SUFFIXES = (
@@ -89,7 +89,9 @@ def _verdict(tool: str, tally: _Tally, total: int, whole_file: str | None = None
         verdict.notes.append(f"{reason}: {_examples(names)}")
     if tally.loaded == 0:
         verdict.status = FAILS
-    elif tally.skipped or tally.deviations:
+    elif tally.skipped:
+        verdict.status = PARTLY
+    elif tally.deviations:
         verdict.status = DEVIATES
     return verdict
 
@@ -137,7 +139,7 @@ def compatibility(
     if non_finite:
         for verdict in out:
             if verdict.status != FAILS:
-                verdict.status = DEVIATES
+                verdict.status = PARTLY if verdict.status == PARTLY else DEVIATES
                 verdict.notes.append(f"NaN/Inf values, the output becomes NaN: {_examples(list(non_finite))}")
                 verdict.deviating = sorted({*verdict.deviating, *non_finite})
     for note in notes:

@@ -36,6 +36,15 @@ left (e.g. an OFT/BOFT/GLoRA/IA3/Full/Norm-only file into PEFT: PEFT's algorithm
 differ), LoCon Tucker (``lora_mid``) or input-axis DoRA into PEFT, mixed LoRA/LoHa/LoKr in one PEFT
 config, LoKr splits PEFT cannot reproduce.
 
+**For a tool** (``for_tool``: ``comfyui``, ``a1111``, ``lycoris``, ``diffusers``; a ``.safetensors``
+output): modules that tool fails on are rewritten into an exactly equivalent layout it reads, where one
+exists (each algorithm's ``layout_for``: a Tucker LoKr ``w2`` as its dense product for ComfyUI and
+LyCORIS, a LoCon Tucker core folded into ``lora_down`` for diffusers, missing BOFT stages as identity
+stages for LyCORIS); for LyCORIS the UNet's modules are renamed ``lycoris_<diffusers path>`` (its
+standalone names; SD1.x/2.x kohya names are those paths, SDXL's SGM names need ``base=``) and the text
+encoders' dropped (lossy: ``create_lycoris_from_weights`` wraps one model). The report then says what
+``info`` says of the output for that tool, so what has no equivalent layout is named.
+
 Every file is written atomically; an existing output is refused unless ``overwrite``.
 """
 
@@ -67,6 +76,8 @@ from ..safeio import check_writable
 from .resize import DTYPES, parse_dtype
 
 TARGETS = ("kohya", "peft", "diffusers")
+#: ``for_tool`` values and the tool names of ``info``'s verdicts
+FOR_TOOLS = {"comfyui": "ComfyUI", "a1111": "A1111", "lycoris": "LyCORIS", "diffusers": "diffusers"}
 
 
 @dataclass
@@ -80,6 +91,7 @@ class ConvertReport:
     modules: int
     outputs: list[str]
     dtype: str | None = None
+    tool: str | None = None  # the tool the file was written for (for_tool)
     dropped: dict[str, str] = field(default_factory=dict)  # module -> why (lossy, allowed)
     lossy: list[str] = field(default_factory=list)  # lossy steps taken
     notes: list[str] = field(default_factory=list)
@@ -227,6 +239,7 @@ def convert(
     base: str | os.PathLike | None = None,
     model_prefix: str = "lycoris",
     part: str | None = None,
+    for_tool: str | None = None,
     progress: bool = True,
 ) -> ConvertReport:
     """Convert ``src`` into ``dst`` in format ``to`` (see the module docstring for every rule).
@@ -261,17 +274,40 @@ def convert(
             base,
             model_prefix,
             part,
+            for_tool,
             stage,
         )
         bar.update(bar.total - bar.n)
+    if for_tool is not None:
+        _say_what_the_tool_does(report)
     return report
 
 
 def _convert(
-    src, dst, to, dtype, allow_lossy, prefix_map, overwrite, unsafe_pickle, model, base, model_prefix, part, stage
+    src,
+    dst,
+    to,
+    dtype,
+    allow_lossy,
+    prefix_map,
+    overwrite,
+    unsafe_pickle,
+    model,
+    base,
+    model_prefix,
+    part,
+    for_tool,
+    stage,
 ) -> ConvertReport:
     if to not in TARGETS:
         raise ConfigError(f"unknown target {to!r} (choose from {', '.join(TARGETS)})")
+    tool = None
+    if for_tool is not None:
+        if for_tool not in FOR_TOOLS:
+            raise ConfigError(f"unknown tool {for_tool!r} for --for (choose from {', '.join(FOR_TOOLS)})")
+        if to != "kohya":
+            raise ConfigError(f"--for {for_tool} writes one .safetensors file; leave out --to {to}")
+        tool = FOR_TOOLS[for_tool]
     src, dst = Path(src), Path(dst)
     out_dtype = parse_dtype(dtype)
     _check_output(dst, to, overwrite, src)
@@ -284,10 +320,23 @@ def _convert(
     tensors, records, metadata, source, notes = read_source(src, unsafe_pickle=unsafe_pickle)
     tensors, records = _rename_prefixes(tensors, records, prefix_map)
     report = ConvertReport(
-        str(src), str(dst), source, to, 0, [], str(out_dtype).replace("torch.", "") if out_dtype else None
+        str(src), str(dst), source, to, 0, [], str(out_dtype).replace("torch.", "") if out_dtype else None, tool
     )
     report.notes.extend(notes)
     file_dtype = out_dtype or _source_dtype(tensors)
+    if tool is not None:
+        tensors, records = _layouts_for(tool, tensors, records, report)
+    if tool == "LyCORIS" and not all(n.startswith("lycoris_") for n in records):
+        if model is None:
+            _no_sgm_names(src, records, metadata)
+            tensors, records = _unet_only(tensors, records, "lora_unet", allow_lossy, report)
+            prefix_map = {**(prefix_map or {}), "lora_unet": "lycoris"}
+            tensors, records = _rename_prefixes(tensors, records, {"lora_unet": "lycoris"})
+        else:
+            stage("map onto model")
+            net = _net_on_model(src, model, model_prefix, records, tensors)
+            stage("write")
+            return _lycoris_with_model(dst, net, metadata, file_dtype, allow_lossy, report)
 
     if model is None:
         if to != "kohya":
@@ -296,25 +345,127 @@ def _convert(
                 "('_' stands for '.'); pass base=BASE (--base, a diffusers model folder) or model="
             )
         stage("write")
-        return _kohya_without_model(src, dst, tensors, records, metadata, source, file_dtype, report, prefix_map)
+        return _kohya_without_model(
+            src,
+            dst,
+            tensors,
+            records,
+            metadata,
+            source,
+            file_dtype,
+            report,
+            prefix_map,
+            lycoris_names=tool == "LyCORIS",
+        )
 
     stage("map onto model")
-
-    parts = _parts(model, model_prefix)
-    try:
-        net = network_from_records(parts, records, tensors, source=str(src), strict=True)
-    except HiganbanaError as exc:
-        raise HiganbanaError(f"{exc} (converting against the given model)") from exc
+    net = _net_on_model(src, model, model_prefix, records, tensors)
     stage("write")
     if to == "kohya":
         return _kohya_with_model(dst, net, model, metadata, file_dtype, report)
     return _to_peft(src, dst, net, to, part, allow_lossy, file_dtype, report)
 
 
-def _kohya_without_model(src, dst, tensors, records, metadata, source, dtype, report, prefix_map) -> ConvertReport:
+def _net_on_model(src, model, model_prefix, records, tensors):
+    try:
+        return network_from_records(_parts(model, model_prefix), records, tensors, source=str(src), strict=True)
+    except HiganbanaError as exc:
+        raise HiganbanaError(f"{exc} (converting against the given model)") from exc
+
+
+def _module_tensors(tensors: Mapping[str, Tensor]) -> dict[str, dict[str, Tensor]]:
+    grouped: dict[str, dict[str, Tensor]] = {}
+    for key, value in tensors.items():
+        name, _, suffix = key.partition(".")
+        grouped.setdefault(name, {})[suffix] = value
+    return grouped
+
+
+def _layouts_for(
+    tool: str, tensors: dict[str, Tensor], records: dict[str, dict], report: ConvertReport
+) -> tuple[dict[str, Tensor], dict[str, dict]]:
+    """Each module rewritten into the equivalent layout ``tool`` reads, where its algorithm has one; a
+    rewritten module's record keeps its algorithm, its options are detected again from the new keys."""
+    from ..algorithms import algorithm_class
+
+    out: dict[str, Tensor] = {}
+    records = dict(records)
+    rewritten: Counter[str] = Counter()
+    for name, module in _module_tensors(tensors).items():
+        algo = records[name]["algo"]
+        new = algorithm_class(algo).layout_for(tool, module)
+        if new is not None:
+            module = new
+            records[name] = {"algo": algo, "options": None}
+            rewritten[algo] += 1
+        out.update({f"{name}.{suffix}": t for suffix, t in module.items()})
+    for algo, count in sorted(rewritten.items()):
+        report.notes.append(f"{count} {algo} module(s) rewritten into an equivalent layout {tool} reads")
+    return out, records
+
+
+def _no_sgm_names(src, records, metadata) -> None:
+    sdxl = read_base_model(metadata) == "sdxl" or any(n.startswith(("lora_te1_", "lora_te2_")) for n in records)
+    if sdxl:
+        raise HiganbanaError(
+            f"{src}: an SDXL file names its UNet by SGM paths; LyCORIS needs the diffusers paths, which come "
+            "from the UNet config: pass base=BASE (--base)"
+        )
+
+
+def _unet_only(tensors, records, unet_prefix, allow_lossy, report):
+    """Keep the UNet's modules: LyCORIS's standalone loader wraps one model."""
+    others = [n for n in records if not n.startswith(unet_prefix + "_")]
+    if not others:
+        return tensors, records
+    if len(others) == len(records):
+        raise HiganbanaError(f"no UNet ({unet_prefix}_) module to write for LyCORIS")
+    why = "LyCORIS's create_lycoris_from_weights wraps one model (the UNet)"
+    if not allow_lossy:
+        raise HiganbanaError(
+            f"{len(others)} text-encoder module(s) (e.g. {others[0]!r}) would be dropped: {why}; pass "
+            "allow_lossy=True (--allow-lossy) to write the UNet's alone"
+        )
+    report.lossy.append(f"{len(others)} text-encoder module(s) dropped: {why}")
+    report.dropped.update(dict.fromkeys(others, why))
+    keep = {n: r for n, r in records.items() if n not in set(others)}
+    return {k: v for k, v in tensors.items() if k.partition(".")[0] in keep}, keep
+
+
+def _lycoris_with_model(dst, net, metadata, dtype, allow_lossy, report) -> ConvertReport:
+    """LyCORIS's standalone names ``lycoris_<diffusers path>`` for the UNet's modules, from the model."""
+    unet = next(iter(net.parts))
+    records = net.module_records()
+    names = {n: "lycoris_" + r.path.replace(".", "_") for n, r in net.records.items() if r.prefix == unet}
+    tensors = {k: v for k, v in network_tensors(net, dtype).items()}
+    tensors, records = _unet_only(tensors, records, unet, allow_lossy, report)
+    out = {f"{names[k.partition('.')[0]]}.{k.partition('.')[2]}": v for k, v in tensors.items()}
+    meta = {k: v for k, v in metadata.items() if not k.startswith(("sshs_", "higanbana.", "lora_adapter"))}
+    meta["sshs_model_hash"], meta["sshs_legacy_hash"] = model_hashes(out, meta)
+    meta["higanbana.format_version"] = network_metadata(net)["higanbana.format_version"]
+    meta["higanbana.modules"] = json.dumps({names[n]: r for n, r in records.items()}, sort_keys=True)
+    meta["higanbana.prefix"] = "lycoris"
+    save_tensors(out, dst, meta)
+    report.modules, report.outputs = len(records), [str(dst)]
+    return report
+
+
+def _say_what_the_tool_does(report: ConvertReport) -> None:
+    """What ``info`` says of the written file for the tool it was written for."""
+    from ..formats.inspect import file_info
+
+    tool = report.tool
+    verdict = next(v for v in file_info(report.dst)["compatibility"] if v["tool"] == tool)
+    report.notes.append(f"{tool}: {verdict['status']}")
+    report.notes.extend(f"{tool}: {note}" for note in verdict["notes"])
+
+
+def _kohya_without_model(
+    src, dst, tensors, records, metadata, source, dtype, report, prefix_map, lycoris_names=False
+) -> ConvertReport:
     names = list(records)
     left = [n for n in names if n.startswith("lycoris_")]
-    if left:
+    if left and not lycoris_names:
         raise HiganbanaError(
             f"{src}: module {left[0]!r} (and {len(left) - 1} more) has the standalone lycoris_ prefix; which part "
             "it belongs to needs the model: pass base=BASE (--base), or prefix_map={'lycoris': 'lora_unet'} "
@@ -335,7 +486,8 @@ def _kohya_without_model(src, dst, tensors, records, metadata, source, dtype, re
         meta["higanbana.modules"] = json.dumps(records, sort_keys=True)
         if "higanbana.prefix" in metadata:
             saved = metadata["higanbana.prefix"].split(",")
-            meta["higanbana.prefix"] = ",".join((prefix_map or {}).get(p, p) for p in saved)
+            renamed = [(prefix_map or {}).get(p, p) for p in saved]
+            meta["higanbana.prefix"] = ",".join(p for p in renamed if any(n.startswith(p + "_") for n in names))
     else:
         report.notes.append("no higanbana.modules written: without a model the options are detected on loading")
     meta.pop("lora_adapter_metadata", None)
@@ -371,6 +523,7 @@ def _to_peft(src, dst, net, to, part, allow_lossy, dtype, report) -> ConvertRepo
 def format_report(report: ConvertReport) -> str:
     lines = [
         f"{report.src} ({report.source_format}) -> {report.dst} ({report.target}"
+        + (f" for {report.tool}" if report.tool else "")
         + (f", {report.dtype})" if report.dtype else ")"),
         f"  {report.modules} module(s) written: {', '.join(report.outputs)}",
     ]
