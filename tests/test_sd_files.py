@@ -136,7 +136,12 @@ def _verdicts(path):
         (
             "ia3",
             {},
-            {"ComfyUI": "does not load", "A1111": "loads", "diffusers": "does not load", "LyCORIS": "does not load"},
+            {
+                "ComfyUI": "does not load",
+                "A1111": "loads partly",
+                "diffusers": "does not load",
+                "LyCORIS": "does not load",
+            },
         ),
         (
             "glora",
@@ -146,7 +151,7 @@ def _verdicts(path):
         (
             "boft",
             {"rank": 2},
-            {"ComfyUI": "loads", "A1111": "does not load", "diffusers": "does not load", "LyCORIS": "does not load"},
+            {"ComfyUI": "loads", "A1111": "loads", "diffusers": "does not load", "LyCORIS": "does not load"},
         ),
         ("full", {}, {"ComfyUI": "loads", "A1111": "loads", "diffusers": "does not load", "LyCORIS": "does not load"}),
     ],

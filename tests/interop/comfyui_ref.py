@@ -1,36 +1,64 @@
 """Reference re-implementation of how ComfyUI loads and merges LyCORIS-family files.
 
-Written from a description of ComfyUI's loader (and docs/design.md §3/§4) only; no
-ComfyUI code was consulted or copied. It reproduces, for SD-family files:
+Our own code, written after reading ComfyUI's loading code (comfyanonymous/ComfyUI, now published as
+Comfy-Org/ComfyUI; GPL-3.0: read, never copied or translated line by line). Read on 2026-12-07:
 
-* the key maps of ``comfy/lora.py::model_lora_keys_unet`` / ``model_lora_keys_clip`` (A.2) for the kohya names
-  we write (:func:`unet_key_map`, :func:`te_key_map`);
-* ``comfy/lora.py::load_lora`` (A.1, A.3): per module, which adapter the keys form, and which file keys are
-  "not loaded" (:func:`load_patches`);
-* ``comfy/lora.py::calculate_weight`` and the ``comfy/weight_adapter/*`` maths (A.3-A.5), including the known
-  deviations (output-axis DoRA normalises by the ORIGINAL weight, OFT clamps with the raw α, OFT strength is
-  applied twice, OFT ignores ``rescale``) (:func:`calculate_weight`).
+* the whole tree at commit a125cd84b054a57729b5eecab930ca9408719832 (2025-10-12, the newest snapshot
+  that could be fetched): ``comfy/lora.py`` (``load_lora``, ``model_lora_keys_unet``,
+  ``model_lora_keys_clip``, ``calculate_weight``, ``pad_tensor_to_shape``), ``comfy/lora_convert.py``,
+  ``comfy/weight_adapter/__init__.py``, ``base.py`` (``weight_decompose``), ``lora.py``, ``loha.py``,
+  ``lokr.py``, ``glora.py``, ``oft.py``, ``boft.py``, and around them ``comfy/sd.py``
+  (``load_lora_for_models``), ``comfy/model_patcher.py`` (``add_patches``, ``patch_weight_to_device``),
+  ``comfy/utils.py`` (``unet_to_diffusers``), ``comfy/clip_model.py``;
+* later revisions, from a public code index that names the commit of only some of them:
+  ``comfy/weight_adapter/lokr.py`` at 179c2d35c84b and after it, and the "bypass mode" revisions of
+  ``comfy/weight_adapter/__init__.py``, ``base.py``, ``lora.py``, ``lokr.py``, ``glora.py``, ``boft.py``,
+  ``bypass.py`` and of ``model_lora_keys_unet`` (with the Lumina2/Kandinsky5/ACEStep15 maps): they add
+  bypass-mode methods, training classes and key maps of other models, and change nothing below.
 
-Checked against the real code since (read, not copied): the LoKr path follows
-``comfy/weight_adapter/lokr.py`` of comfyanonymous/ComfyUI at commit 179c2d35c84b (read 2026-12-06) —
-its Tucker ``w2`` is one einsum whose non-contiguous result makes ``torch.kron`` raise for most
-shapes, an error ``calculate_weight`` logs before leaving the weight unpatched (:class:`PatchFailed`).
+What it reproduces for SD-family files:
 
-Everything is computed in ``intermediate_dtype`` (float32 like ComfyUI, float64 for tests) and cast back to the
-dtype of the weight passed in (ComfyUI uses stochastic rounding for low-precision weights; we cast plainly).
+* the kohya names of ``model_lora_keys_unet`` / ``model_lora_keys_clip`` (:func:`unet_key_map`,
+  :func:`te_key_map`); ``lora_convert.convert_lora`` rewrites none of them;
+* ``load_lora`` (:func:`load_patches`): which adapter each module's keys form, and the keys left "not loaded";
+* ``calculate_weight`` with the ``weight_adapter`` maths (:func:`calculate_weight`), including where it
+  fails. Each adapter runs part of its computation inside ``try/except Exception``: an error there is
+  logged (``ERROR <adapter> <key> …``) and the weight is left as it was (:class:`PatchFailed`); an error in
+  the part before that ``try`` (building the factors, GLoRA's rank, a Tucker core) or in ``load_lora``
+  (a missing partner key) is not caught and fails the whole LoRA load or sampling run
+  (:class:`ComfyCrash`). A ``diff`` of the wrong shape is skipped with a warning ("SHAPE MISMATCH").
+
+The deviations from LyCORIS it reproduces: output-axis DoRA divides by the norm of the ORIGINAL weight;
+OFT/BOFT clamp ‖Q‖ (+1e-8, one norm over every block and stage) to the raw α; OFT applies the strength
+twice and ignores ``rescale``; BOFT without ``alpha`` fails; DoRA scales, ``rescale`` and the rest are
+broadcast as stored (a 1-D ``(out,)`` tensor broadcasts along the last axis).
+
+ComfyUI patches a float32 copy of the weight with ``intermediate_dtype`` float32 and rounds the result
+back stochastically; here everything is computed in ``intermediate_dtype`` (float64 in the unit tests)
+and cast back plainly. ComfyUI inverts the Cayley denominator in float32 whatever that dtype; here in
+``intermediate_dtype``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-__all__ = ["Patch", "PatchFailed", "calculate_weight", "load_patches", "te_key_map", "unet_key_map"]
+__all__ = [
+    "ComfyCrash",
+    "Patch",
+    "PatchFailed",
+    "calculate_weight",
+    "load_patches",
+    "te_key_map",
+    "unet_key_map",
+]
 
-#: ``LORA_CLIP_MAP`` of A.2: kohya suffix → transformers CLIP module path inside an encoder layer.
+#: ``LORA_CLIP_MAP``: kohya suffix → transformers CLIP module path inside an encoder layer.
 CLIP_MAP = {
     "mlp_fc1": "mlp.fc1",
     "mlp_fc2": "mlp.fc2",
@@ -40,7 +68,8 @@ CLIP_MAP = {
     "self_attn_out_proj": "self_attn.out_proj",
 }
 
-#: LoRA up/down name pairs tried in this order (A.3 "alternatives"); the first pair present wins.
+#: LoRA (up, down) name pairs in ComfyUI's order of precedence. The first whose UP name is in the file
+#: wins; its down name must then exist too. Only the first pair also reads ``lora_mid.weight``.
 LORA_NAME_PAIRS = (
     ("{}.lora_up.weight", "{}.lora_down.weight"),
     ("{}_lora.up.weight", "{}_lora.down.weight"),
@@ -50,6 +79,11 @@ LORA_NAME_PAIRS = (
     ("{}.lora_linear_layer.up.weight", "{}.lora_linear_layer.down.weight"),
     ("{}.lora_B.default.weight", "{}.lora_A.default.weight"),
 )
+LOHA_KEYS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
+LOKR_KEYS = ("lokr_w1", "lokr_w2", "lokr_w1_a", "lokr_w1_b", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
+#: the LoKr keys that make an adapter (``lokr_w1_b``, ``lokr_w2_b``, ``lokr_t2`` alone are read, then dropped)
+LOKR_MARKERS = ("lokr_w1", "lokr_w2", "lokr_w1_a", "lokr_w2_a")
+GLORA_KEYS = ("a1", "a2", "b1", "b2")
 
 
 @dataclass
@@ -64,32 +98,50 @@ class Patch:
     dora_scale: Tensor | None = None
 
 
+class PatchFailed(RuntimeError):
+    """An error ComfyUI catches inside an adapter's ``calculate_weight``: it logs "ERROR <adapter> <key> …"
+    and leaves the weight as it was (the module is in effect not loaded). A ``diff`` of the wrong shape
+    ("WARNING SHAPE MISMATCH … WEIGHT NOT MERGED") is reported the same way."""
+
+
+class ComfyCrash(RuntimeError):
+    """An error ComfyUI does not catch: raised in ``load_lora`` (a missing partner key) or in the part of an
+    adapter's ``calculate_weight`` before its ``try``; the LoRA loader node or the sampling run fails."""
+
+
 # --------------------------------------------------------------------------------------------- key maps
 
 
-def te_key_map(num_layers: int, prefix: str) -> dict[str, str]:
-    """kohya text-encoder names ComfyUI maps (A.2, ``LORA_CLIP_MAP``, layers 0-31 only).
+def te_key_map(num_layers: int, prefix: str, projection: bool | None = None) -> dict[str, str]:
+    """kohya text-encoder names ComfyUI maps (``model_lora_keys_clip``, ``LORA_CLIP_MAP``, layers 0-31 only).
 
     ``{prefix}_text_model_encoder_layers_{i}_{mlp_fc1|…}`` → ``text_model.encoder.layers.{i}.{mlp.fc1|…}``
-    (the transformers ``CLIPTextModel`` module path). For the SDXL prefixes ``lora_te1``/``lora_te2`` the
-    ``{prefix}_text_projection`` → ``text_projection`` entry is added as well. Embeddings, norms and layers ≥ 32
-    are deliberately absent: ComfyUI cannot load them from kohya names.
+    (the transformers ``CLIPTextModel`` module path). ComfyUI accepts ``lora_te_`` and ``lora_te1_`` for a
+    CLIP-L or CLIP-H encoder, ``lora_te2_`` for SDXL's CLIP-G (``lora_te_`` when CLIP-G is alone).
+
+    ``{prefix}_text_projection`` → ``text_projection`` is added when ``projection`` says so; by default for
+    the prefixes ``lora_te1``/``lora_te2``. Really ComfyUI maps ``lora_te1_text_projection`` only where the
+    model has a CLIP-L (SD1, SDXL: not SD2's CLIP-H), ``lora_te2_text_projection`` only to a CLIP-G, and
+    ``lora_te_text_projection`` never. Embeddings, norms and layers ≥ 32 are never mapped.
     """
     out: dict[str, str] = {}
     for i in range(min(num_layers, 32)):
         for kohya, path in CLIP_MAP.items():
             out[f"{prefix}_text_model_encoder_layers_{i}_{kohya}"] = f"text_model.encoder.layers.{i}.{path}"
-    if prefix in ("lora_te1", "lora_te2"):
+    if projection is None:
+        projection = prefix in ("lora_te1", "lora_te2")
+    if projection:
         out[f"{prefix}_text_projection"] = "text_projection"
     return out
 
 
 def unet_key_map(module_paths: Iterable[str], sgm_paths: Mapping[str, str] | None = None) -> dict[str, str]:
-    """kohya UNet names ComfyUI maps (A.2), each to the diffusers module path.
+    """kohya UNet names ComfyUI maps (``model_lora_keys_unet``), each to the diffusers module path.
 
-    ComfyUI maps every diffusers module as ``lora_unet_<diffusers path, . → _>`` (the SD1/SD2 kohya form) and the
-    SimpleTuner alias ``lycoris_<…>``; and every LDM/SGM module as ``lora_unet_<sgm path, . → _>`` (the SDXL kohya
-    form). ``sgm_paths`` (diffusers path → SGM path, e.g. from our SDXL name table) enables the latter.
+    ComfyUI maps every diffusers module its ``unet_to_diffusers`` table knows as
+    ``lora_unet_<diffusers path, . → _>`` (the SD1/SD2 kohya form) and as ``lycoris_<…>`` (SimpleTuner), and
+    every module of its own LDM/SGM UNet as ``lora_unet_<sgm path, . → _>`` (the SDXL kohya form; accepted
+    for SD1/SD2 too). ``sgm_paths`` (diffusers path → SGM path) enables the latter.
     """
     out: dict[str, str] = {}
     for path in module_paths:
@@ -111,67 +163,107 @@ def _get(sd: Mapping[str, Tensor], key: str, loaded: set[str]) -> Tensor | None:
     return None
 
 
-def _load_adapters(x: str, sd: Mapping[str, Tensor], loaded: set[str]) -> list[Patch]:
-    """Each adapter class of ``weight_adapter.adapters = [LoRA, LoHa, LoKr, GLoRA, OFT, BOFT]`` that accepts."""
-    found: list[Patch] = []
-    # LoRA / LoCon
+def _need(sd: Mapping[str, Tensor], key: str, loaded: set[str]) -> Tensor:
+    """A key ComfyUI indexes without checking: its absence is a ``KeyError`` out of ``load_lora``."""
+    if key not in sd:
+        raise ComfyCrash(f"load_lora: KeyError {key!r}")
+    loaded.add(key)
+    return sd[key]
+
+
+def _load_lora(x: str, sd: Mapping[str, Tensor], loaded: set[str]) -> Patch | None:
     for up_name, down_name in LORA_NAME_PAIRS:
-        up_k, down_k = up_name.format(x), down_name.format(x)
-        if up_k in sd and down_k in sd:
-            t = {"up": _get(sd, up_k, loaded), "down": _get(sd, down_k, loaded)}
-            t["mid"] = _get(sd, f"{x}.lora_mid.weight", loaded)
-            t["reshape"] = _get(sd, f"{x}.reshape_weight", loaded)
-            found.append(Patch("lora", "weight", t))
-            break
-    # LoHa (+ Tucker)
-    if f"{x}.hada_w1_a" in sd:
-        names = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
-        found.append(Patch("loha", "weight", {n: _get(sd, f"{x}.{n}", loaded) for n in names}))
-    # LoKr: any of the factors announces it
-    names = ("lokr_w1", "lokr_w2", "lokr_w1_a", "lokr_w1_b", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
-    if any(f"{x}.{n}" in sd for n in names):
-        found.append(Patch("lokr", "weight", {n: _get(sd, f"{x}.{n}", loaded) for n in names}))
-    # GLoRA (layout decided in calculate_weight, where the weight shape is known)
-    if f"{x}.a1.weight" in sd:
-        names = ("a1", "a2", "b1", "b2")
-        found.append(Patch("glora", "weight", {n: _get(sd, f"{x}.{n}.weight", loaded) for n in names}))
-    # OFT (3-D blocks) and BOFT (4-D blocks); both load `rescale`
-    blocks = sd.get(f"{x}.oft_blocks")
-    if blocks is not None and blocks.dim() in (3, 4):
-        kind = "oft" if blocks.dim() == 3 else "boft"
+        if up_name.format(x) not in sd:
+            continue
+        t: dict[str, Tensor | None] = {
+            "up": _need(sd, up_name.format(x), loaded),
+            "down": _need(sd, down_name.format(x), loaded),
+            "mid": _get(sd, f"{x}.lora_mid.weight", loaded) if up_name == LORA_NAME_PAIRS[0][0] else None,
+            "reshape": _get(sd, f"{x}.reshape_weight", loaded),
+        }
+        return Patch("lora", "weight", t)
+    return None
+
+
+def _load_loha(x: str, sd: Mapping[str, Tensor], loaded: set[str]) -> Patch | None:
+    if f"{x}.hada_w1_a" not in sd:
+        return None
+    t = {n: _need(sd, f"{x}.{n}", loaded) for n in LOHA_KEYS[:4]}
+    tucker = f"{x}.hada_t1" in sd  # then hada_t2 must be there too
+    t["hada_t1"] = _need(sd, f"{x}.hada_t1", loaded) if tucker else None
+    t["hada_t2"] = _need(sd, f"{x}.hada_t2", loaded) if tucker else None
+    return Patch("loha", "weight", t)
+
+
+def _load_lokr(x: str, sd: Mapping[str, Tensor], loaded: set[str]) -> Patch | None:
+    t = {n: _get(sd, f"{x}.{n}", loaded) for n in LOKR_KEYS}  # each present key counts as loaded
+    return Patch("lokr", "weight", t) if any(t[n] is not None for n in LOKR_MARKERS) else None
+
+
+def _load_glora(x: str, sd: Mapping[str, Tensor], loaded: set[str]) -> Patch | None:
+    if f"{x}.a1.weight" not in sd:
+        return None
+    return Patch("glora", "weight", {n: _need(sd, f"{x}.{n}.weight", loaded) for n in GLORA_KEYS})
+
+
+def _load_orthogonal(dims: int, kind: str) -> Callable[[str, Mapping[str, Tensor], set[str]], Patch | None]:
+    def load(x: str, sd: Mapping[str, Tensor], loaded: set[str]) -> Patch | None:
+        blocks = sd.get(f"{x}.oft_blocks")
+        if blocks is None or blocks.dim() != dims:
+            return None  # neither the blocks nor the rescale count as loaded
         t = {"blocks": _get(sd, f"{x}.oft_blocks", loaded), "rescale": _get(sd, f"{x}.rescale", loaded)}
-        found.append(Patch(kind, "weight", t))
-    return found
+        return Patch(kind, "weight", t)
+
+    return load
+
+
+#: ``weight_adapter.adapters``, in ComfyUI's order; each one is tried (no ``break``), the last that accepts wins
+ADAPTER_LOADERS = (
+    _load_lora,
+    _load_loha,
+    _load_lokr,
+    _load_glora,
+    _load_orthogonal(3, "oft"),
+    _load_orthogonal(4, "boft"),
+)
 
 
 def load_patches(sd: Mapping[str, Tensor], key_map: Mapping[str, str]) -> tuple[dict[str, list[Patch]], list[str]]:
     """Reproduce ``comfy/lora.py::load_lora``.
 
     For every file module name ``x`` of ``key_map`` (→ a target name of the caller's choosing), read ``x.alpha``
-    (a float) and ``x.dora_scale``, try the adapter classes in ComfyUI's order (the last one that accepts wins: the
-    loop has no ``break``), then the diff-type patches ``w_norm`` (weight), ``b_norm`` (bias), ``diff`` (weight),
-    ``diff_b`` (bias), ``set_weight`` (weight). ComfyUI stores patches in a dict keyed by model tensor, so a later
-    patch of the same tensor replaces an earlier one; its keys still count as loaded. Returned per target:
-    at most one weight patch and one bias patch, weight first.
+    (``.item()``) and ``x.dora_scale``, try every adapter in ComfyUI's order (a later one that accepts
+    replaces an earlier one; the keys each one read still count as loaded), then the diff-type patches
+    ``w_norm`` (weight) with ``b_norm`` (bias, read only together with ``w_norm``), ``diff`` (weight), ``diff_b``
+    (bias), ``set_weight`` (weight), each replacing an earlier patch of the same tensor. Returned per target:
+    at most one weight patch and one bias patch, weight first. A missing partner key (``lora_down`` of a
+    ``lora_up``, the rest of a LoHa or GLoRA, ``hada_t2``) raises :class:`ComfyCrash`.
 
     The second result lists the file keys never read, in file order: ComfyUI's ``lora key not loaded`` warnings
-    (IA3 ``weight``/``on_input``, ``.scale``, modules missing from ``key_map``, …).
+    (IA3 ``weight``/``on_input``, ``.scale``, a ``b_norm`` without ``w_norm``, modules missing from ``key_map``…).
     """
     loaded: set[str] = set()
     by_target: dict[str, dict[str, Patch]] = {}
     for x, target in key_map.items():
         alpha_t = _get(sd, f"{x}.alpha", loaded)
-        alpha = float(alpha_t.item()) if alpha_t is not None else None
+        try:
+            alpha = None if alpha_t is None else float(alpha_t.item())
+        except RuntimeError as exc:
+            raise ComfyCrash(f"load_lora: {x}.alpha: {exc}") from exc
         dora_scale = _get(sd, f"{x}.dora_scale", loaded)
         slot = by_target.setdefault(target, {})
-        adapters = _load_adapters(x, sd, loaded)
-        if adapters:
-            p = adapters[-1]
-            p.alpha, p.dora_scale = alpha, dora_scale
-            slot["weight"] = p
+        for loader in ADAPTER_LOADERS:
+            patch = loader(x, sd, loaded)
+            if patch is not None:
+                patch.alpha, patch.dora_scale = alpha, dora_scale
+                slot["weight"] = patch
+        w_norm = _get(sd, f"{x}.w_norm", loaded)
+        if w_norm is not None:
+            slot["weight"] = Patch("diff", "weight", {"diff": w_norm})
+            b_norm = _get(sd, f"{x}.b_norm", loaded)
+            if b_norm is not None:
+                slot["bias"] = Patch("diff", "bias", {"diff": b_norm})
         for suffix, part, kind in (
-            ("w_norm", "weight", "diff"),
-            ("b_norm", "bias", "diff"),
             ("diff", "weight", "diff"),
             ("diff_b", "bias", "diff"),
             ("set_weight", "weight", "set"),
@@ -188,156 +280,272 @@ def load_patches(sd: Mapping[str, Tensor], key_map: Mapping[str, str]) -> tuple[
 # --------------------------------------------------------------------------------------------- maths
 
 
+@contextmanager
+def _caught(kind: str) -> Iterator[None]:
+    """The part of an adapter ComfyUI runs inside ``try/except Exception``."""
+    try:
+        yield
+    except (PatchFailed, ComfyCrash):
+        raise
+    except Exception as exc:  # ComfyUI catches every exception here
+        raise PatchFailed(f"ERROR {kind}: {exc}") from exc
+
+
+@contextmanager
+def _uncaught(kind: str) -> Iterator[None]:
+    """The part of an adapter ComfyUI runs before its ``try``: any error propagates."""
+    try:
+        yield
+    except (PatchFailed, ComfyCrash):
+        raise
+    except Exception as exc:
+        raise ComfyCrash(f"{kind}: {type(exc).__name__}: {exc}") from exc
+
+
 def _f(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     return None if t is None else t.to(dtype)
 
 
-def _tucker(t: Tensor, wa: Tensor, wb: Tensor) -> Tensor:
-    """``einsum('ijkl,jr,ip->prkl', t, wb, wa)``: t (r,r,*k), wa (r,out), wb (r,in) → (out,in,*k)."""
-    return torch.einsum("ij...,jr,ip->pr...", t, wb, wa)
-
-
 def _scale(alpha: float | None, rank: int | None) -> float:
-    """A.3: ``sc = α/rank`` when ``.alpha`` is present (and the rank known), else 1."""
+    """``sc = α/rank`` when ``.alpha`` is present (and the adapter has a rank), else 1."""
     return 1.0 if alpha is None or rank is None else alpha / rank
 
 
-def _factored_delta(p: Patch, w: Tensor, dt: torch.dtype) -> tuple[Tensor, float]:
-    """ΔW (shaped like ``w``) and ``sc`` for LoRA, LoHa, LoKr, GLoRA — table of A.3."""
-    t = {k: _f(v, dt) for k, v in p.t.items()}
-    if p.kind == "lora":
-        if t.get("reshape") is not None:
-            raise NotImplementedError("reshape_weight (pads W) is not reproduced")
-        up, down, mid = t["up"], t["down"], t["mid"]
-        if mid is None:
-            delta = up.flatten(1) @ down.flatten(1)
-        else:
-            delta = torch.einsum("oa,ab...,bi->oi...", up.flatten(1), mid, down.flatten(1))
-        return delta.reshape(w.shape), _scale(p.alpha, down.shape[0])
-    if p.kind == "loha":
-        if t["hada_t1"] is not None:
-            w1 = _tucker(t["hada_t1"], t["hada_w1_a"], t["hada_w1_b"])
-            w2 = _tucker(t["hada_t2"], t["hada_w2_a"], t["hada_w2_b"])
-        else:
-            w1 = t["hada_w1_a"] @ t["hada_w1_b"]
-            w2 = t["hada_w2_a"] @ t["hada_w2_b"]
-        return (w1 * w2).reshape(w.shape), _scale(p.alpha, t["hada_w1_b"].shape[0])
-    if p.kind == "lokr":
-        rank = None
-        w1 = t["lokr_w1"]
-        if w1 is None:
-            w1 = t["lokr_w1_a"] @ t["lokr_w1_b"]
-            rank = t["lokr_w1_b"].shape[0]
-        w2 = t["lokr_w2"]
-        if w2 is None:
-            rank = t["lokr_w2_b"].shape[0]  # w2_b wins over w1_b
-            if t["lokr_t2"] is not None:
-                # the real loader builds the Tucker w2 with one einsum (a non-contiguous (u2, v2, k, k)
-                # result) and krons it with w1 as (u1, v1, 1, 1); torch.kron raises for most shapes, and
-                # ComfyUI logs the error and leaves the weight unpatched
-                w2 = torch.einsum("xykl,yo,xq->qokl", t["lokr_t2"], t["lokr_w2_b"], t["lokr_w2_a"])
-                try:
-                    delta = torch.kron(w1[:, :, None, None], w2).reshape(w.shape)
-                except RuntimeError as exc:
-                    raise PatchFailed(f"lokr: {exc}") from exc
-                return delta, _scale(p.alpha, rank)
-            w2 = t["lokr_w2_a"] @ t["lokr_w2_b"].flatten(1)
-        # w1 acts as (u1, v1, 1, …) for conv: kron with the flattened (u2, v2·∏k) w2 is the same tensor
-        delta = torch.kron(w1.flatten(1).contiguous(), w2.flatten(1).contiguous()).reshape(w.shape)
-        return delta, _scale(p.alpha, rank)  # both sides full ⇒ rank None ⇒ sc = 1, α ignored
-    if p.kind == "glora":
-        a1, a2, b1, b2 = (t[n].flatten(1) for n in ("a1", "a2", "b1", "b2"))
-        if _glora_is_old(a1, a2, b1, b2, w):
-            # old layout: a1 (r,in), a2 (in,r), b1 (r,in·∏k), b2 (out,r): ΔW = b2@b1 + W@a2@a1
-            a, b, rank = a2 @ a1, b2 @ b1, a1.shape[0]
-        else:
-            # new layout: a1 (in,r), a2 (r,in), b1 (out,r), b2 (r,in·∏k): ΔW = W@a1@a2 + b1@b2
-            a, b, rank = a1 @ a2, b1 @ b2, a2.shape[0]
-        delta = torch.einsum("oi...,ij->oj...", w, a) + b.reshape(w.shape)
-        return delta, _scale(p.alpha, rank)
-    raise AssertionError(p.kind)
+def _tucker4(t: Tensor, wa: Tensor, wb: Tensor) -> Tensor:
+    """Tucker rebuild of a 4-D core (ComfyUI's einsum takes exactly four core axes): t (a, c, k, l),
+    wa (a, p), wb (c, q) → (p, q, k, l), left in the layout einsum returns (often not contiguous)."""
+    if t.dim() != 4:
+        raise ValueError(f"Tucker core has {t.dim()} dims; the einsum expects 4")
+    return torch.einsum("ackl,cq,ap->pqkl", t, wb, wa)
 
 
-def _glora_is_old(a1: Tensor, a2: Tensor, b1: Tensor, b2: Tensor, w: Tensor) -> bool:
-    """Layout detection by shapes (A.3 only says "detected by shapes"; the rule here is ours).
+def _mm(a: Tensor, b: Tensor) -> Tensor:
+    """``torch.mm``: both operands must be matrices (no flattening)."""
+    return torch.mm(a, b)
 
-    New: a1 (in,r), a2 (r,in), b1 (out,r), b2 (r,·). Old: a1 (r,in), a2 (in,r), b1 (r,·), b2 (out,r).
-    The new layout wins when both fit (possible only when in == out or r == in).
-    """
-    out, inp = w.shape[0], w.shape[1]
-    new = a1.shape[0] == inp and a2.shape[1] == inp and b1.shape[0] == out and a1.shape[1] == a2.shape[0]
-    new = new and b1.shape[1] == a1.shape[1] == b2.shape[0]
-    old = a1.shape[1] == inp and a2.shape[0] == inp and b2.shape[0] == out and a1.shape[0] == a2.shape[1]
-    old = old and b2.shape[1] == a1.shape[0] == b1.shape[0]
-    return old and not new
+
+def _inplace_mul(target: Tensor, factor: Tensor) -> Tensor:
+    """``target *= factor``: the factor may broadcast into ``target`` but never grow it."""
+    if torch.broadcast_shapes(target.shape, factor.shape) != target.shape:
+        raise RuntimeError(f"output with shape {list(target.shape)} doesn't match the broadcast shape")
+    return target * factor
+
+
+def _into(w: Tensor, new: Tensor) -> Tensor:
+    """``weight += …`` / ``weight[:] = …``: the result is written into the weight's own shape, so it may
+    broadcast into it but never be larger (then the in-place op raises)."""
+    if new.shape != w.shape:
+        if torch.broadcast_shapes(w.shape, new.shape) != w.shape:
+            raise RuntimeError(f"result of shape {list(new.shape)} cannot be written into {list(w.shape)}")
+        new = torch.broadcast_to(new, w.shape).clone()
+    return new
 
 
 def _weight_decompose(dora_scale: Tensor, w: Tensor, delta: Tensor, sc: float, s: float) -> Tensor:
-    """A.4 ``weight_decompose`` with ComfyUI's output-axis deviation (norm of the ORIGINAL ``w``, + eps)."""
+    """``weight_decompose``: ``W_c = W + sc·ΔW``, scaled by ``dora_scale / (‖·‖ + eps)`` broadcast as stored.
+
+    The axis is the output one when ``dora_scale.shape[0] == out``; there ComfyUI divides by the row norms of
+    the ORIGINAL weight (LyCORIS: of ``W_c``). Otherwise by the norms of ``W_c`` over every axis but 1. The
+    strength interpolates: ``W + s·(W_d − W)``. ``sc`` is α/rank for LoRA-likes and the raw α (the
+    constraint) for OFT/BOFT, whose ΔW already holds the strength.
+    """
     eps = torch.finfo(w.dtype).eps
     d = dora_scale.to(w.dtype)
     wc = w + sc * delta
-    if d.shape[0] == w.shape[0]:  # output axis (LyCORIS wd_on_out): ‖W‖ per row of the original weight
-        n = w.reshape(w.shape[0], -1).norm(dim=1).reshape(-1, *([1] * (w.dim() - 1))) + eps
-        d = d.reshape(n.shape)
-    else:  # input axis: ‖W + scΔW‖ per column (all dims but 1)
-        dims = [i for i in range(w.dim()) if i != 1]
-        n = torch.linalg.vector_norm(wc, dim=dims, keepdim=True) + eps
-    wc = wc * (d / n)
-    return wc if s == 1.0 else w + s * (wc - w)
+    if d.shape[0] == wc.shape[0]:
+        norm = w.reshape(w.shape[0], -1).norm(dim=1).reshape(-1, *([1] * (w.dim() - 1)))
+    else:
+        norm = torch.linalg.vector_norm(wc, dim=[i for i in range(w.dim()) if i != 1], keepdim=True)
+    wc = _inplace_mul(wc, d / (norm + eps))
+    return _into(w, wc if s == 1.0 else w + s * (wc - w))
 
 
-def _cayley_blocks(blocks: Tensor, alpha: float | None) -> Tensor:
-    """Q = B − Bᵀ (last two axes); raw-α clamp with one global Frobenius norm (A.5); R = (I+Q)(I−Q)⁻¹."""
+def _apply(p: Patch, w: Tensor, delta: Tensor, sc: float, s: float) -> Tensor:
+    """The common end of LoRA/LoHa/LoKr/GLoRA: DoRA when ``dora_scale`` is present, else ``W + s·sc·ΔW``."""
+    if p.dora_scale is not None:
+        return _weight_decompose(p.dora_scale, w, delta, sc, s)
+    return _into(w, w + (s * sc) * delta)
+
+
+def _pad(w: Tensor, shape: Iterable[int]) -> Tensor:
+    """``reshape_weight``: the weight zero-padded to a larger shape of the same rank."""
+    shape = tuple(int(v) for v in shape)
+    if len(shape) != w.dim() or any(n < o for n, o in zip(shape, w.shape, strict=True)):
+        raise ValueError(f"cannot pad {tuple(w.shape)} to {shape}")
+    out = w.new_zeros(shape)
+    out[tuple(slice(0, n) for n in w.shape)] = w
+    return out
+
+
+def _lora(p: Patch, w: Tensor, s: float, dt: torch.dtype) -> Tensor:
+    """LoRA/LoCon: ``ΔW = up·down`` (both flattened to matrices), ``sc = α/down.shape[0]``.
+
+    A ``lora_mid`` (Tucker, 4-D core) is folded into ``down`` first, outside the ``try``:
+    ``down'[j, i, κ] = Σ_a mid[j, a, κ]·down[a, i]`` (``down`` must be (r, in, 1, 1)).
+    """
+    up, down, mid = (_f(p.t[n], dt) for n in ("up", "down", "mid"))
+    with _uncaught("lora"):
+        if p.t["reshape"] is not None:
+            w = _pad(w, p.t["reshape"].tolist())
+        sc = _scale(p.alpha, down.shape[0])
+        if mid is not None:
+            if mid.dim() != 4 or down.dim() < 2 or down[0, 0].numel() != 1:
+                raise ValueError(f"lora_mid {tuple(mid.shape)} does not fit lora_down {tuple(down.shape)}")
+            down = torch.einsum("jakl,ai->jikl", mid, down.flatten(1))
+    with _caught("lora"):
+        delta = _mm(up.flatten(1), down.flatten(1)).reshape(w.shape)
+        return _apply(p, w, delta, sc, s)
+
+
+def _loha(p: Patch, w: Tensor, s: float, dt: torch.dtype) -> Tensor:
+    """LoHa: ``ΔW = (w1a·w1b) ⊙ (w2a·w2b)`` or the Tucker rebuilds of both; ``sc = α/w1b.shape[0]``."""
+    t = {k: _f(v, dt) for k, v in p.t.items()}
+    with _uncaught("loha"):
+        sc = _scale(p.alpha, t["hada_w1_b"].shape[0])
+        if t["hada_t1"] is not None:
+            m1 = _tucker4(t["hada_t1"], t["hada_w1_a"], t["hada_w1_b"])
+            m2 = _tucker4(t["hada_t2"], t["hada_w2_a"], t["hada_w2_b"])
+        else:
+            m1 = _mm(t["hada_w1_a"], t["hada_w1_b"])
+            m2 = _mm(t["hada_w2_a"], t["hada_w2_b"])
+    with _caught("loha"):
+        return _apply(p, w, (m1 * m2).reshape(w.shape), sc, s)
+
+
+def _lokr(p: Patch, w: Tensor, s: float, dt: torch.dtype) -> Tensor:
+    """LoKr: ``ΔW = kron(w1, w2)`` reshaped to W; ``sc = α/rank`` of the factored side (``w2_b`` wins over
+    ``w1_b``), 1 when both sides are full.
+
+    ``w1``/``w2`` are built outside the ``try`` (``torch.mm`` needs a 2-D ``w2_b``); a 4-D ``w2`` (full, or
+    the Tucker rebuild) makes ``w1`` (u1, v1, 1, 1). The Tucker rebuild is one einsum whose result is not
+    contiguous, and ``torch.kron`` then raises for most shapes — caught: the weight stays unpatched.
+    """
+    t = {k: _f(v, dt) for k, v in p.t.items()}
+    rank = None
+    with _uncaught("lokr"):
+        w1 = t["lokr_w1"]
+        if w1 is None:
+            rank = t["lokr_w1_b"].shape[0]
+            w1 = _mm(t["lokr_w1_a"], t["lokr_w1_b"])
+        w2 = t["lokr_w2"]
+        if w2 is None:
+            rank = t["lokr_w2_b"].shape[0]
+            if t["lokr_t2"] is None:
+                w2 = _mm(t["lokr_w2_a"], t["lokr_w2_b"])
+            else:
+                w2 = _tucker4(t["lokr_t2"], t["lokr_w2_a"], t["lokr_w2_b"])
+        if w2.dim() == 4:
+            w1 = w1[:, :, None, None]
+        sc = _scale(p.alpha, rank)
+    with _caught("lokr"):
+        return _apply(p, w, torch.kron(w1, w2).reshape(w.shape), sc, s)
+
+
+def glora_layout(a1: Tensor, a2: Tensor, b1: Tensor, b2: Tensor, weight_shape: tuple[int, ...]) -> tuple[str, int]:
+    """ComfyUI's GLoRA layout rule on the stored (unflattened) shapes → ``(layout, rank)``.
+
+    Old (a1 (r, in), a2 (in, r), b1 (r, ·), b2 (out, r)) when ``b2[1] == b1[0] == a1[0] == a2[1]``; new
+    (a1 (in, r), a2 (r, in), b1 (out, r), b2 (r, ·)) when ``b2[0] == b1[1] == a1[1] == a2[0]``. When both
+    match, new wins unless ``a2[0] == out`` and the weight's first two axes are equal — so new-layout files
+    with r == in == out are read as old. When neither matches the rank is undefined: ``"none"``.
+    """
+    old = b2.shape[1] == b1.shape[0] == a1.shape[0] == a2.shape[1]
+    new = b2.shape[0] == b1.shape[1] == a1.shape[1] == a2.shape[0]
+    if new and not (old and a2.shape[0] == weight_shape[0] and weight_shape[0] == weight_shape[1]):
+        return "new", a2.shape[0]
+    if old:
+        return "old", a1.shape[0]
+    return "none", 0
+
+
+def _glora(p: Patch, w: Tensor, s: float, dt: torch.dtype) -> Tensor:
+    """GLoRA. New layout: ``ΔW = W·(a1·a2)`` on the input axis ``+ b1·b2``; old: ``ΔW = flat(W)·a2·a1 + b2·b1``
+    — ``flat(W)`` (out, in·∏k), so the old layout fails (caught) on k×k convs. ``sc = α/rank``."""
+    with _uncaught("glora"):
+        layout, rank = glora_layout(*(p.t[n] for n in GLORA_KEYS), tuple(w.shape))
+        if layout == "none" and p.alpha is not None:
+            raise NameError("GLoRA rank undefined: the factors fit neither layout")
+        sc = _scale(p.alpha, rank or None)
+        a1, a2, b1, b2 = (p.t[n].to(dt).flatten(1) for n in GLORA_KEYS)
+    with _caught("glora"):
+        if layout == "old":
+            delta = (_mm(b2, b1) + _mm(_mm(w.flatten(1), a2), a1)).reshape(w.shape)
+        else:
+            mixed = torch.einsum("oi...,ir,rj->oj...", w, a1, a2) if w.dim() > 2 else _mm(_mm(w, a1), a2)
+            delta = mixed.reshape(w.shape) + _mm(b1, b2).reshape(w.shape)
+        return _apply(p, w, delta, sc, s)
+
+
+def _cayley_blocks(blocks: Tensor, alpha: float) -> Tensor:
+    """``Q = B − Bᵀ`` (last two axes); with α > 0 and ``ν = ‖Q‖_F + 1e-8`` over the whole tensor (every block
+    of every stage), ``Q ← Q·α/ν`` when ``ν > α``; ``R = (I + Q)(I − Q)⁻¹``."""
     q = blocks - blocks.transpose(-1, -2)
-    if alpha is not None and alpha > 0:
-        norm = q.norm()
-        if norm > alpha:
-            q = q * (alpha / norm)
+    if alpha > 0:
+        nu = q.norm() + 1e-8
+        if nu > alpha:
+            q = q * (alpha / nu)
     eye = torch.eye(q.shape[-1], dtype=q.dtype)
     return (eye + q) @ torch.linalg.inv(eye - q)
 
 
 def _oft(p: Patch, w: Tensor, s: float, dt: torch.dtype) -> Tensor:
-    """A.5 OFT: W'_k = W_k + s²·(R_kᵀ W_k − W_k) on output-row blocks; ``rescale`` ignored; bias untouched."""
-    if p.dora_scale is not None:
-        raise NotImplementedError("dora_scale with OFT is outside the reproduced spec")
+    """OFT: ``W + s·ΔW`` with ``ΔW_k = (s·R_k − s·I)ᵀ·W_k`` on blocks of output rows (strength twice);
+    α missing reads as 0 (no clamp); ``rescale`` is loaded and ignored.
+
+    The rows are regrouped with ``view`` (n·b must equal out, else caught) and the einsum result is
+    ``view``-ed back (caught when not viewable). DoRA: ``weight_decompose`` with sc = α.
+    """
+    alpha = 0.0 if p.alpha is None else p.alpha
     blocks = p.t["blocks"].to(dt)
     n, b = blocks.shape[0], blocks.shape[1]
-    r = _cayley_blocks(blocks, p.alpha)
-    eye = torch.eye(b, dtype=dt)
-    wb = w.reshape(n, b, *w.shape[1:])
-    delta = torch.einsum("knm,kn...->km...", s * r - s * eye, wb).reshape(w.shape)
-    return w + s * delta
+    with _caught("oft"):
+        r = _cayley_blocks(blocks, alpha)
+        eye = torch.eye(b, dtype=dt)
+        rows = w.view(n, b, *w.shape[1:])
+        delta = torch.einsum("knm,kn...->km...", s * r - s * eye, rows).view(-1, *w.shape[1:])
+        if p.dora_scale is not None:
+            return _weight_decompose(p.dora_scale, w, delta, alpha, s)
+        return _into(w, w + s * delta)
 
 
 def _boft(p: Patch, w: Tensor, s: float, dt: torch.dtype) -> Tensor:
-    """A.5 BOFT: per stage i, g=2, k=2^i·b/2: permute rows, ``R_i·W`` per block of b rows, un-permute.
+    """BOFT: stage i (``h = 2^i·⌊b/2⌋``): rows viewed as (·, 2, h), the last two axes swapped, blocks of b rows
+    multiplied on the left by ``R_i ← s·R_i + (1−s)·I``, permutation undone; then ``⊙ rescale`` as stored;
+    ``W + s·(out − W)``.
 
-    Strength: R_i ← s·R_i + (1−s)·I; then ``⊙ rescale`` (rows) when present; then W + s·(out − W).
-    The raw-α clamp uses one Frobenius norm over all stages and blocks (our reading of "same constraint").
+    α is compared with 0 without a default: a file without ``alpha`` fails (caught, unpatched). DoRA:
+    ``weight_decompose`` with sc = α and ΔW = out − W.
     """
-    if p.dora_scale is not None:
-        raise NotImplementedError("dora_scale with BOFT is outside the reproduced spec")
     blocks = p.t["blocks"].to(dt)
-    m, b = blocks.shape[0], blocks.shape[-1]
-    r = _cayley_blocks(blocks, p.alpha)
-    eye = torch.eye(b, dtype=dt)
-    r = s * r + (1 - s) * eye
-    out = w
-    for i in range(m):
-        g, k = 2, (2**i) * b // 2
-        x = out.unflatten(0, (-1, g, k)).transpose(1, 2).flatten(0, 2).unflatten(0, (-1, b))
-        x = torch.einsum("bij,bj...->bi...", r[i], x)
-        out = x.flatten(0, 1).unflatten(0, (-1, k, g)).transpose(1, 2).flatten(0, 2)
-    if p.t["rescale"] is not None:
-        out = out * p.t["rescale"].to(dt).reshape(-1, *([1] * (w.dim() - 1)))
-    return w + s * (out - w)
+    stages, b = blocks.shape[0], blocks.shape[2]
+    with _caught("boft"):
+        if p.alpha is None:
+            raise TypeError("'>' not supported between instances of 'NoneType' and 'int'")
+        r = _cayley_blocks(blocks, p.alpha)
+        eye = torch.eye(b, dtype=dt)
+        out = w
+        for i in range(stages):
+            h = 2**i * (b // 2)
+            ri = r[i] if s == 1 else s * r[i] + (1 - s) * eye
+            x = out.unflatten(0, (-1, 2, h)).transpose(1, 2).flatten(0, 2).unflatten(0, (-1, b))
+            x = torch.einsum("bij,bj...->bi...", ri, x)
+            out = x.flatten(0, 1).unflatten(0, (-1, h, 2)).transpose(1, 2).flatten(0, 2)
+        if p.t["rescale"] is not None:
+            out = out * p.t["rescale"].to(dt)
+        delta = out - w
+        if p.dora_scale is not None:
+            return _weight_decompose(p.dora_scale, w, delta, p.alpha, s)
+        return _into(w, w + s * delta)
 
 
-class PatchFailed(RuntimeError):
-    """An error ComfyUI catches inside ``calculate_weight``: it logs "ERROR <adapter> <key> …" and leaves
-    the weight as it was."""
+ADAPTERS: dict[str, Callable[[Patch, Tensor, float, torch.dtype], Tensor]] = {
+    "lora": _lora,
+    "loha": _loha,
+    "lokr": _lokr,
+    "glora": _glora,
+    "oft": _oft,
+    "boft": _boft,
+}
 
 
 def calculate_weight(
@@ -348,40 +556,48 @@ def calculate_weight(
     intermediate_dtype: torch.dtype = torch.float32,
     errors: list[str] | None = None,
 ) -> tuple[Tensor, Tensor | None]:
-    """Reproduce ``comfy/lora.py::calculate_weight`` for one module (A.3-A.5) at LoRA strength ``strength``.
+    """Reproduce ``comfy/lora.py::calculate_weight`` for one module at LoRA strength ``strength``.
 
-    Weight patches change ``weight``, bias patches change ``bias`` (dropped when the module has no bias, as
-    ComfyUI only patches tensors the model has). Factored adapters: ``W += s·sc·ΔW`` or DoRA (A.4); diff:
-    ``W += s·diff`` (skipped on a shape mismatch, like ComfyUI's "SHAPE MISMATCH"); set: ``W = set_weight``;
-    OFT/BOFT per A.5. Returns new tensors in the input dtypes. A patch whose computation raises (LoKr
-    with a Tucker ``w2``, see :func:`_factored_delta`) leaves the weight unchanged, its message appended
-    to ``errors``, as ComfyUI logs it.
+    Weight patches change ``weight``, bias patches change ``bias`` (dropped when the module has no bias: ComfyUI
+    patches only tensors the model has). ``diff``: ``W += s·diff``, skipped on a shape mismatch; ``set``:
+    ``W ← set_weight`` broadcast (an unbroadcastable one raises :class:`ComfyCrash`); adapters per their
+    functions above. Returns new tensors in the input dtypes. An adapter whose guarded part raises, or a
+    mismatched diff, leaves the tensor unchanged and appends its message to ``errors`` (ComfyUI logs it);
+    :class:`ComfyCrash` propagates.
     """
     dt = intermediate_dtype
     w = weight.to(dt).clone()
     b = None if bias is None else bias.to(dt).clone()
     s = float(strength)
+
+    def failed(message: str) -> None:
+        if errors is not None:
+            errors.append(message)
+
     for p in patches:
         if p.part == "bias":
-            if b is not None and p.t["diff"].shape == b.shape:
-                b = b + s * p.t["diff"].to(dt) if p.kind == "diff" else p.t["diff"].to(dt).clone()
+            if b is None:
+                continue
+            v = p.t["diff"].to(dt)
+            if v.shape != b.shape:
+                failed(f"SHAPE MISMATCH bias {tuple(v.shape)} != {tuple(b.shape)}: not merged")
+            elif s != 0.0:
+                b = b + s * v
             continue
         if p.kind == "diff":
-            if p.t["diff"].shape == w.shape:
-                w = w + s * p.t["diff"].to(dt)
+            v = p.t["diff"].to(dt)
+            if v.shape != w.shape:
+                failed(f"SHAPE MISMATCH weight {tuple(v.shape)} != {tuple(w.shape)}: not merged")
+            elif s != 0.0:
+                w = w + s * v
         elif p.kind == "set":
-            w = p.t["diff"].to(dt).reshape(w.shape).clone()
-        elif p.kind == "oft":
-            w = _oft(p, w, s, dt)
-        elif p.kind == "boft":
-            w = _boft(p, w, s, dt)
+            try:
+                w = torch.broadcast_to(p.t["diff"].to(dt), w.shape).clone()
+            except RuntimeError as exc:
+                raise ComfyCrash(f"set_weight: {exc}") from exc
         else:
             try:
-                delta, sc = _factored_delta(p, w, dt)
+                w = ADAPTERS[p.kind](p, w, s, dt)
             except PatchFailed as exc:
-                if errors is not None:
-                    errors.append(str(exc))
-                continue
-            decomposed = p.dora_scale is not None
-            w = _weight_decompose(p.dora_scale, w, delta, sc, s) if decomposed else w + (s * sc) * delta
+                failed(str(exc))
     return w.to(weight.dtype), None if b is None else b.to(bias.dtype)

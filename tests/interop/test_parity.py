@@ -2,8 +2,8 @@
 
 For every algorithm each tool supports: a tiny SD1.5-layout and SDXL model is wrapped, the adapters
 are randomised, the file is saved, and the reference loader of the tool (``comfyui_ref``,
-``a1111_ref``, written from the tools' documented behaviour) merges it at strength 1 into copies of
-the original weights; the result must equal our merged model (fp32, ≤ 1e-5 relative). The UNet
+``a1111_ref``, derived from the tools' code: each names the files and commit it reproduces) merges
+it at strength 1 into copies of the original weights; the result must equal our merged model (fp32, ≤ 1e-5 relative). The UNet
 names are resolved independently: ComfyUI's key map from diffusers/SGM paths, A1111's regex name
 conversion against the LDM layout. Where a tool deviates, the test checks that it does and that
 ``info`` says so.
@@ -61,6 +61,9 @@ A1111_CASES = [
     ("ia3", "ia3", {}, FULL),
     ("ia3-preset", "ia3", {}, "ia3"),
     ("oft", "oft", {"rank": 4}, FULL),
+    ("oft-rescaled-constraint", "oft", {"rank": 4, "rescaled": True, "constraint": 1e-3}, FULL),
+    ("boft", "boft", {"rank": 2}, FULL),
+    ("boft-rescaled", "boft", {"rank": 4, "rescaled": True}, FULL),
     ("full", "full", {}, FULL),
     ("norm", "norm", {}, NORMS),
     ("dora-input-axis", "lora", {"rank": 2, "weight_decompose": True, "wd_on_output": False}, FULL),
@@ -232,16 +235,24 @@ def test_a1111_merges_our_files_exactly(model, label, algo, options, config, tmp
     merged, unsupported = a1111_merge(model, path, before, where)
     verdict = _verdict(path, "A1111")
     assert set(unsupported) == set(verdict["skipped"])  # e.g. conv_norm_out on SD1, partial OpenCLIP attention
-    assert not verdict["deviating"]
+    deviating = set(verdict["deviating"])
+    # the one deviation: A1111 drops the q/k/v bias differences of OpenCLIP attention (SDXL's second encoder)
+    drops_qkv_bias = {n for n in where if re.fullmatch(r"lora_te2_.*_self_attn_[qkv]_proj", n)}
+    assert deviating == (drops_qkv_bias if label == "full" and model.kind == "sdxl" else set())
     loaded = set(where) - set(unsupported)
     assert len(loaded) > len(unsupported)
     for name in loaded:
         index, p = where[name]
+        if name in deviating:
+            (weight, bias), (ours, _) = merged[(index, p)], after[index][p]
+            torch.testing.assert_close(weight, ours, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(bias, before[index][p][1])  # the bias difference is lost
+            continue
         _check_close(merged[(index, p)], after[index][p], f"{label} {name}")
 
 
-@pytest.mark.parametrize(("algo", "options"), [("boft", {"rank": 2}), ("glora", {"rank": 2})])
-def test_a1111_rejects_boft_and_new_glora_and_info_says_so(model, algo, options, tmp_path):
+@pytest.mark.parametrize(("algo", "options"), [("glora", {"rank": 2})])
+def test_a1111_rejects_new_glora_and_info_says_so(model, algo, options, tmp_path):
     path, before, _after, where = _saved_and_merged(model, algo, options, "attn-mlp", tmp_path)
     _merged, unsupported = a1111_merge(model, path, before, where)
     assert set(unsupported) == set(where)

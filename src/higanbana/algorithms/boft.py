@@ -51,7 +51,7 @@ class BOFT(OrthogonalAdapter):
     algo = "boft"
     title = "BOFT"
     block_dims = 4
-    loaded_by = frozenset({"ComfyUI", "LyCORIS"})
+    loaded_by = frozenset({"ComfyUI", "A1111", "LyCORIS"})
     peft_refusal = "PEFT's BOFT acts on the input side with its own butterfly parametrisation; ours rotates output rows"
     examples = (("boft", {"rank": 4}, 3e-3),)
 

@@ -280,24 +280,78 @@ class GLoRA(FactoredAdapter):
         return str(a1.shape[1] if glora_layout(tensors) == "new" else a1.shape[0])
 
     @classmethod
+    def layout_for(cls, tool: str, tensors: Mapping[str, Tensor]) -> dict[str, Tensor] | None:
+        """For A1111, a Linear's new-layout factors under the old names (``a1``↔``a2``, ``b1``↔``b2``: the
+        same factors, which A1111 multiplies as stored); convolutions have no layout A1111 computes."""
+        if tool != "A1111" or glora_layout(tensors) == "old" or any(t.dim() > 2 for t in tensors.values()):
+            return None
+        swapped = {
+            "a1.weight": "a2.weight",
+            "a2.weight": "a1.weight",
+            "b1.weight": "b2.weight",
+            "b2.weight": "b1.weight",
+        }
+        out = {swapped.get(k, k): v for k, v in tensors.items()}
+        return out if glora_layout(out) == "old" else None  # square shapes read as new: no distinct layout
+
+    @classmethod
     def own_tool_verdicts(
         cls, tensors: Mapping[str, Tensor], options: Mapping[str, Any] | None, kernel: Kernel = None
     ) -> Verdicts:
-        """ComfyUI reads both layouts (by shapes); A1111 only the old one; LyCORIS (``lycoris/modules/glora.py``,
-        4.1.3) only the new one, with ``a1``/``a2``/``b1`` as 1×1 conv weights on convolutions (its copy of a
-        2-D factor into them raises)."""
-        if glora_layout(tensors) == "old":
-            return {
-                "ComfyUI": (DEVIATE, "old GLoRA layout: ComfyUI reads it (by shapes)"),
-                "LyCORIS": (REJECT, "old GLoRA layout: LyCORIS reads only the new one (its copy raises)"),
-            }
-        out: Verdicts = {"A1111": (SKIP, "A1111 reads only the old GLoRA layout")}
-        if tensors["b2.weight"].dim() > 2 and tensors["a1.weight"].dim() == 2:
+        """ComfyUI (``comfy/weight_adapter/glora.py``) reads both layouts, telling them apart by shapes: a
+        new-layout module with rank = in = out reads as old (another result), and the old layout's matrix
+        product raises on k×k convolutions (caught, unpatched). A1111 (``network_glora.py``, v1.10.1)
+        computes ``b2·b1 + W·a2·a1`` on the tensors as stored: right for the old layout on Linears; where
+        those products raise it logs and skips the layer, where they happen to broadcast (square shapes)
+        it applies another weight. LyCORIS (``lycoris/modules/glora.py``, 4.1.3) reads only the new
+        layout, with ``a1``/``a2``/``b1`` as 1×1 conv weights on convolutions (its copy of a 2-D factor
+        into them raises)."""
+        a1, b1, b2 = tensors["a1.weight"], tensors["b1.weight"], tensors["b2.weight"]
+        old = glora_layout(tensors) == "old"
+        out: Verdicts = {}
+        spatial = any(math.prod(t.shape[2:]) > 1 for t in tensors.values() if t.dim() > 2)
+        if old:
+            out["LyCORIS"] = (REJECT, "old GLoRA layout: LyCORIS reads only the new one (its copy raises)")
+            if spatial:
+                out["ComfyUI"] = (SKIP, "old GLoRA layout on a k×k convolution: ComfyUI's product raises (caught)")
+            else:
+                out["ComfyUI"] = (DEVIATE, "old GLoRA layout: ComfyUI reads it (by shapes)")
+        elif a1.shape[0] == a1.shape[1] == b1.shape[0]:
+            why = "GLoRA with rank = in = out: ComfyUI reads it as the old layout"
+            out["ComfyUI"] = (SKIP, why + " and its product raises (caught)") if spatial else (DEVIATE, why)
+        if not old or any(t.dim() > 2 for t in tensors.values()):
+            if _a1111_products_run(tensors, old):
+                out["A1111"] = (DEVIATE, "GLoRA: A1111's products on these shapes broadcast into another weight")
+            else:
+                out["A1111"] = (SKIP, "A1111 computes GLoRA on the stored old layout of Linears only (raises, logged)")
+        if not old and b2.dim() > 2 and a1.dim() == 2:
             out["LyCORIS"] = (
                 REJECT,
                 "GLoRA on a convolution with 2-D a1/a2/b1: LyCORIS expects 1×1 conv weights (its copy raises)",
             )
         return out
+
+
+def _a1111_products_run(tensors: Mapping[str, Tensor], old: bool) -> bool:
+    """Whether A1111's ``b2 @ b1 + (W @ a2) @ a1`` (tensors as stored, batched matmul on 4-D ones), then
+    its reshape to the weight when the sizes agree and ``W + ΔW`` copied into ``W``, runs without an
+    error for this module's layer — on meta tensors, so shapes only."""
+    a1, a2, b1, b2 = (tensors[k] for k in KEYS)
+    new = (a2, a1, b2, b1) if old else (a1, a2, b1, b2)  # the factors in the new layout
+    inp, out = new[0].shape[0], new[2].shape[0]
+    kernel = tuple(new[3].shape[2:])
+    weight = torch.empty(out, inp, *kernel, device="meta")
+
+    def meta(t: Tensor) -> Tensor:
+        return torch.empty(t.shape, device="meta")
+
+    try:
+        updown = meta(b2) @ meta(b1) + (weight @ meta(a2)) @ meta(a1)
+        if updown.numel() == weight.numel():
+            updown = updown.reshape(weight.shape)
+        return torch.broadcast_shapes(torch.broadcast_shapes(weight.shape, updown.shape), weight.shape) == weight.shape
+    except RuntimeError:
+        return False
 
 
 def glora_layout(tensors: Mapping[str, Tensor]) -> str:

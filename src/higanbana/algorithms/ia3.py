@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from .base import Adapter, copy_checked, require
 from .cost import Costs
-from .files import REJECT, FileStateError, Kernel, Verdicts, need, shape
+from .files import REJECT, SKIP, FileStateError, Kernel, Verdicts, need, shape
 from .layer import layer_spec
 from .options import AdapterOptions, option
 
@@ -46,10 +46,19 @@ class IA3(Adapter):
     def tool_verdicts(
         cls, tensors: Mapping[str, Tensor], options: Mapping[str, Any] | None, kernel: Kernel = None
     ) -> Verdicts:
-        """LyCORIS 4.1.3 reads ``weight`` and ``on_input`` for an IA3 module but its
+        """A1111 (``network_ia3.py``, v1.10.1) multiplies the layer weight by the vector, reshaped to
+        ``(-1, 1)`` for the output side: right on Linears, but on a convolution that broadcasts against the
+        kernel axes and raises (caught per layer, logged, left unpatched); the input side's stored
+        ``(1, C, 1, 1)`` is right. LyCORIS 4.1.3 reads ``weight`` and ``on_input`` for an IA3 module but its
         ``make_module_from_state_dict`` takes only ``weight``: every IA3 file (its own too) raises a
         TypeError in ``create_lycoris_from_weights`` (``lycoris/modules/ia3.py``)."""
         out = super().tool_verdicts(tensors, options, kernel)
+        if tensors["weight"].dim() > 1 and not _on_input(tensors):
+            out["A1111"] = (
+                SKIP,
+                "IA3 on a convolution (output side): A1111 multiplies the 4-D weight by the vector as (-1, 1), "
+                "which raises (logged) and leaves the layer unpatched",
+            )
         out["LyCORIS"] = (
             REJECT,
             "LyCORIS 4.1.3 cannot load IA3 (its make_module_from_state_dict raises, own files too)",
@@ -178,3 +187,8 @@ class IA3(Adapter):
             if flag.numel() != 1 or float(flag.reshape(-1)[0]) not in (0.0, 1.0):
                 raise FileStateError(f"tensor 'on_input' must be one value 0 or 1, got {flag.tolist()!r}")
         return None, None
+
+
+def _on_input(tensors: Mapping[str, Tensor]) -> bool:
+    flag = tensors.get("on_input")
+    return flag is not None and bool(flag.reshape(-1)[0])

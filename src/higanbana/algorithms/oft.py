@@ -152,19 +152,18 @@ class OrthogonalAdapter(Adapter):
     def tool_verdicts(
         cls, tensors: Mapping[str, Tensor], options: Mapping[str, Any] | None, kernel: Kernel = None
     ) -> Verdicts:
-        """ComfyUI clamps ‖Q‖ with α instead of α·out and ignores ``rescale``; A1111 needs α > 0 and
-        ignores ``rescale``."""
+        """ComfyUI (``comfy/weight_adapter/oft.py``, ``boft.py``) clamps ‖Q‖ with α instead of α·out,
+        ignores an OFT ``rescale`` and cannot apply a BOFT without ``alpha`` (a TypeError it catches,
+        leaving the weight unpatched). A1111 (``network_oft.py``, v1.10.1) reads OFT and BOFT as we do:
+        α absent or 0 is no constraint, ``rescale`` applied."""
         out = super().tool_verdicts(tensors, options, kernel)
         rules: list[tuple[str, tuple[str, str]]] = []
         if _comfy_clamps_differently(tensors):
             rules.append(("ComfyUI", (DEVIATE, "OFT constraint: ComfyUI clamps ‖Q‖ with α instead of α·out")))
-        if "alpha" not in tensors:
-            rules.append(("A1111", (SKIP, "A1111 needs alpha for OFT")))
-        elif cls.block_dims == 3 and float(tensors["alpha"].reshape(-1)[0]) == 0:
-            rules.append(("A1111", (DEVIATE, "OFT with alpha 0: A1111 applies no rotation")))
+        if cls.block_dims == 4 and "alpha" not in tensors:
+            rules.append(("ComfyUI", (SKIP, "BOFT without alpha: ComfyUI's BOFT raises (caught) and leaves it")))
         if cls.block_dims == 3 and "rescale" in tensors:
             rules.append(("ComfyUI", (DEVIATE, "OFT rescale: ComfyUI ignores it")))
-            rules.append(("A1111", (DEVIATE, "OFT rescale: A1111 ignores it")))
         for tool, verdict in rules:
             merge_verdicts(out, {tool: verdict})
         merge_verdicts(out, lycoris_rebuild_verdict(tensors))
@@ -365,16 +364,16 @@ class OrthogonalAdapter(Adapter):
 def _comfy_clamps_differently(tensors: Mapping[str, Tensor]) -> bool:
     """Whether ComfyUI's raw-α clamp changes this OFT/BOFT module differently from the α·out clamp.
 
-    Both clamp ``Q = B − Bᵀ`` by its norm over all blocks (per stage for BOFT): ComfyUI to α, the
-    others to α·out. Whenever ComfyUI clamps (‖Q‖ > α), the results differ: the others either do not
-    clamp or clamp to α·out. α = 0 and our 1e30 "no constraint" never engage.
+    Both clamp ``Q = B − Bᵀ`` by one norm over all blocks (of all stages for BOFT): ComfyUI to α, the
+    others to α·out. Whenever ComfyUI clamps (‖Q‖ + 1e-8 > α), the results differ: the others either do
+    not clamp or clamp to α·out. α = 0 and our 1e30 "no constraint" never engage.
     """
     alpha = tensors.get("alpha")
     blocks = tensors.get("oft_blocks")
     if alpha is None or blocks is None or not 0 < float(alpha.reshape(-1)[0]) < NO_CONSTRAINT:
         return False
-    stages = blocks.float() if blocks.dim() == 4 else blocks.float().unsqueeze(0)
-    return any(float((stage - stage.transpose(-1, -2)).norm()) > float(alpha.reshape(-1)[0]) for stage in stages)
+    q = blocks.double() - blocks.double().transpose(-1, -2)
+    return float(q.norm()) + 1e-8 > float(alpha.reshape(-1)[0])
 
 
 def lycoris_rebuild_verdict(tensors: Mapping[str, Tensor]) -> Verdicts:

@@ -124,6 +124,8 @@ def compatibility(
             notes.append(cls.tool_note)
         verdicts = _naming_verdicts(name, partial_attention, base)
         merge_verdicts(verdicts, cls.tool_verdicts(module, record.get("options"), sd_kernel(name, base)))
+        if "diff_b" in module and _a1111_openclip_qkv(name, base):
+            merge_verdicts(verdicts, {"A1111": (DEVIATE, A1111_DROPS_QKV_BIAS)})
         for tool, tally in tallies.items():
             kind, reason = verdicts.get(tool, ("load", ""))
             if kind == REJECT:
@@ -231,6 +233,20 @@ _A1111_UNET = re.compile(
     r"|(input_blocks|output_blocks|middle_block|time_embed|label_emb|out)_.*)"
 )
 _ATTENTION = re.compile(r"(lora_te2?_text_model_encoder_layers_\d+_self_attn)_(q|k|v|out)_proj")
+
+
+A1111_DROPS_QKV_BIAS = (
+    "A1111 patches OpenCLIP attention through in_proj_weight and drops the q/k/v bias differences (diff_b)"
+)
+
+
+def _a1111_openclip_qkv(name: str, base: str) -> bool:
+    """A q/k/v module of an OpenCLIP text encoder (SD2's ``lora_te_``, SDXL's ``lora_te2_``): A1111
+    (``networks.py`` v1.10.1, ``network_apply_weights``) writes their weight differences into the
+    ``MultiheadAttention``'s ``in_proj_weight`` and never touches ``in_proj_bias``."""
+    prefix = {"sd2": "lora_te_", "sdxl": "lora_te2_"}.get(base)
+    match = _ATTENTION.fullmatch(name)
+    return prefix is not None and match is not None and name.startswith(prefix) and match[2] in ("q", "k", "v")
 
 
 def _a1111_partial_attention(names: list[str], base: str) -> set[str]:
