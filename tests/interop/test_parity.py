@@ -3,9 +3,10 @@
 For every algorithm each tool supports: a tiny SD1.5-layout and SDXL model is wrapped, the adapters
 are randomised, the file is saved, and the reference loader of the tool (``comfyui_ref``,
 ``a1111_ref``, derived from the tools' code: each names the files and commit it reproduces) merges
-it at strength 1 into copies of the original weights; the result must equal our merged model (fp32, ≤ 1e-5 relative). The UNet
-names are resolved independently: ComfyUI's key map from diffusers/SGM paths, A1111's regex name
-conversion against the LDM layout. Where a tool deviates, the test checks that it does and that
+it at strength 1 into copies of the original weights; the result must equal our merged model (fp32,
+≤ 1e-5 relative). The UNet names are resolved independently: ComfyUI's key map from diffusers/SGM
+paths, A1111's regex name conversion against the LDM layout. Where a tool deviates, the test checks
+that it does and that
 ``info`` says so.
 """
 
