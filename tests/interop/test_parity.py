@@ -6,8 +6,7 @@ are randomised, the file is saved, and the reference loader of the tool (``comfy
 it at strength 1 into copies of the original weights; the result must equal our merged model (fp32,
 ≤ 1e-5 relative). The UNet names are resolved independently: ComfyUI's key map from diffusers/SGM
 paths, A1111's regex name conversion against the LDM layout. Where a tool deviates, the test checks
-that it does and that
-``info`` says so.
+that it does and that ``info`` says so.
 """
 
 from __future__ import annotations
