@@ -123,7 +123,10 @@ def compatibility(
         if cls.tool_note and cls.tool_note not in notes:
             notes.append(cls.tool_note)
         verdicts = _naming_verdicts(name, partial_attention, base)
-        merge_verdicts(verdicts, cls.tool_verdicts(module, record.get("options"), sd_kernel(name, base)))
+        # a module a tool cannot name never reaches its loading code: the algorithm's rules do not apply
+        unnamed = {tool for tool, (kind, _) in verdicts.items() if kind in (SKIP, REJECT)}
+        algo_verdicts = cls.tool_verdicts(module, record.get("options"), sd_kernel(name, base))
+        merge_verdicts(verdicts, {t: v for t, v in algo_verdicts.items() if t not in unnamed})
         if "diff_b" in module and _a1111_openclip_qkv(name, base):
             merge_verdicts(verdicts, {"A1111": (DEVIATE, A1111_DROPS_QKV_BIAS)})
         for tool, tally in tallies.items():
