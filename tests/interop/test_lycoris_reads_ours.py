@@ -4,7 +4,7 @@ says what happens: the other direction of ``test_lycoris_files.py``.
 In the peers' venv (``.venv-bench``, where higanbana is installed too) ``lycoris_reads_ours_run.py``
 builds our network of every algorithm and variant (Tucker, DoRA on either axis, constraint,
 rescaled, LoKr factor/decompose/full-matrix/unbalanced splits, OFT/BOFT block sizes and stages) on
-tiny SD1 and SDXL UNets with LyCORIS's standalone ``lycoris_`` prefix, on their Linear and Conv2d
+tiny SD1, SD2 and SDXL UNets with LyCORIS's standalone ``lycoris_`` prefix, on their Linear and Conv2d
 layers (norms for ``norm``), randomises and saves it; then ``lycoris.create_lycoris_from_weights``
 rebuilds it on a fresh copy of the UNet, ``apply_to`` wraps the layers, and the two outputs are
 compared. What LyCORIS did decides the expected verdict: every module loaded with the same output
@@ -74,14 +74,14 @@ VARIANTS = [
 ]
 CASES = [
     [f"{kind}-{label}", kind, algo, options, "lycoris", False]
-    for kind in ("sd1", "sdxl")
+    for kind in ("sd1", "sd2", "sdxl")
     for label, algo, options in VARIANTS
 ]
 CASES.append(["sd1-lora-kohya-names", "sd1", "lora", {"rank": 4}, "lora_unet", False])  # 0 modules matched
 #: files LyCORIS cannot rebuild as written, after ``convert --for lycoris`` (Tucker w2 dense, BOFT stages)
 CONVERTED = [
     [f"{kind}-{label}-for-lycoris", kind, algo, options, "lycoris", True]
-    for kind in ("sd1", "sdxl")
+    for kind in ("sd1", "sd2", "sdxl")
     for label, algo, options in VARIANTS
     if label in ("lokr-tucker", "boft-1-stage", "boft-2-stages")
 ]
@@ -131,9 +131,9 @@ def test_info_lycoris_verdict_is_what_lycoris_does(results, label):
 @pytest.mark.slow
 def test_lycoris_loads_most_of_our_files_exactly(results):
     exact = [label for label, row in results.items() if _what_lycoris_did(row) == "loads"]
-    assert len(exact) >= 2 * 25  # the defaults of every algorithm but IA3, and most variants, on SD1 and SDXL
+    assert len(exact) >= 3 * 25  # the defaults of every algorithm but IA3, and most variants, on each model
     for algo in ("lora", "dora", "loha", "lokr", "glora", "oft", "boft", "full", "norm"):
-        assert f"sd1-{algo}" in exact and f"sdxl-{algo}" in exact, algo
+        assert all(f"{kind}-{algo}" in exact for kind in ("sd1", "sd2", "sdxl")), algo
 
 
 @pytest.mark.slow
@@ -146,5 +146,5 @@ def test_convert_for_lycoris_makes_lycoris_load_what_it_could_not(results):
 
 @pytest.mark.slow
 def test_lycoris_ia3_loading_bug_is_still_there(results):
-    for label in ("sd1-ia3", "sdxl-ia3"):
+    for label in ("sd1-ia3", "sd2-ia3", "sdxl-ia3"):
         assert IA3_BUG in results[label].get("failed", ""), f"{label}: {results[label]}"
