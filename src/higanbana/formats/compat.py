@@ -1,8 +1,9 @@
 """Which tools load a file, and how faithfully: ComfyUI, AUTOMATIC1111, diffusers and LyCORIS.
 
-The rules are those of docs/design.md §4, read from each tool's loading code (ComfyUI, A1111, diffusers),
-applied per module from its algorithm, options and tensor shapes. The parity tests in
-``tests/interop`` check the same rules numerically with reference loaders of each tool.
+The rules are those of docs/compatibility.md, read from each tool's loading code (ComfyUI, A1111,
+diffusers, lycoris-lora), applied per module from its name, algorithm, options and tensor shapes. The
+tests in ``tests/interop`` check them against the real LyCORIS and diffusers and against reference
+loaders that reproduce ComfyUI's and A1111's code.
 """
 
 from __future__ import annotations
