@@ -128,3 +128,18 @@ def test_info_suggests_the_conversion(sd1, tmp_path):
     notes = {tool: " ".join(_status(path, tool)["notes"]) for tool in ("ComfyUI", "LyCORIS")}
     assert "convert --for comfyui" in notes["ComfyUI"]
     assert "convert --for lycoris" in notes["LyCORIS"]
+
+
+def test_convert_for_a_tool_keeps_lycoris_names_where_the_tool_reads_them(sd1, tmp_path):
+    _net, path = _saved(sd1, tmp_path, "lokr", rank=2, factor=2, use_tucker=True)
+    lycoris = tmp_path / "lycoris.safetensors"
+    convert(path, lycoris, for_tool="lycoris", allow_lossy=True, progress=False)
+    again = tmp_path / "again.safetensors"  # with the model too: the names stay LyCORIS's
+    convert(lycoris, again, for_tool="lycoris", model=copy.deepcopy(sd1), progress=False)
+    assert set(read_network_file(again)[1]) == set(read_network_file(lycoris)[1])
+    comfy = tmp_path / "comfy.safetensors"  # ComfyUI maps lycoris_ UNet names: no model needed
+    convert(lycoris, comfy, for_tool="comfyui", progress=False)
+    assert all(n.startswith("lycoris_") for n in read_network_file(comfy)[1])
+    assert _status(comfy, "ComfyUI")["status"] == "loads"
+    with pytest.raises(HiganbanaError, match="lycoris_ prefix.*base"):  # A1111 needs kohya names
+        convert(lycoris, tmp_path / "a1111.safetensors", for_tool="a1111", progress=False)

@@ -326,17 +326,16 @@ def _convert(
     file_dtype = out_dtype or _source_dtype(tensors)
     if tool is not None:
         tensors, records = _layouts_for(tool, tensors, records, report)
+    if tool == "LyCORIS" and model is not None:
+        stage("map onto model")
+        net = _net_on_model(src, model, model_prefix, records, tensors)
+        stage("write")
+        return _lycoris_with_model(dst, net, metadata, file_dtype, allow_lossy, report)
     if tool == "LyCORIS" and not all(n.startswith("lycoris_") for n in records):
-        if model is None:
-            _no_sgm_names(src, records, metadata)
-            tensors, records = _unet_only(tensors, records, "lora_unet", allow_lossy, report)
-            prefix_map = {**(prefix_map or {}), "lora_unet": "lycoris"}
-            tensors, records = _rename_prefixes(tensors, records, {"lora_unet": "lycoris"})
-        else:
-            stage("map onto model")
-            net = _net_on_model(src, model, model_prefix, records, tensors)
-            stage("write")
-            return _lycoris_with_model(dst, net, metadata, file_dtype, allow_lossy, report)
+        _no_sgm_names(src, records, metadata)
+        tensors, records = _unet_only(tensors, records, "lora_unet", allow_lossy, report)
+        prefix_map = {**(prefix_map or {}), "lora_unet": "lycoris"}
+        tensors, records = _rename_prefixes(tensors, records, {"lora_unet": "lycoris"})
 
     if model is None:
         if to != "kohya":
@@ -355,7 +354,7 @@ def _convert(
             file_dtype,
             report,
             prefix_map,
-            lycoris_names=tool == "LyCORIS",
+            lycoris_names=tool in ("LyCORIS", "ComfyUI"),  # both read lycoris_ UNet names
         )
 
     stage("map onto model")
@@ -437,8 +436,7 @@ def _lycoris_with_model(dst, net, metadata, dtype, allow_lossy, report) -> Conve
     unet = next(iter(net.parts))
     records = net.module_records()
     names = {n: "lycoris_" + r.path.replace(".", "_") for n, r in net.records.items() if r.prefix == unet}
-    tensors = {k: v for k, v in network_tensors(net, dtype).items()}
-    tensors, records = _unet_only(tensors, records, unet, allow_lossy, report)
+    tensors, records = _unet_only(network_tensors(net, dtype), records, unet, allow_lossy, report)
     out = {f"{names[k.partition('.')[0]]}.{k.partition('.')[2]}": v for k, v in tensors.items()}
     meta = {k: v for k, v in metadata.items() if not k.startswith(("sshs_", "higanbana.", "lora_adapter"))}
     meta["sshs_model_hash"], meta["sshs_legacy_hash"] = model_hashes(out, meta)
