@@ -5,7 +5,9 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from higanbana.cli import build_parser, tools
+import pytest
+
+from higanbana.cli import build_parser, main, tools
 
 
 def test_help_imports_no_torch():
@@ -27,6 +29,7 @@ def test_choices_match_the_library():
     assert tools.DTYPE_CHOICES == tuple(sorted(merge.DTYPES)) == tuple(sorted(resize.DTYPES))
     assert tools.RANK_MODES == resize.MODES == extract.MODES
     assert tools.CONVERT_TARGETS == convert.TARGETS
+    assert tuple(convert.FOR_TOOLS) == tools.FOR_TOOLS
     assert tools.KIND_CHOICES == KINDS
 
 
@@ -34,3 +37,20 @@ def test_every_command_has_a_handler():
     sub = build_parser()._subparsers._group_actions[0]
     for name, parser in sub.choices.items():
         assert callable(parser.get_default("func")), name
+
+
+def test_version_and_a_mistyped_command_get_one_line(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.startswith("higanbana ")
+    with pytest.raises(SystemExit) as exit_:
+        main(["selfchek"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1
+    assert "did you mean 'selfcheck'?" in err
+    with pytest.raises(SystemExit):
+        main(["convert", "a", "b", "--for", "comfy"])
+    assert "did you mean 'comfyui'?" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["zzz"])
+    assert "choose from demo, selfcheck" in capsys.readouterr().err  # nothing close: the list

@@ -18,27 +18,56 @@ constants (``tests/test_cli.py`` checks that they agree).
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
+import re
 import sys
 
 from ..errors import HiganbanaError
 from . import catalog, evaluate, tools, train, workflows
 
 #: what ``higanbana --help`` says above the commands
-DESCRIPTION = "``higanbana <command>``: a thin argument parser over library functions."
+DESCRIPTION = (
+    "Customise Stable Diffusion 1.x/2.x/SDXL with LyCORIS-family adapters (LoRA/LoCon, LoHa, LoKr, IA3, "
+    "GLoRA, DoRA, OFT, BOFT, full fine-tuning), check where their files load, and evaluate the results. "
+    "New here? `higanbana demo --plan quick` trains and evaluates on the built-in miniature world."
+)
+_INVALID_CHOICE = re.compile(r"invalid choice: '([^']*)' \(choose from (.*)\)")
+
+
+def _did_you_mean(message: str) -> str:
+    """argparse's "invalid choice" message, shortened, with the closest choice suggested."""
+    match = _INVALID_CHOICE.search(message)
+    if match is None:
+        return message
+    choices = re.findall(r"'([^']*)'", match[2])
+    close = difflib.get_close_matches(match[1], choices, n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]!r}?" if close else f" (choose from {', '.join(choices)})"
+    return f"{message[: match.start()]}invalid choice {match[1]!r}{hint}"
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, with a usage error as one ``error:`` line like every other error."""
+    """argparse, with a usage error as one ``error:`` line like every other error (and a "did you
+    mean" for a mistyped choice)."""
 
     def error(self, message: str):
-        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
+        self.exit(2, f"error: {_did_you_mean(message)} (see `{self.prog} --help`)\n")
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("higanbana")
+    except PackageNotFoundError:  # run from a source tree without installing
+        return "unknown (not installed)"
 
 
 def build_parser() -> argparse.ArgumentParser:
     """Every subcommand, in the order ``higanbana --help`` lists them; ``args.func(args)`` runs one."""
     parser = _Parser(prog="higanbana", description=DESCRIPTION)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"higanbana {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="command")
     workflows.add_demo_parser(sub)
     workflows.add_selfcheck_parser(sub)
     catalog.add_algorithms_parser(sub)
