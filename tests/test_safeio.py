@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import stat
 import subprocess
 import sys
 import textwrap
@@ -199,3 +200,17 @@ def test_kill_9_mid_write_leaves_no_destination_and_the_next_write_cleans_up(tmp
     save_tensors({"a": torch.ones(2)}, target)
     assert os.listdir(tmp_path) == ["adapter.safetensors"]
     assert torch.equal(load_tensors(target)[0]["a"], torch.ones(2))
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o077])
+def test_written_files_follow_the_users_umask(tmp_path, mask):
+    """safetensors creates its file 0600; what we write ends up as any new file would (0666 & ~umask)."""
+    old = os.umask(mask)
+    try:
+        path = save_tensors({"a.weight": torch.zeros(2)}, tmp_path / "x.safetensors", {})
+        with atomic_folder(tmp_path / "folder") as folder:
+            save_tensors({"b.weight": torch.zeros(2)}, folder / "y.safetensors", {})
+    finally:
+        os.umask(old)
+    for written in (path, tmp_path / "folder" / "y.safetensors"):
+        assert stat.S_IMODE(os.stat(written).st_mode) == 0o666 & ~mask, written

@@ -82,6 +82,25 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _user_file_mode() -> int:
+    """``0o666`` less the process umask: the mode a plain ``open(path, "w")`` would give a new file.
+    (Some writers — safetensors' among them — create their file 0600; the result should follow the
+    user's umask like any other file.)"""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def _with_user_modes(root: Path) -> None:
+    mode = _user_file_mode()
+    if root.is_file():
+        os.chmod(root, mode)
+        return
+    for folder, _dirs, files in os.walk(root):
+        for name in files:
+            os.chmod(os.path.join(folder, name), mode)
+
+
 def _temp_name(path: Path, kind: str, suffix: str = "") -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.{kind}{suffix}")
 
@@ -224,6 +243,7 @@ def atomic_path(
         yield tmp
         if not tmp.exists():
             raise HiganbanaError(f"cannot write {path}: the writer produced nothing")
+        _with_user_modes(tmp)
         if durable:
             _fsync(tmp)
         os.replace(tmp, path)
@@ -263,6 +283,7 @@ def atomic_folder(path: str | os.PathLike, *, overwrite: bool = False, durable: 
     moved = False
     try:
         yield tmp
+        _with_user_modes(tmp)
         if durable:
             _fsync_tree(tmp)
         if path.exists():
