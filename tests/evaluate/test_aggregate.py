@@ -154,13 +154,35 @@ def test_importance_lr_most_important_and_too_few_models():
     scores = agg.rank_normalize(_raw(rows))
     models = pd.DataFrame(models)
     imp = agg.importance(scores, models, ["algo", "lr", "seed"], seed=0)
-    assert set(imp.columns) == {"feature", "criterion", "importance_mean", "importance_std"}
+    assert set(imp.columns) == {"feature", "criterion", "importance_mean", "importance_std", "scope"}
+    assert set(imp["scope"]) == {"all models", "algo=lora", "algo=loha", "algo=lokr"}  # 8 models per algo
+    inside = imp.loc[(imp["scope"] == "algo=lora") & (imp["criterion"] == "Controllability")]
+    assert set(inside["feature"]) == {"lr", "seed"}  # algo is constant there
+    imp = imp.loc[imp["scope"] == "all models"]
     ctrl = imp.loc[imp["criterion"] == "Controllability"].set_index("feature")["importance_mean"]
     assert ctrl.idxmax() == "lr"
     assert ctrl["lr"] > 10 * max(ctrl["algo"], ctrl["seed"], 1e-6)
     few = agg.importance(scores.loc[scores["model"].isin(models["model"][:3])], models, ["lr"])
     assert few.dropna(subset=["feature"]).empty
     assert "at least 4 models" in few["note"].iloc[0]
+
+
+def test_importance_scores_only_hyper_parameters_that_vary_independently():
+    """alpha fixed per algorithm only re-encodes the algorithm; lr and unet_lr are one column; a
+    constant column says nothing — each is left out with a note, not given an importance."""
+    models = []
+    for algo in ("lora", "loha", "lokr", "ia3"):
+        for lr in (1e-4, 5e-4):
+            for seed in (1, 2):
+                row = {"model": f"{algo}-{lr:g}-s{seed}", "algo": algo, "lr": lr, "unet_lr": lr, "seed": seed}
+                row.update({"alpha": 4} if algo in ("lora", "loha") else {})
+                row["preset"] = "attn-mlp"
+                models.append(row)
+    kept, notes = agg.independent_features(pd.DataFrame(models), ["algo", "alpha", "lr", "unet_lr", "seed", "preset"])
+    assert kept == ["algo", "lr = unet_lr", "seed"]
+    assert any(n.startswith("alpha: dropped, it only re-encodes algo") for n in notes)
+    assert any(n.startswith("unet_lr: merged into lr") for n in notes)
+    assert any(n.startswith("preset: dropped, the same in every model") for n in notes)
 
 
 def test_shap_values_optional():

@@ -315,6 +315,42 @@ def _feature_matrix(models: pd.DataFrame, features: Sequence[str]) -> pd.DataFra
     return x
 
 
+def _determines(x: pd.DataFrame, g: str, f: str) -> bool:
+    """Whether feature ``f`` takes one value per value of ``g`` over these models (``f`` is a function of ``g``)."""
+    return bool((x.groupby(g)[f].nunique() <= 1).all())
+
+
+def independent_features(models: pd.DataFrame, features: Sequence[str]) -> tuple[list[str], list[str]]:
+    """The features worth an importance, and a note per feature left out or merged.
+
+    A feature the same in every model says nothing (dropped); two features that split the models
+    identically (``lr`` and ``unet_lr``) are one column counted twice (merged: ``lr = unet_lr``); a
+    feature with one value per value of another (``alpha`` fixed within each ``algo``) only
+    re-encodes it (dropped). What remains varies independently of the rest.
+    """
+    x = _feature_matrix(models, features)
+    notes: list[str] = []
+    kept: list[str] = []
+    merged: dict[str, list[str]] = {}
+    for f in features:
+        if x[f].nunique() <= 1:
+            notes.append(f"{f}: dropped, the same in every model")
+            continue
+        same = next((g for g in kept if _determines(x, g, f) and _determines(x, f, g)), None)
+        if same is not None:
+            merged.setdefault(same, []).append(f)
+            notes.append(f"{f}: merged into {same} (the same split of the models)")
+            continue
+        kept.append(f)
+    for f in list(kept):
+        owner = next((g for g in kept if g != f and _determines(x, g, f)), None)
+        if owner is not None:
+            kept.remove(f)
+            notes.append(f"{f}: dropped, it only re-encodes {owner} (one value per {owner})")
+    labels = {f: " = ".join([f, *merged.get(f, [])]) for f in kept}
+    return [labels[f] for f in kept], notes
+
+
 def importance(
     scores: pd.DataFrame,
     models: pd.DataFrame,
@@ -323,17 +359,20 @@ def importance(
     seed: int = 0,
     criteria: Mapping[str, tuple[str, Sequence[str]]] | None = None,
     n_repeats: int = 10,
+    within: str | None = "algo",
 ) -> pd.DataFrame:
     """Permutation importance of each hyper-parameter for each criterion.
 
     A gradient-boosting regressor per criterion maps ordinal-coded features to the model's
-    category-averaged score; returns rows (feature, criterion, importance_mean, importance_std).
-    With fewer than 4 models the frame is empty apart from a ``note`` column.
+    category-averaged score; returns rows (feature, criterion, importance_mean, importance_std,
+    scope). Only features that vary independently are scored (:func:`independent_features`; a
+    merged pair is labelled ``lr = unet_lr``), over all models (scope ``all models``) and, where
+    ``within`` is a feature and one of its values has at least 4 models, within that value (scope
+    ``algo=lora``: what matters *inside* an algorithm, not between them). What was dropped or merged,
+    and a scope with too few models, is a ``note`` row. With fewer than 4 models the frame holds
+    only a note.
     """
-    from sklearn.ensemble import GradientBoostingRegressor
-    from sklearn.inspection import permutation_importance
-
-    cols = ["feature", "criterion", "importance_mean", "importance_std"]
+    cols = ["feature", "criterion", "importance_mean", "importance_std", "scope"]
     features = list(features)
     if not features:
         raise ConfigError("importance needs at least one feature column")
@@ -343,7 +382,33 @@ def importance(
     if len(models) < 4:
         note = f"importance needs at least 4 models with scores, got {len(models)}"
         return pd.DataFrame({**{c: pd.Series(dtype=float) for c in cols}, "note": pd.Series([note], dtype=str)})
-    x = _feature_matrix(models, features)
+    _require(models, features, "models table")
+    rows: list[tuple] = []
+    notes: list[str] = []
+    scopes = [("all models", models)]
+    if within in features:
+        for value, group in models.groupby(within, sort=True):
+            if len(group) >= 4:
+                scopes.append((f"{within}={value}", group.reset_index(drop=True)))
+    for scope, group in scopes:
+        candidates = [f for f in features if scope == "all models" or f != within]
+        labels, dropped = independent_features(group, candidates)
+        notes.extend(f"{scope}: {note}" for note in dropped)
+        if not labels:
+            notes.append(f"{scope}: no hyper-parameter varies independently")
+            continue
+        rows.extend(_importance_rows(per_model, group, labels, scope, seed, n_repeats))
+    out = pd.DataFrame(rows, columns=cols)
+    if notes:
+        out = pd.concat([out, pd.DataFrame({"note": notes})], ignore_index=True)
+    return out
+
+
+def _importance_rows(per_model, models, labels, scope, seed, n_repeats) -> list[tuple]:
+    from sklearn.ensemble import GradientBoostingRegressor
+    from sklearn.inspection import permutation_importance
+
+    x = _feature_matrix(models, [label.split(" = ")[0] for label in labels])
     rows = []
     for criterion in per_model.columns:
         y = per_model[criterion].reindex(models["model"]).to_numpy(dtype=float)
@@ -353,9 +418,9 @@ def importance(
         reg = GradientBoostingRegressor(n_estimators=100, max_depth=3, min_samples_leaf=1, random_state=seed)
         reg.fit(x[ok], y[ok])
         res = permutation_importance(reg, x[ok], y[ok], n_repeats=n_repeats, random_state=seed)
-        for f, m, s in zip(features, res.importances_mean, res.importances_std, strict=True):
-            rows.append((f, criterion, float(m), float(s)))
-    return pd.DataFrame(rows, columns=cols)
+        for f, m, s in zip(labels, res.importances_mean, res.importances_std, strict=True):
+            rows.append((f, criterion, float(m), float(s), scope))
+    return rows
 
 
 def shap_values(

@@ -197,15 +197,22 @@ def scatter_pairs(
 
 
 def importance_chart(importance: pd.DataFrame, path: str | os.PathLike) -> Path:
-    """Horizontal bar chart of permutation importance, one panel per criterion."""
+    """Horizontal bar chart of permutation importance, one panel per criterion; a bar per feature and
+    scope (``lr [algo=lora]`` for an importance within one algorithm)."""
+    importance = importance.dropna(subset=["criterion"])
     criteria = list(dict.fromkeys(importance["criterion"]))
     if not criteria:
         raise HiganbanaError("importance table is empty: nothing to plot")
-    fig = _new_figure(3.2 * len(criteria) + 0.5, 0.35 * importance["feature"].nunique() + 1.8)
+    scope = importance["scope"] if "scope" in importance else pd.Series("all models", index=importance.index)
+    labels = [
+        f if s == "all models" else f"{f} [{s}]" for f, s in zip(importance["feature"].astype(str), scope, strict=True)
+    ]
+    importance = importance.assign(label=labels)
+    fig = _new_figure(3.2 * len(criteria) + 0.5, 0.35 * importance["label"].nunique() + 1.8)
     for k, crit in enumerate(criteria):
         ax = fig.add_subplot(1, len(criteria), k + 1)
         sub = importance.loc[importance["criterion"] == crit]
-        ax.barh(sub["feature"].astype(str), sub["importance_mean"], xerr=sub["importance_std"], color="#4878a8")
+        ax.barh(sub["label"], sub["importance_mean"], xerr=sub["importance_std"], color="#4878a8")
         ax.set_title(str(crit), fontsize=9)
         ax.tick_params(labelsize=8)
         if k:
@@ -370,13 +377,16 @@ def write_report(
     sections.append(("scatter", "Metric trade-offs", _img(scatter.read_bytes(), "scatter plots")))
 
     if importance is not None:
-        if "note" in importance.columns and importance.dropna(subset=["feature"]).empty:
-            body = "".join(f'<p class="muted">{_esc(n)}</p>' for n in importance["note"].dropna())
-        else:
-            cols = ["feature", "criterion", "importance_mean", "importance_std"]
-            body = _html_table(importance[[c for c in cols if c in importance]], index=False)
-            if len(importance):
-                body = _img(importance_chart(importance, out / "importance.png").read_bytes(), "importance") + body
+        dropped = importance["note"].dropna() if "note" in importance.columns else []
+        table = importance.dropna(subset=["feature"]) if "feature" in importance.columns else importance
+        body = ""
+        if len(table):
+            cols = ["scope", "feature", "criterion", "importance_mean", "importance_std"]
+            body += _img(importance_chart(table, out / "importance.png").read_bytes(), "importance")
+            body += _html_table(table[[c for c in cols if c in table]], index=False)
+        if len(dropped):
+            body += '<p class="muted">Only hyper-parameters that vary independently are scored:</p>'
+            body += "<ul>" + "".join(f'<li class="muted">{_esc(n)}</li>' for n in dropped) + "</ul>"
         sections.append(("importance", "Hyper-parameter importance", body))
 
     avg = average_hierarchy(scores)
