@@ -12,17 +12,25 @@ PEERS       := lycoris-lora==4.1.3 peft==0.21.2
 
 .PHONY: demo test lint bench fuzz venv peers clean
 
+SETUP_HELP := needs Python >= 3.10 with venv (Debian: apt-get install python3-venv) and access to PyPI; fix that and re-run make
+
 $(STAMP): pyproject.toml constraints.txt
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[dev]"
-	touch $(STAMP)
+	@echo "[set-up] $(VENV): installing higanbana with torch (CPU), diffusers, transformers — a few minutes the first time"
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || { echo "[set-up] could not create $(VENV): $(SETUP_HELP)"; exit 1; }
+	@$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[dev]" \
+		|| { echo "[set-up] pip install failed: $(SETUP_HELP)"; exit 1; }
+	@touch $(STAMP)
+	@echo "[set-up] $(VENV) ready"
 
 venv: $(STAMP)
 
 $(PEERS_STAMP): pyproject.toml constraints.txt
-	test -x $(PEERS_VENV)/bin/python || $(PYTHON) -m venv $(PEERS_VENV)
-	$(PEERS_VENV)/bin/pip install --quiet --disable-pip-version-check -c constraints.txt -e . $(PEERS)
-	touch $(PEERS_STAMP)
+	@echo "[set-up] $(PEERS_VENV): the peer libraries the tests compare with ($(PEERS)) — a few minutes the first time"
+	@test -x $(PEERS_VENV)/bin/python || $(PYTHON) -m venv $(PEERS_VENV) || { echo "[set-up] could not create $(PEERS_VENV): $(SETUP_HELP)"; exit 1; }
+	@$(PEERS_VENV)/bin/pip install --quiet --disable-pip-version-check -c constraints.txt -e . $(PEERS) \
+		|| { echo "[set-up] pip install failed: $(SETUP_HELP)"; exit 1; }
+	@touch $(PEERS_STAMP)
+	@echo "[set-up] $(PEERS_VENV) ready"
 
 peers: $(PEERS_STAMP)
 
