@@ -106,7 +106,7 @@ def test_two_networks_with_different_presets_coexist(toy):
 @pytest.mark.parametrize(
     ("config", "options", "needle"),
     [
-        ({"model": {"names": ["nothing_here"]}}, {}, "matched no module"),
+        ({"model": {"names": ["nothing_here"]}}, {}, "targets (names ['nothing_here']) match no layer of"),
         ({"model": {"names": ["head"]}}, {"factor": 4}, "'lora' takes no option 'factor'"),
         (
             {"model": {"names": ["head"]}, "rules": [{"names": ["head"], "algo": "ia3", "options": {"rank": 2}}]},
@@ -282,3 +282,27 @@ def test_strict_and_non_strict_loading_report_by_key(toy, tmp_path):
     report = net.load_state_tensors(tensors, source="f.safetensors", strict=False)
     assert "lycoris_blocks_0_attn_to_k" in report.loaded and "lycoris_head" in report.mismatched
     assert report.unexpected == ["lycoris_nowhere.lora_up.weight"]
+
+
+class CrossAttention(nn.Module):
+    """sd-scripts' UNet attention (library/original_unet.py) is a class of this name, not diffusers' Attention."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.to_q, self.to_k, self.to_v = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+        self.to_out = nn.ModuleList([nn.Linear(8, 8)])
+
+
+class SdScriptsLikeUNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv_in = nn.Conv2d(4, 8, 3)
+        self.attn1 = CrossAttention()
+
+
+def test_attn_only_preset_finds_sd_scripts_attention_and_a_part_matching_nothing_is_an_error():
+    unet = SdScriptsLikeUNet()
+    net = AdapterNetwork([Part("lora_unet", unet, "unet")], "lora", config={"preset": "attn-only"}, rank=2)
+    assert set(net.adapters) == {f"lora_unet_attn1_{n}" for n in ("to_q", "to_k", "to_v", "to_out_0")}
+    with pytest.raises(ConfigError, match=r"unet targets \(blocks \['Transformer2DModel'\]\) match no layer"):
+        AdapterNetwork([Part("lora_unet", unet, "unet")], "lora", config={"preset": "unet-transformer-only"}, rank=2)

@@ -232,6 +232,18 @@ def plan_modules(
             chosen = [(p, m) for p, m in part.module.named_modules() if _layer_kind(m) and select(p, m)]
         else:
             chosen = list(_select_layers(part, config))
+            target = config.targets.get(part.kind)
+            if not chosen and target:  # the config means to adapt this part: a target that matches nothing
+                wanted = "; ".join(
+                    f"{key} {list(values)}"
+                    for key, values in (("blocks", target.blocks), ("layers", target.layers), ("names", target.names))
+                    if values
+                )
+                raise ConfigError(
+                    f"the {part.kind} targets ({wanted}) match no layer of {part.prefix} "
+                    f"({type(part.module).__name__}): check the preset/targets against this model's class names "
+                    "and module paths"
+                )
         for path, layer in chosen:
             name = part.file_name(path)
             if name in plan:
