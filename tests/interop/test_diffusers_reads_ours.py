@@ -2,7 +2,7 @@
 ``info``'s diffusers verdict says.
 
 In the peers' venv (``.venv-bench``: diffusers 0.42.1 with peft 0.21.2, higanbana installed there too)
-``diffusers_reads_ours_run.py`` builds our network of each case on a tiny SD1 and SDXL model (UNet and
+``diffusers_reads_ours_run.py`` builds our network of each case on a tiny SD1, SD2 and SDXL model (UNet and
 text encoders; SGM names for the SDXL UNet, as kohya writes them), randomises and saves it, and records
 our merged weights; then a ``StableDiffusionPipeline`` / ``StableDiffusionXLPipeline`` assembled from a
 fresh copy of the same parts loads the file and fuses it at scale 1. What diffusers did decides the
@@ -51,7 +51,7 @@ VARIANTS = [
 ]
 CASES = [
     [f"{kind}-{label}", kind, preset, algo, options, for_diffusers]
-    for kind in ("sd1", "sdxl")
+    for kind in ("sd1", "sd2", "sdxl")
     for label, preset, algo, options, for_diffusers in VARIANTS
 ]
 #: diffusers 0.42.1's _convert_non_diffusers_lora_to_diffusers on keys it has no rule for
@@ -121,7 +121,7 @@ def test_info_diffusers_verdict_is_what_diffusers_does(results, label):
 
 @pytest.mark.slow
 def test_diffusers_loads_our_lora_and_locon_exactly(results):
-    for kind in ("sd1", "sdxl"):
+    for kind in ("sd1", "sd2", "sdxl"):
         for label in ("lora", "locon", "lora-alpha", "lora-every-layer"):
             row = results[f"{kind}-{label}"]
             assert _what_diffusers_did(row) == "loads", f"{kind}-{label}: {row}"
@@ -132,7 +132,7 @@ def test_diffusers_loads_our_lora_and_locon_exactly(results):
 
 @pytest.mark.slow
 def test_diffusers_rejects_tucker_loha_lokr_and_convert_makes_tucker_load(results):
-    for kind in ("sd1", "sdxl"):
+    for kind in ("sd1", "sd2", "sdxl"):
         for label, key in (("locon-tucker", "lora_mid"), ("loha", "hada_w1_a"), ("lokr", "lokr_w1")):
             failed = results[f"{kind}-{label}"].get("failed", "")
             assert failed.startswith(NOT_RENAMED) and key in failed, f"{kind}-{label}: {failed}"
@@ -141,7 +141,7 @@ def test_diffusers_rejects_tucker_loha_lokr_and_convert_makes_tucker_load(result
 
 @pytest.mark.slow
 def test_diffusers_drops_dora_scale_and_fuses_plain_lora(results):
-    for kind in ("sd1", "sdxl"):
+    for kind in ("sd1", "sd2", "sdxl"):
         row = results[f"{kind}-dora"]
         assert any(DORA_DROPPED in line for line in row["warnings"]), row["warnings"]
         assert row["applied"] == row["modules"] and set(row["differing"]) == set(row["modules"])
