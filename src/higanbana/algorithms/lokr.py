@@ -101,7 +101,8 @@ def lycoris_rebuild_verdict(tensors: Mapping[str, Tensor], kernel: Kernel) -> Ve
         def fits(f: int) -> bool:
             return out_f % f == 0 and in_f % f == 0 and f in (w1[0], w2[0]) and f in (w1[1], w2[1])
 
-        f1, f2 = max(w1), max(w2)
+        f1 = max(w1)
+        f2 = max(dims_of["lokr_w2"]) if "lokr_w2" in has else max(w2)  # a full conv w2: its kernel dims too
         factor = f1 if fits(f1) else f2 if fits(f2) else min(f1, f2)
     # the layer, as we wrote it
     if "lokr_w2" in has:
