@@ -18,17 +18,24 @@ def test_readme_example_runs():
 
 
 def test_readme_whole_model_example_runs(tmp_path, monkeypatch):
+    """As written, on the shipped miniature SD1; and with an SDXL folder where the comment says so."""
     from higanbana.models.tiny import save_tiny_sd, tiny_sd_parts
 
     block = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)[1]
-    folder = save_tiny_sd(tiny_sd_parts("sdxl"), tmp_path / "sdxl")
-    assert "path/to/sdxl-diffusers-folder" in block
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
-    exec(compile(block.replace("path/to/sdxl-diffusers-folder", str(folder)), "README.md", "exec"), namespace)
-    assert namespace["sd"].kind == "sdxl"
+    exec(compile(block, "README.md", "exec"), namespace)
+    assert namespace["sd"].kind == "sd1"
     loaded = namespace["load_sd_network"](tmp_path / "my.safetensors", namespace["sd"])
     assert set(loaded.adapters) == set(namespace["net"].adapters)
+
+    folder = save_tiny_sd(tiny_sd_parts("sdxl"), tmp_path / "sdxl")
+    yours = 'load_sd("path/to/sdxl-diffusers-folder")'
+    assert yours in block
+    sdxl = re.sub(r"load_sd\(shipped_model\(\)\).*", f"load_sd({str(folder)!r})", block)
+    namespace = {}
+    exec(compile(sdxl, "README.md", "exec"), namespace)
+    assert namespace["sd"].kind == "sdxl"
 
 
 def test_readme_training_config_is_valid_and_dry_runs(tmp_path, monkeypatch, capsys):
