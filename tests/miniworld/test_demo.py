@@ -66,6 +66,7 @@ def test_quick_demo_runs_end_to_end_and_learns_the_concept(tmp_path):
     assert list(result.ranking.columns) == ["lora", "lokr"]  # native would be one column per learning rate
     assert list(result.ranking.index) == ["Fidelity", "Controllability", "Diversity", "Base preservation"]
     assert len(result.fidelity_correlations) > 0
+    assert "n too small: 4 fine-tuned checkpoint(s)" in result.summary  # a correlation over 4 says nothing
     # the world's own prompts were used
     prompts = {p["prompt"] for p in json.loads((tmp_path / "eval" / "prompts.json").read_text(encoding="utf-8"))}
     assert "zorb toy, outlined style" in prompts and "zorb toy" in prompts

@@ -258,14 +258,27 @@ def _analyse(raw: Any) -> tuple[Any, Any, Any]:
     return A.criterion_scores(scores), fid, trigger_fidelity
 
 
+#: fewer fine-tuned checkpoints than this and a correlation over them is noise, whatever its value
+MIN_CHECKPOINTS_FOR_CORRELATION = 8
+
+
 def format_summary(result: DemoResult) -> str:
-    """The tables the demo prints: ranking, fidelity correlations, fidelity on <trigger>."""
+    """The tables the demo prints: ranking, fidelity correlations, fidelity on <trigger> — with a
+    caveat where the checkpoints are too few for the correlations to mean anything."""
+    checkpoints = sum(1 for model in result.criteria.index if model != "base")
+    caveat = []
+    if checkpoints < MIN_CHECKPOINTS_FOR_CORRELATION:
+        caveat = [
+            f"(n too small: {checkpoints} fine-tuned checkpoint(s); a correlation over so few says nothing, "
+            "whatever its value — the full plan has 16)"
+        ]
     lines = [
         "Tentative ranking (the paper's Table 1; rank among the algorithms, higher = better):",
         result.ranking.to_string(),
         "",
         "Pearson correlation of fidelity with the other criteria (over models x concepts):",
         result.fidelity_correlations.round(2).to_string(),
+        *caveat,
         "",
         "Fidelity (cosine to the training images) on the <trigger> prompt, base vs fine-tuned:",
         result.trigger_fidelity.round(3).T.to_string(),
