@@ -33,6 +33,8 @@ import zlib
 from pathlib import Path
 from typing import Any
 
+from higanbana.models.architectures import SD15_UNET as SD15_UNET_CONFIG
+
 #: the model id sd-scripts' SD1 tokenizer strategy asks for, and its cache-folder name
 TOKENIZER_ID = "openai/clip-vit-large-patch14"
 TOKENIZER_CACHE_NAME = TOKENIZER_ID.replace("/", "_")
@@ -40,25 +42,7 @@ BOS_ID, EOS_ID = 0, 1  # the tokenizer's specials (as tiny_clip_tokenizer); pad 
 MAX_LENGTH = 77
 
 #: SD1.5's UNet (diffusers config of runwayml/stable-diffusion-v1-5 / unet)
-SD15_UNET: dict[str, Any] = dict(
-    sample_size=64,
-    in_channels=4,
-    out_channels=4,
-    center_input_sample=False,
-    flip_sin_to_cos=True,
-    freq_shift=0,
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    block_out_channels=(320, 640, 1280, 1280),
-    layers_per_block=2,
-    downsample_padding=1,
-    mid_block_scale_factor=1,
-    act_fn="silu",
-    norm_num_groups=32,
-    norm_eps=1e-5,
-    cross_attention_dim=768,
-    attention_head_dim=8,
-)
+SD15_UNET: dict[str, Any] = dict(SD15_UNET_CONFIG)
 #: SD1.5's text encoder: CLIP ViT-L/14's text tower (specials moved to the offline tokenizer's ids)
 SD15_TEXT_ENCODER: dict[str, Any] = dict(
     vocab_size=49408,

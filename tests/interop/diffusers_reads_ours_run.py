@@ -49,34 +49,6 @@ def _layer_weights(module: nn.Module) -> tuple[dict[str, torch.Tensor], set[str]
     return weights, wrapped
 
 
-def _pipeline(parts):
-    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    scheduler = EulerDiscreteScheduler(steps_offset=1)
-    if parts.kind == "sdxl":
-        te1, te2 = parts.text_encoders
-        tok1, tok2 = parts.tokenizers
-        return StableDiffusionXLPipeline(
-            vae=parts.vae,
-            text_encoder=te1,
-            text_encoder_2=te2,
-            tokenizer=tok1,
-            tokenizer_2=tok2,
-            unet=parts.unet,
-            scheduler=scheduler,
-        )
-    return StableDiffusionPipeline(
-        vae=parts.vae,
-        text_encoder=parts.text_encoders[0],
-        tokenizer=parts.tokenizers[0],
-        unet=parts.unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-
-
 def _randomize(net: nn.Module, seed: int = 1) -> None:
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -90,6 +62,7 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def run_case(base, out: str, label: str, preset: str, algo: str, options: dict, for_diffusers: bool) -> dict:
     from higanbana.formats.sd_network import save_sd_network, sd_network
+    from higanbana.models.pipeline import build_pipeline
     from higanbana.tools.convert import convert
 
     model = copy.deepcopy(base)
@@ -114,7 +87,7 @@ def run_case(base, out: str, label: str, preset: str, algo: str, options: dict, 
     row: dict = {"path": path, "modules": sorted(where)}
 
     fresh = copy.deepcopy(base)
-    pipe = _pipeline(fresh)
+    pipe = build_pipeline(fresh)  # diffusers' SD/SDXL pipeline over the parts' own modules
     collect = _Collect()
     loggers = [logging.getLogger(n) for n in ("diffusers", "peft")]
     for lg in loggers:

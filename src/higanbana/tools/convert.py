@@ -372,14 +372,6 @@ def _net_on_model(src, model, model_prefix, records, tensors):
         raise HiganbanaError(f"{exc} (converting against the given model)") from exc
 
 
-def _module_tensors(tensors: Mapping[str, Tensor]) -> dict[str, dict[str, Tensor]]:
-    grouped: dict[str, dict[str, Tensor]] = {}
-    for key, value in tensors.items():
-        name, _, suffix = key.partition(".")
-        grouped.setdefault(name, {})[suffix] = value
-    return grouped
-
-
 def _layouts_for(
     tool: str, tensors: dict[str, Tensor], records: dict[str, dict], report: ConvertReport
 ) -> tuple[dict[str, Tensor], dict[str, dict]]:
@@ -390,7 +382,7 @@ def _layouts_for(
     out: dict[str, Tensor] = {}
     records = dict(records)
     rewritten: Counter[str] = Counter()
-    for name, module in _module_tensors(tensors).items():
+    for name, module in group_modules(tensors).items():
         algo = records[name]["algo"]
         new = algorithm_class(algo).layout_for(tool, module)
         if new is not None:
@@ -427,7 +419,8 @@ def _unet_only(tensors, records, unet_prefix, allow_lossy, report):
         )
     report.lossy.append(f"{len(others)} text-encoder module(s) dropped: {why}")
     report.dropped.update(dict.fromkeys(others, why))
-    keep = {n: r for n, r in records.items() if n not in set(others)}
+    left_out = set(others)
+    keep = {n: r for n, r in records.items() if n not in left_out}
     return {k: v for k, v in tensors.items() if k.partition(".")[0] in keep}, keep
 
 
