@@ -18,6 +18,18 @@ from .files import DEVIATE, REJECT, TOOLS, FileStateError, Kernel, Verdicts, dor
 from .options import FactoredOptions, check_fraction, finite_number, whole_number
 
 
+def linear_lowrank_bypass(adapter: Adapter, x: Tensor, down: Tensor, up: Tensor, factor: float) -> Tensor:
+    """A Linear's bypass with a low-rank branch: ``addmm(addmm(b0, x, W0ᵀ), x·downᵀ, (factor·up)ᵀ)``
+    — the frozen GEMM, then the branch's add rides on the second GEMM (no activation-size add)."""
+    dt = x.dtype
+    w0, b0 = adapter.base_weight, adapter.base_bias
+    x2 = x.reshape(-1, x.shape[-1])
+    y = x2.mm(w0.t()) if b0 is None else torch.addmm(b0, x2, w0.t())
+    up = up if factor == 1.0 else up * factor
+    y = torch.addmm(y, x2.mm(down.to(dt).t()), up.to(dt).t())
+    return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
 class FactoredAdapter(Adapter):
     """Base of algorithms whose ΔW is a product of trainable factors (LoRA, LoHa, LoKr, GLoRA).
 

@@ -5,9 +5,16 @@ optional ``dora_scale``. Tucker (``use_tucker``, convs with k > 1): ``hada_t1``/
 (r, r, *k), ``hada_w?_a`` (r, out), ``hada_w?_b`` (r, in), and
 ``W_j[p,q,κ] = Σ_{a,c} t_j[a,c,κ]·w_j_a[a,p]·w_j_b[c,q]``, ``ΔW = W_1 ⊙ W_2``.
 
-The Hadamard product has no cheap factored form, so the bypass branch builds ΔW (the base
-default). Building ΔW keeps only the four small factors for backward (:class:`HadamardProduct`):
-the two full-size products are rebuilt there instead of being held between forward and backward.
+Bypass. The Hadamard product of two rank-r products is one rank-r² product (a row-wise
+Khatri–Rao product of the factors):
+
+    ΔW[o,j] = Σ_a w1_a[o,a]·w1_b[a,j] · Σ_b w2_a[o,b]·w2_b[b,j] = Σ_(a,b) U[o,(a,b)]·V[(a,b),j],
+    U[o,(a,b)] = w1_a[o,a]·w2_a[o,b],   V[(a,b),j] = w1_b[a,j]·w2_b[b,j]
+
+so the branch is a rank-r² LoRA ``U·(V·x)`` (for a conv, ``V`` carries the layer's kernel): no
+full-size tensor in forward or backward. Tucker LoHa builds ΔW (the base default) for its branch.
+Building ΔW keeps only the four small factors for backward (:class:`HadamardProduct`): the two
+full-size products are rebuilt there instead of being held between forward and backward.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ from ..errors import HiganbanaError
 from .base import copy_checked, present, require
 from .cost import Costs
 from .dora import dora_options
-from .factored import FactoredAdapter
+from .factored import FactoredAdapter, linear_lowrank_bypass
 from .files import FileStateError, alpha_of, dims, need, same, shape
 from .layer import LayerSpec, layer_spec
 from .options import FactoredOptions, option
@@ -140,14 +147,45 @@ class LoHa(FactoredAdapter):
         w2 = tucker_rebuild(present(self.hada_t2).flatten(2), a2, self.hada_w2_b)
         return (w1 * w2).reshape(shape)
 
+    def khatri_rao(self, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+        """``U`` (out, r²) and ``V`` (r², in·∏k) with ``ΔW = U·V`` (not for Tucker; see the module)."""
+        a1, a2 = self._a_factors(mask)
+        out, r = a1.shape[0], self.rank
+        u = (a1[:, :, None] * a2[:, None, :]).reshape(out, r * r)
+        v = (self.hada_w1_b[:, None, :] * self.hada_w2_b[None, :, :]).reshape(r * r, -1)
+        return u, v
+
+    def branch(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        if self.use_tucker:
+            return super().branch(x, mask)
+        return self.scaled_branch(x, mask, 1.0)
+
+    def scaled_branch(self, x: Tensor, mask: Tensor | None, factor: float) -> Tensor:
+        """``factor·U(V(x))``, the rank-r² form; Tucker builds ΔW."""
+        if self.use_tucker:
+            return super().scaled_branch(x, mask, factor)
+        spec, dt = self.spec, x.dtype
+        u, v = self.khatri_rao(mask)
+        h = spec.op(x, v.reshape(v.shape[0], spec.in_features, *spec.kernel_size).to(dt))
+        return spec.pointwise(h, (u * factor if factor != 1.0 else u).to(dt))
+
+    def bypass_forward(self, x: Tensor, multiplier: float, mask: Tensor | None = None) -> Tensor:
+        """Linear: ``addmm(addmm(b0, x, W0ᵀ), x·Vᵀ, (m·s·U)ᵀ)`` — the add rides on the GEMM."""
+        if self.use_tucker or self.spec.is_conv or self.weight_decompose or (self.training and self.dropout > 0):
+            return super().bypass_forward(x, multiplier, mask)
+        u, v = self.khatri_rao(mask)
+        return linear_lowrank_bypass(self, x, v, u, multiplier * self.scale)
+
     def branch_costs(self, tokens: int) -> Costs:
-        """No factored branch (the Hadamard product needs ΔW): bypass is never cheaper."""
+        """The rank-r² branch (Tucker: none, the branch builds ΔW) against two rank-r products and
+        their Hadamard product for ΔW."""
         s, r = self.spec, self.rank
         if self.use_tucker:
             per_side = r * r * s.kernel_numel * s.in_features + s.out_features * r * s.fan_in
-        else:
-            per_side = s.out_features * r * s.fan_in
-        return Costs(None, 2 * per_side + s.out_features * s.fan_in)
+            return Costs(None, 2 * per_side + s.out_features * s.fan_in)
+        per_side = s.out_features * r * s.fan_in
+        branch = tokens * r * r * (s.fan_in + s.out_features) + r * r * (s.fan_in + s.out_features)
+        return Costs(branch, 2 * per_side + s.out_features * s.fan_in, passes=3 if not s.is_conv else 4)
 
     # ------------------------------------------------------------------ state
     def _factor_names(self) -> tuple[str, ...]:

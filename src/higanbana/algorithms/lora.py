@@ -19,7 +19,7 @@ from ..errors import HiganbanaError
 from .base import copy_checked, require
 from .cost import Costs
 from .dora import dora_options
-from .factored import FactoredAdapter
+from .factored import FactoredAdapter, linear_lowrank_bypass
 from .files import REJECT, FileStateError, Kernel, Verdicts, alpha_of, dims, dora_axis, need, ones_from, same, shape
 from .layer import LayerSpec, layer_spec
 from .options import FactoredOptions, option
@@ -120,13 +120,8 @@ class LoRA(FactoredAdapter):
         """Linear: ``addmm(addmm(b0, x, W0ᵀ), x·downᵀ, (m·s·up)ᵀ)`` — the add rides on the GEMM."""
         if self.spec.is_conv or self.weight_decompose or (self.training and self.dropout > 0) or x.dim() < 1:
             return super().bypass_forward(x, multiplier, mask)
-        dt = x.dtype
-        w0, b0 = self.base_weight, self.base_bias
-        x2 = x.reshape(-1, x.shape[-1])
-        y = x2.mm(w0.t()) if b0 is None else torch.addmm(b0, x2, w0.t())
-        h = x2.mm(self.lora_down.to(dt).t())
-        y = torch.addmm(y, h, self._up_in_shape(mask, multiplier * self.scale, dt).t())
-        return y.reshape(*x.shape[:-1], y.shape[-1])
+        up = self._up_in_shape(mask, multiplier * self.scale, x.dtype)
+        return linear_lowrank_bypass(self, x, self.lora_down, up, 1.0)
 
     def branch_costs(self, tokens: int) -> Costs:
         """Down, (Tucker core,) up per position, against ``up·down`` (and the core) for ΔW."""
