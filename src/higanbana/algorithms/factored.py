@@ -182,6 +182,11 @@ class FactoredAdapter(Adapter):
         plain = self.branch_costs(tokens)
         return with_dora(plain) if self.weight_decompose else plain
 
+    def dora_factors(self, mask: Tensor | None) -> tuple[Tensor, Tensor] | None:
+        """``(U, V)`` with ``flat(ΔW) = U·V`` when ΔW is a product of rank-r factors (DoRA's norm is
+        then computed without ΔW, see :mod:`.dora`); ``None``: DoRA builds ΔW."""
+        return None
+
     def branch_costs(self, tokens: int) -> Costs:
         """The factored branch's costs without DoRA; ``bypass`` is ``None`` when ``branch`` must
         materialise ΔW (then bypass is never the cheaper mode)."""

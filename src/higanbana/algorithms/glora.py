@@ -78,6 +78,12 @@ def _new_layout(tensors: dict[str, Tensor], spec: LayerSpec) -> dict[str, Tensor
     )
 
 
+#: multiply-adds that changing a Linear's input costs per position and input channel, against the
+#: ``W0·a1`` GEMM (SD1.5 shapes on the 2-core CPU, 2026-12-07: the input form wins from 1280×1280
+#: at 64 positions on; ``W0·a1`` at 320×320 with 1024 positions)
+INPUT_PASS_COST = 32
+
+
 class GLoRA(FactoredAdapter):
     """Generalised LoRA of Linear and ConvNd layers (no DoRA)."""
 
@@ -167,22 +173,42 @@ class GLoRA(FactoredAdapter):
         return y + c * self._b_path(x, ups)
 
     def _linear_bypass(self, x: Tensor, c: float, ups: tuple[Tensor, Tensor]) -> Tensor:
-        """For Linear, GLoRA is a rank-2r LoRA: ``down = [a2; b2]``, ``up = c·[W0·a1 | b1]``,
-        applied as ``addmm(addmm(b0, x, W0ᵀ), x·downᵀ, upᵀ)`` (W0·a1 is a small weight-sized GEMM)."""
+        """For Linear, two exact forms, the cheaper for the call's number of positions:
+
+        - ``W0·a1`` small against the activations: a rank-2r LoRA with ``down = [a2; b2]`` and
+          ``up = c·[W0·a1 | b1]``, ``addmm(addmm(b0, x, W0ᵀ), x·downᵀ, upᵀ)`` (one weight-sized
+          rank-r GEMM);
+        - otherwise ``addmm(addmm(b0, x + c·a1(a2(x)), W0ᵀ), b2(x), c·b1ᵀ)``: the frozen GEMM on a
+          changed input (one activation-size tensor), no weight-sized work.
+        """
         dt, w0, b0 = x.dtype, self.base_weight, self.base_bias
-        down = torch.cat(ups).to(dt)
-        up = torch.cat([w0.to(self.a1.dtype) @ self.a1, self.b1], dim=1)
-        up = (up if c == 1.0 else up * c).to(dt)
         x2 = x.reshape(-1, x.shape[-1])
-        y = x2.mm(w0.t()) if b0 is None else torch.addmm(b0, x2, w0.t())
-        y = torch.addmm(y, x2.mm(down.t()), up.t())
+        h = x2.mm(torch.cat(ups).to(dt).t())  # (tokens, 2r): a2(x) and b2(x) in one GEMM
+        r = self.rank
+        if self._weight_form_is_cheaper(x2.shape[0]):
+            up = torch.cat([w0.to(self.a1.dtype) @ self.a1, self.b1], dim=1)
+            up = (up if c == 1.0 else up * c).to(dt)
+            y = x2.mm(w0.t()) if b0 is None else torch.addmm(b0, x2, w0.t())
+            y = torch.addmm(y, h, up.t())
+        else:
+            a1, b1 = (self.a1 * c).to(dt), (self.b1 * c).to(dt)
+            changed = torch.addmm(x2, h[:, :r], a1.t())
+            y = changed.mm(w0.t()) if b0 is None else torch.addmm(b0, changed, w0.t())
+            y = torch.addmm(y, h[:, r:], b1.t())
         return y.reshape(*x.shape[:-1], y.shape[-1])
+
+    def _weight_form_is_cheaper(self, tokens: int) -> bool:
+        """Whether ``W0·a1`` (out·r per input channel, a skinny GEMM, forward and backward) costs less
+        than changing the input (about :data:`INPUT_PASS_COST` multiply-adds per position and input
+        channel: an activation-size tensor written, read and its gradient added)."""
+        return self.spec.out_features * self.rank < INPUT_PASS_COST * tokens
 
     def branch_costs(self, tokens: int) -> Costs:
         """Linear: the rank-2r LoRA form plus ``W0·a1``; conv: the two factored paths."""
         s, r = self.spec, self.rank
         if not s.is_conv:
-            branch = tokens * 2 * r * (s.in_features + s.out_features) + s.out_features * s.in_features * r
+            branch = tokens * 2 * r * (s.in_features + s.out_features)
+            branch += s.in_features * min(s.out_features * r, INPUT_PASS_COST * tokens)
         else:
             branch = tokens * r * (2 * s.in_features + s.fan_in + s.out_features)
         delta = 2 * s.out_features * r * s.fan_in + s.out_features * r * s.fan_in

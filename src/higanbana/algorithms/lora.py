@@ -94,6 +94,12 @@ class LoRA(FactoredAdapter):
         delta = torch.einsum("oa,ack,ci->oik", up, mid, self.lora_down.flatten(1))
         return delta.reshape(spec.out_features, spec.in_features, *spec.kernel_size)
 
+    def dora_factors(self, mask: Tensor | None) -> tuple[Tensor, Tensor] | None:
+        """``(up, down)`` flattened (not with a Tucker core, whose ΔW is built)."""
+        if self.lora_mid is not None:
+            return None
+        return self._up(mask), self.lora_down.flatten(1)
+
     def _up_in_shape(self, mask: Tensor | None, factor: float, dtype: torch.dtype) -> Tensor:
         """The "up" weight in its layer shape, with scalar, rank mask and ``factor`` folded in."""
         up = self.scaled_up(self.lora_up)
