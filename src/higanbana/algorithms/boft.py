@@ -40,6 +40,11 @@ from .oft import OrthogonalAdapter
 from .options import option, whole_number
 
 
+#: multiply-adds that one separate product (a stage, or a composed block matrix) costs per row and
+#: position beyond its arithmetic: its permutation copies and the batched matmul's passes
+GROUP_PASS_COST = 64
+
+
 def max_stages(num_blocks: int) -> int:
     """``log2(n) + 1``: the most butterfly stages ``n`` blocks allow."""
     return num_blocks.bit_length()
@@ -90,29 +95,112 @@ class BOFT(OrthogonalAdapter):
     def blocks_shape(self) -> tuple[int, ...]:
         return (self.num_stages, self.num_blocks, self.block_size, self.block_size)
 
-    def rotate(self, rows: Tensor, rotations: Tensor, inverse: bool = False) -> Tensor:
-        """The butterfly stages on ``rows`` (P, out, Q); the inverse runs them back with ``R_iᵀ``."""
+    def stages(self, rows: Tensor, rotations: Tensor, which: range, inverse: bool = False) -> Tensor:
+        """Butterfly stages ``which`` on ``rows`` (P, out, Q), one at a time; the inverse runs them
+        back with ``R_iᵀ``."""
         p, out, q = rows.shape
         n, b = self.num_blocks, self.block_size
-        order = range(self.num_stages - 1, -1, -1) if inverse else range(self.num_stages)
+        order = reversed(which) if inverse else which
         pattern = "pkdq,kdc->pkcq" if inverse else "pkdq,kcd->pkcq"
+        per_stage = rotations.unbind(0)  # one backward for all stages (indexing would add M zero tensors)
         for i in order:
             h = (b // 2) << i
             groups = out // (2 * h)
             x = rows.reshape(p, groups, 2, h, q).transpose(2, 3).reshape(p, n, b, q)
-            x = torch.einsum(pattern, x, rotations[i])
+            x = torch.einsum(pattern, x, per_stage[i])
             rows = x.reshape(p, groups, h, 2, q).transpose(2, 3).reshape(p, out, q)
         return rows
 
-    def transform_macs(self) -> int:
-        return self.num_stages * self.spec.out_features * self.block_size
+    def rotate(self, rows: Tensor, rotations: Tensor, inverse: bool = False) -> Tensor:
+        """All stages on ``rows`` (P, out, Q), stage by stage or as two composed block-diagonal
+        matrices (:meth:`plan`), whichever costs less for ``P·Q`` positions; the same product."""
+        split = self.plan(rows.shape[0] * rows.shape[2])
+        if split is None:
+            return self.stages(rows, rotations, range(self.num_stages), inverse)
+        low, high = self.composed(rotations, split)
+        if inverse:
+            if high is not None:
+                rows = self._apply_high(rows, high.mT, split)
+            return self._apply_low(rows, low.mT)
+        rows = self._apply_low(rows, low)
+        return rows if high is None else self._apply_high(rows, high, split)
+
+    # A butterfly's stages compose into two block-diagonal matrices. With u = b/2 and a row index
+    # r, stage i mixes rows that differ only in r mod u and in bit i of r // u. Stages 0..k
+    # therefore keep r // (b·2^k): their product ("low") is block-diagonal over contiguous blocks
+    # of b·2^k rows. Stages k+1..M−1 keep (r // u) mod 2^(k+1): their product ("high") is
+    # block-diagonal over the 2^(k+1) classes of that residue, out/2^(k+1) rows each (the rows
+    # r = hi·u·2^(k+1) + class·u + j, ordered by (hi, j) within a class). Applying the two costs
+    # b·2^k + out/2^(k+1) multiply-adds per row and position, in two passes, against b·M in M
+    # passes stage by stage; building them runs the stages once on identity columns.
+
+    def plan(self, positions: int) -> int | None:
+        """The last stage ``k`` of the low product, or ``None`` to run the stages one by one: the
+        cheapest for ``positions`` columns (multiply-adds, plus :data:`GROUP_PASS_COST` per row and
+        position for each separate product, plus building the products)."""
+        out, b, stages = self.spec.out_features, self.block_size, self.num_stages
+        best, best_cost = None, positions * out * stages * (b + GROUP_PASS_COST)
+        for k in range(stages):
+            low = b << k
+            high = out >> (k + 1) if k < stages - 1 else 0
+            groups = 2 if high else 1
+            build = 3 * out * b * (low * (k + 1) + high * (stages - 1 - k))  # forward and backward
+            cost = positions * out * (low + high + groups * GROUP_PASS_COST) + build
+            if cost < best_cost:
+                best, best_cost = k, cost
+        return best
+
+    def composed(self, rotations: Tensor, k: int) -> tuple[Tensor, Tensor | None]:
+        """The blocks of the low product (out/(b·2^k), b·2^k, b·2^k) and of the high one
+        (2^(k+1), out/2^(k+1), out/2^(k+1)), or ``None`` when stages 0..k are all of them."""
+        out, b, stages = self.spec.out_features, self.block_size, self.num_stages
+        dt, dev = rotations.dtype, rotations.device
+        size = b << k
+        eye = torch.eye(size, dtype=dt, device=dev).repeat(out // size, 1)  # column c: e_c in every block
+        low = self.stages(eye.unsqueeze(0), rotations, range(k + 1))[0].reshape(out // size, size, size)
+        if k == stages - 1:
+            return low, None
+        u, classes = b // 2, 2 << k
+        span = out // classes  # rows per class
+        eye = torch.eye(span, dtype=dt, device=dev).reshape(span // u, 1, u, span).expand(-1, classes, -1, -1)
+        high = self.stages(eye.reshape(1, out, span), rotations, range(k + 1, stages))[0]
+        high = high.reshape(span // u, classes, u, span).transpose(0, 1).reshape(classes, span, span)
+        return low, high
+
+    def _apply_low(self, rows: Tensor, low: Tensor) -> Tensor:
+        p, out, q = rows.shape
+        blocks, size = low.shape[0], low.shape[1]
+        x = torch.einsum("kcd,pkdq->pkcq", low.to(rows.dtype), rows.reshape(p, blocks, size, q))
+        return x.reshape(p, out, q)
+
+    def _apply_high(self, rows: Tensor, high: Tensor, k: int) -> Tensor:
+        p, out, q = rows.shape
+        u, classes = self.block_size // 2, 2 << k
+        span = out // classes
+        x = rows.reshape(p, span // u, classes, u, q).transpose(1, 2).reshape(p, classes, span, q)
+        x = torch.einsum("kcd,pkdq->pkcq", high.to(rows.dtype), x)
+        return x.reshape(p, classes, span // u, u, q).transpose(1, 2).reshape(p, out, q)
+
+    def transform_macs(self, positions: int = 1) -> int:
+        """Multiply-adds per column of the cheaper plan for ``positions`` columns."""
+        out, b, stages = self.spec.out_features, self.block_size, self.num_stages
+        k = self.plan(positions)
+        if k is None:
+            return stages * out * b
+        high = out >> (k + 1) if k < stages - 1 else 0
+        return out * ((b << k) + high)
 
     def costs(self, tokens: int) -> Costs:
-        """OFT's, with the passes of the stages: each permutes, rotates and un-permutes the
-        activations (forward and backward), about 8 passes per stage for Linear, where each
-        position's channels are a short vector; convs move long contiguous rows and measure like 2
-        (benchmarks/layers.py)."""
-        return replace(super().costs(tokens), passes=(2 if self.spec.is_conv else 8) * self.num_stages + 4)
+        """OFT's with the plan's multiply-adds; passes: centering and the add, plus each separate
+        product (stage or composed block) permuting, rotating and un-permuting the activations
+        (forward and backward), about 8 passes for Linear, where each position's channels are a
+        short vector; convs move long contiguous rows and measure like 2 (benchmarks/layers.py)."""
+        k = self.plan(tokens)
+        products = self.num_stages if k is None else (1 if k == self.num_stages - 1 else 2)
+        plain = super().costs(tokens)
+        bypass = tokens * self.transform_macs(tokens) + self.cayley_macs()
+        delta = self.spec.fan_in * self.transform_macs(self.spec.fan_in) + self.cayley_macs()
+        return replace(plain, bypass=bypass, delta=delta, passes=(2 if self.spec.is_conv else 8) * products + 4)
 
     @classmethod
     def options_from_state(cls, tensors: dict[str, Tensor], layer: nn.Module) -> dict[str, Any]:
