@@ -39,7 +39,6 @@ from .layer import layer_spec
 from .oft import OrthogonalAdapter
 from .options import option, whole_number
 
-
 #: multiply-adds that one separate product (a stage, or a composed block matrix) costs per row and
 #: position beyond its arithmetic: its permutation copies and the batched matmul's passes
 GROUP_PASS_COST = 64
