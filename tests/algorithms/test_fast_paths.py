@@ -4,7 +4,9 @@ outputs *and* gradients of every trainable tensor and of the input, at a multipl
 - LoHa's Hadamard product as one rank-r² product (Khatri–Rao factors);
 - DoRA's norm expanded through LoRA's factors (both axes, Linear and conv, with and without bias),
   and its cache of ‖W0‖² following in-place changes of W0;
-- GLoRA's two Linear forms (``W0·a1`` as a LoRA "up", or the frozen GEMM on a changed input).
+- GLoRA's two Linear forms (``W0·a1`` as a LoRA "up", or the frozen GEMM on a changed input);
+- BOFT's stages composed into block-diagonal products, every split and the inverse;
+- LoKr's Linear bypass (``w1`` first, ``w2`` as the GEMM that adds into the frozen output).
 """
 
 from __future__ import annotations
@@ -138,3 +140,22 @@ def test_boft_composed_products_equal_the_stages(monkeypatch, out, rank, stages)
         _agree(adapter, _input(layer))
     monkeypatch.undo()
     assert adapter.plan(10**6) is not None or adapter.num_stages == 1  # many positions: the products pay
+
+
+@pytest.mark.parametrize(
+    "options,factored",
+    [
+        ({"rank": 2, "full_matrix": True}, (False, False)),  # scale 1
+        ({"rank": 1, "factor": 2}, (False, True)),
+        ({"rank": 1, "decompose_both": True, "use_scalar": True}, (True, True)),
+    ],
+    ids=["both-full", "w2-factored", "both-factored"],
+)
+@pytest.mark.parametrize("bias", [True, False])
+def test_lokr_linear_bypass_is_exact(options, factored, bias):
+    """LoKr's Linear bypass (w1 on the input groups, then w2 as the GEMM that adds into y0)."""
+    layer = _layer("linear", bias)
+    adapter = make_adapter("lokr", layer, alpha=2.0, dtype=torch.float64, **options)
+    assert (adapter.w1_factored, adapter.w2_factored) == factored
+    _randomize(adapter)
+    _agree(adapter, _input(layer))

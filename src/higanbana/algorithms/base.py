@@ -84,6 +84,8 @@ class Adapter(nn.Module):
         self.param_dtype = o.dtype or torch.float32
         self._merged_multiplier: float | None = None
         self._backup: tuple[Tensor, Tensor | None] | None = None
+        #: auto's decision per (positions, device type, grads): the shapes are fixed, so each is costed once
+        self._auto_decisions: dict[tuple[int, str, bool], bool] = {}
 
     @classmethod
     def read_options(cls, options: Mapping[str, Any]) -> Any:
@@ -311,14 +313,19 @@ class Adapter(nn.Module):
         tokens = x.numel() // max(x.shape[self.spec.channel_dim], 1)
         if self.spec.is_conv:  # positions of the output (strided convs have fewer)
             tokens = max(tokens // math.prod(self.spec.stride), 1)
-        return bypass_is_cheaper(
-            self.costs(tokens),
-            tokens=tokens,
-            weight_numel=self.base_weight.numel(),
-            width=max(self.spec.in_features, self.spec.out_features),
-            device_type=x.device.type,
-            grad=self._adapter_requires_grad(),
-        )
+        key = (tokens, x.device.type, self._adapter_requires_grad())
+        decision = self._auto_decisions.get(key)
+        if decision is None:
+            decision = bypass_is_cheaper(
+                self.costs(tokens),
+                tokens=tokens,
+                weight_numel=self.base_weight.numel(),
+                width=max(self.spec.in_features, self.spec.out_features),
+                device_type=key[1],
+                grad=key[2],
+            )
+            self._auto_decisions[key] = decision
+        return decision
 
     def forward(self, x: Tensor) -> Tensor:
         m = self.multiplier

@@ -332,6 +332,29 @@ class LoKr(FactoredAdapter):
         y = self._apply_w1(h.reshape(n, v1, -1), mask).reshape(n, u1 * u2, *spatial)
         return y.squeeze(0) if unbatched else y
 
+    def bypass_forward(self, x: Tensor, multiplier: float, mask: Tensor | None = None) -> Tensor:
+        """Linear: ``w1`` on the input groups first (``(..., v1, v2) → (..., u1, v2)``), then ``w2``
+        as the last GEMM, whose output rows ``(position, i)`` are already the layout of ``y0``: the
+        add rides on that GEMM (``addmm``) and ``m·s`` on the small ``w2`` factor — no
+        activation-size scale or add."""
+        s = self.spec
+        if s.is_conv or self.weight_decompose or (self.training and self.dropout > 0) or x.dim() < 1:
+            return super().bypass_forward(x, multiplier, mask)
+        dt, w0, b0 = x.dtype, self.base_weight, self.base_bias
+        c = multiplier * self.scale
+        x2 = x.reshape(-1, x.shape[-1])
+        y = x2.mm(w0.t()) if b0 is None else torch.addmm(b0, x2, w0.t())
+        h = self._apply_w1(x2.reshape(-1, self.v1, self.v2), mask)  # (positions, u1, v2)
+        h = h.reshape(-1, self.v2)
+        y = y.reshape(-1, self.u2)  # rows (position, i): y0's own layout
+        if self.w2_factored:
+            a, b = self._w2_factors(mask, dt)
+            y = torch.addmm(y, h.mm(b.mT), (a * c if c != 1.0 else a).mT)
+        else:
+            w2 = self._w2(None, dt)
+            y = torch.addmm(y, h, (w2 * c if c != 1.0 else w2).mT)
+        return y.reshape(*x.shape[:-1], s.out_features)
+
     def _w2_cost(self) -> int:
         """Multiply-adds per position for ``w2`` on one group of v2 channels."""
         s, r, k = self.spec, self.rank, self.spec.kernel_numel
