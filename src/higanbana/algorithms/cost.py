@@ -13,13 +13,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-#: multiply-adds that one element of a pass costs, per device type: ``(activation, weight)``.
+#: multiply-adds that one element of a pass costs, per device type: ``(activation, weight)``, the
+#: weight figure for a training step (without grads merged pays one pass at the activation cost).
 #: CPU: fitted to one training step of every algorithm's adapted layer at the 16 Linear shapes and
 #: position counts of an SD1.5 UNet at 32×32 latents (2-core AMD EPYC, one thread, 2026-12-07:
-#: the fit minimises the time lost to wrong picks, 0.28 s over 8 algorithms × 160 layers, from
-#: 1.1 s with the earlier single constant 128). CUDA: an estimate from an H100's
-#: bandwidth-to-bf16-compute ratio, not yet measured.
-PASS_COST = {"cpu": (16, 32), "cuda": (512, 512)}
+#: the time lost to wrong picks is 0.35 s over 8 algorithms × 160 layers, from 1.1 s with the
+#: earlier single constant 128), then checked on the whole UNet (benchmarks/unet_step.py): there
+#: a weight-sized pass costs more than alone (the step's working set is far beyond the caches), and
+#: a weight pass cost of 32 left LoHa's 320-channel layers merged at 1.11× against 1.06× bypass;
+#: 256 costs the per-layer fit nothing. CUDA: an estimate from an H100's bandwidth-to-bf16-compute
+#: ratio, not yet measured.
+PASS_COST = {"cpu": (16, 256), "cuda": (512, 512)}
 #: devices not listed above are costed like the CPU
 DEFAULT_PASS_COST = PASS_COST["cpu"]
 
@@ -56,8 +60,9 @@ def bypass_is_cheaper(
     activation_pass, weight_pass = PASS_COST.get(device_type, DEFAULT_PASS_COST)
     base = tokens * weight_numel
     activations = tokens * width * activation_pass
-    weight = weight_numel * weight_pass
     if grad:
         bypass = 2 * base + 3 * costs.bypass + activations * costs.passes
-        return bypass < 3 * base + 3 * costs.delta + 2 * weight
-    return costs.bypass + activations * max(costs.passes // 2, 1) < costs.delta + weight
+        return bypass < 3 * base + 3 * costs.delta + 2 * weight_numel * weight_pass
+    # without grads merged writes W' once and the op reads it at once: one pass, costed like an
+    # activation pass (the training figure includes the backward's full-size gradients)
+    return costs.bypass + activations * max(costs.passes // 2, 1) < costs.delta + weight_numel * activation_pass
