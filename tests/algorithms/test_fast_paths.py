@@ -103,6 +103,10 @@ def test_dora_norm_cache_follows_the_base_weight():
     with torch.no_grad():
         layer.weight.mul_(1.5).add_(0.25)  # an in-place change (e.g. another adapter merged)
     _agree(adapter, x)
+    layer.weight = nn.Parameter(layer.weight.detach() * 0.5 - 0.1, requires_grad=False)  # a new weight
+    _agree(adapter, x)
+    layer.weight.data = layer.weight.detach() + 0.3  # a swapped storage
+    _agree(adapter, x)
 
 
 @pytest.mark.parametrize("input_pass_cost", [0, 10**9], ids=["changed-input", "weight-form"])

@@ -17,6 +17,7 @@ error about ``eps·‖W0‖²/‖W0 + sΔW‖²``).
 
 from __future__ import annotations
 
+import weakref
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -52,17 +53,20 @@ def _branch(adapter: FactoredAdapter, x: Tensor, delta: Tensor | None, mask: Ten
 
 
 def squared_norm_of_base(adapter: FactoredAdapter, w0: Tensor) -> Tensor:
-    """``‖W0‖²`` per output row (``(out,)``) or per column of ``flat(W0)`` (``(in·∏k,)``), cached on
-    the adapter for one version of the frozen ``W0`` (recomputed when it changes in place)."""
+    """``‖W0‖²`` per output row (``(out,)``) or per column of ``flat(W0)`` (``(in·∏k,)``) of ``w0``
+    (the base weight flattened, in the parameter dtype), cached on the adapter while the base weight
+    is the same tensor object, storage and version: an in-place change, a swapped ``.data`` or a new
+    weight recomputes it."""
     axis = 1 if adapter.wd_on_output else 0
-    if w0.requires_grad or torch.compiler.is_compiling():
+    base = adapter.base_weight
+    if base.requires_grad or torch.compiler.is_compiling():
         return (w0 * w0).sum(axis)
-    key = (w0.data_ptr(), w0._version, w0.dtype, w0.device, tuple(w0.shape), axis)
+    key = (base.data_ptr(), base._version, w0.dtype, axis)
     cached = adapter.__dict__.get("_base_norm_cache")
-    if cached is None or cached[0] != key:
-        cached = (key, (w0 * w0).sum(axis))
+    if cached is None or cached[0]() is not base or cached[1] != key:
+        cached = (weakref.ref(base), key, (w0 * w0).sum(axis))
         adapter.__dict__["_base_norm_cache"] = cached
-    return cached[1]
+    return cached[2]
 
 
 def factored_norm(adapter: FactoredAdapter, w0: Tensor, u: Tensor, v: Tensor) -> Tensor:
