@@ -136,31 +136,38 @@ class BOFT(OrthogonalAdapter):
     def plan(self, positions: int) -> int | None:
         """The last stage ``k`` of the low product, or ``None`` to run the stages one by one: the
         cheapest for ``positions`` columns (multiply-adds, plus :data:`GROUP_PASS_COST` per row and
-        position for each separate product, plus building the products)."""
+        position for each separate product, plus building the products). Decided once per count."""
+        plans: dict[int, int | None] = self.__dict__.setdefault("_plans", {})
+        if positions in plans:
+            return plans[positions]
         out, b, stages = self.spec.out_features, self.block_size, self.num_stages
         best, best_cost = None, positions * out * stages * (b + GROUP_PASS_COST)
         for k in range(stages):
-            low = b << k
-            high = out >> (k + 1) if k < stages - 1 else 0
+            low, high = self._sizes(k)
             groups = 2 if high else 1
             build = 3 * out * b * (low * (k + 1) + high * (stages - 1 - k))  # forward and backward
             cost = positions * out * (low + high + groups * GROUP_PASS_COST) + build
             if cost < best_cost:
                 best, best_cost = k, cost
+        plans[positions] = best
         return best
+
+    def _sizes(self, k: int) -> tuple[int, int]:
+        """The block sizes of the low and the high product of split ``k`` (high 0: no high product)."""
+        high = self.spec.out_features >> (k + 1) if k < self.num_stages - 1 else 0
+        return self.block_size << k, high
 
     def composed(self, rotations: Tensor, k: int) -> tuple[Tensor, Tensor | None]:
         """The blocks of the low product (out/(b·2^k), b·2^k, b·2^k) and of the high one
         (2^(k+1), out/2^(k+1), out/2^(k+1)), or ``None`` when stages 0..k are all of them."""
-        out, b, stages = self.spec.out_features, self.block_size, self.num_stages
+        out, stages = self.spec.out_features, self.num_stages
         dt, dev = rotations.dtype, rotations.device
-        size = b << k
+        size, span = self._sizes(k)  # span: rows per class of the high product
         eye = torch.eye(size, dtype=dt, device=dev).repeat(out // size, 1)  # column c: e_c in every block
         low = self.stages(eye.unsqueeze(0), rotations, range(k + 1))[0].reshape(out // size, size, size)
-        if k == stages - 1:
+        if not span:
             return low, None
-        u, classes = b // 2, 2 << k
-        span = out // classes  # rows per class
+        u, classes = self.block_size // 2, 2 << k
         eye = torch.eye(span, dtype=dt, device=dev).reshape(span // u, 1, u, span).expand(-1, classes, -1, -1)
         high = self.stages(eye.reshape(1, out, span), rotations, range(k + 1, stages))[0]
         high = high.reshape(span // u, classes, u, span).transpose(0, 1).reshape(classes, span, span)
@@ -182,12 +189,10 @@ class BOFT(OrthogonalAdapter):
 
     def transform_macs(self, positions: int = 1) -> int:
         """Multiply-adds per column of the cheaper plan for ``positions`` columns."""
-        out, b, stages = self.spec.out_features, self.block_size, self.num_stages
         k = self.plan(positions)
         if k is None:
-            return stages * out * b
-        high = out >> (k + 1) if k < stages - 1 else 0
-        return out * ((b << k) + high)
+            return self.num_stages * self.spec.out_features * self.block_size
+        return self.spec.out_features * sum(self._sizes(k))
 
     def costs(self, tokens: int) -> Costs:
         """OFT's with the plan's multiply-adds; passes: centering and the add, plus each separate
@@ -195,7 +200,7 @@ class BOFT(OrthogonalAdapter):
         (forward and backward), about 8 passes for Linear, where each position's channels are a
         short vector; convs move long contiguous rows and measure like 2 (benchmarks/layers.py)."""
         k = self.plan(tokens)
-        products = self.num_stages if k is None else (1 if k == self.num_stages - 1 else 2)
+        products = self.num_stages if k is None else (2 if self._sizes(k)[1] else 1)
         plain = super().costs(tokens)
         bypass = tokens * self.transform_macs(tokens) + self.cayley_macs()
         delta = self.spec.fan_in * self.transform_macs(self.spec.fan_in) + self.cayley_macs()

@@ -18,13 +18,19 @@ from .files import DEVIATE, REJECT, TOOLS, FileStateError, Kernel, Verdicts, dor
 from .options import FactoredOptions, check_fraction, finite_number, whole_number
 
 
+def frozen_linear(adapter: Adapter, x2: Tensor) -> Tensor:
+    """The wrapped Linear on 2-D activations ``(positions, in)``: ``addmm(b0, x, W0ᵀ)`` (or ``mm``),
+    the GEMM a Linear bypass adds its branch into."""
+    w0, b0 = adapter.base_weight, adapter.base_bias
+    return x2.mm(w0.t()) if b0 is None else torch.addmm(b0, x2, w0.t())
+
+
 def linear_lowrank_bypass(adapter: Adapter, x: Tensor, down: Tensor, up: Tensor, factor: float) -> Tensor:
     """A Linear's bypass with a low-rank branch: ``addmm(addmm(b0, x, W0ᵀ), x·downᵀ, (factor·up)ᵀ)``
     — the frozen GEMM, then the branch's add rides on the second GEMM (no activation-size add)."""
     dt = x.dtype
-    w0, b0 = adapter.base_weight, adapter.base_bias
     x2 = x.reshape(-1, x.shape[-1])
-    y = x2.mm(w0.t()) if b0 is None else torch.addmm(b0, x2, w0.t())
+    y = frozen_linear(adapter, x2)
     up = up if factor == 1.0 else up * factor
     y = torch.addmm(y, x2.mm(down.to(dt).t()), up.to(dt).t())
     return y.reshape(*x.shape[:-1], y.shape[-1])
@@ -181,6 +187,16 @@ class FactoredAdapter(Adapter):
         """The factored branch's costs, and DoRA's on top when it is on."""
         plain = self.branch_costs(tokens)
         return with_dora(plain) if self.weight_decompose else plain
+
+    def fused_linear_bypass(self, x: Tensor) -> bool:
+        """Whether this call may run an algorithm's fused Linear bypass (adds riding on GEMMs):
+        a Linear, without DoRA (its own bypass) and without dropout on the branch."""
+        return (
+            not self.spec.is_conv
+            and not self.weight_decompose
+            and not (self.training and self.dropout > 0)
+            and x.dim() >= 1
+        )
 
     def dora_factors(self, mask: Tensor | None) -> tuple[Tensor, Tensor] | None:
         """``(U, V)`` with ``flat(ΔW) = U·V`` when ΔW is a product of rank-r factors (DoRA's norm is

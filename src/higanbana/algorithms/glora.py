@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from .base import copy_checked, require
 from .cost import Costs
-from .factored import FactoredAdapter
+from .factored import FactoredAdapter, frozen_linear
 from .files import DEVIATE, REJECT, SKIP, FileStateError, Kernel, Verdicts, dims, need
 from .layer import LayerSpec, layer_spec
 from .options import FactoredOptions, option
@@ -181,20 +181,18 @@ class GLoRA(FactoredAdapter):
         - otherwise ``addmm(addmm(b0, x + c·a1(a2(x)), W0ᵀ), b2(x), c·b1ᵀ)``: the frozen GEMM on a
           changed input (one activation-size tensor), no weight-sized work.
         """
-        dt, w0, b0 = x.dtype, self.base_weight, self.base_bias
+        dt, w0 = x.dtype, self.base_weight
         x2 = x.reshape(-1, x.shape[-1])
         h = x2.mm(torch.cat(ups).to(dt).t())  # (tokens, 2r): a2(x) and b2(x) in one GEMM
         r = self.rank
         if self._weight_form_is_cheaper(x2.shape[0]):
             up = torch.cat([w0.to(self.a1.dtype) @ self.a1, self.b1], dim=1)
             up = (up if c == 1.0 else up * c).to(dt)
-            y = x2.mm(w0.t()) if b0 is None else torch.addmm(b0, x2, w0.t())
-            y = torch.addmm(y, h, up.t())
+            y = torch.addmm(frozen_linear(self, x2), h, up.t())
         else:
             a1, b1 = (self.a1 * c).to(dt), (self.b1 * c).to(dt)
             changed = torch.addmm(x2, h[:, :r], a1.t())
-            y = changed.mm(w0.t()) if b0 is None else torch.addmm(b0, changed, w0.t())
-            y = torch.addmm(y, h[:, r:], b1.t())
+            y = torch.addmm(frozen_linear(self, changed), h[:, r:], b1.t())
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
     def _weight_form_is_cheaper(self, tokens: int) -> bool:

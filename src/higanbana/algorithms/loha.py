@@ -171,7 +171,7 @@ class LoHa(FactoredAdapter):
 
     def bypass_forward(self, x: Tensor, multiplier: float, mask: Tensor | None = None) -> Tensor:
         """Linear: ``addmm(addmm(b0, x, W0ᵀ), x·Vᵀ, (m·s·U)ᵀ)`` — the add rides on the GEMM."""
-        if self.use_tucker or self.spec.is_conv or self.weight_decompose or (self.training and self.dropout > 0):
+        if self.use_tucker or not self.fused_linear_bypass(x):
             return super().bypass_forward(x, multiplier, mask)
         u, v = self.khatri_rao(mask)
         return linear_lowrank_bypass(self, x, v, u, multiplier * self.scale)

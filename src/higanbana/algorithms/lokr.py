@@ -38,7 +38,7 @@ from ..errors import ConfigError, HiganbanaError
 from .base import copy_checked, present, require
 from .cost import Costs
 from .dora import dora_options
-from .factored import FactoredAdapter
+from .factored import FactoredAdapter, frozen_linear
 from .factorize import factorize
 from .files import (
     SKIP,
@@ -337,13 +337,11 @@ class LoKr(FactoredAdapter):
         as the last GEMM, whose output rows ``(position, i)`` are already the layout of ``y0``: the
         add rides on that GEMM (``addmm``) and ``m·s`` on the small ``w2`` factor — no
         activation-size scale or add."""
-        s = self.spec
-        if s.is_conv or self.weight_decompose or (self.training and self.dropout > 0) or x.dim() < 1:
+        if not self.fused_linear_bypass(x):
             return super().bypass_forward(x, multiplier, mask)
-        dt, w0, b0 = x.dtype, self.base_weight, self.base_bias
-        c = multiplier * self.scale
+        dt, c = x.dtype, multiplier * self.scale
         x2 = x.reshape(-1, x.shape[-1])
-        y = x2.mm(w0.t()) if b0 is None else torch.addmm(b0, x2, w0.t())
+        y = frozen_linear(self, x2)
         h = self._apply_w1(x2.reshape(-1, self.v1, self.v2), mask)  # (positions, u1, v2)
         h = h.reshape(-1, self.v2)
         y = y.reshape(-1, self.u2)  # rows (position, i): y0's own layout
@@ -353,7 +351,7 @@ class LoKr(FactoredAdapter):
         else:
             w2 = self._w2(None, dt)
             y = torch.addmm(y, h, (w2 * c if c != 1.0 else w2).mT)
-        return y.reshape(*x.shape[:-1], s.out_features)
+        return y.reshape(*x.shape[:-1], self.spec.out_features)
 
     def _w2_cost(self) -> int:
         """Multiply-adds per position for ``w2`` on one group of v2 channels."""

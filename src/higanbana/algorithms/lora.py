@@ -124,7 +124,7 @@ class LoRA(FactoredAdapter):
 
     def bypass_forward(self, x: Tensor, multiplier: float, mask: Tensor | None = None) -> Tensor:
         """Linear: ``addmm(addmm(b0, x, W0ᵀ), x·downᵀ, (m·s·up)ᵀ)`` — the add rides on the GEMM."""
-        if self.spec.is_conv or self.weight_decompose or (self.training and self.dropout > 0) or x.dim() < 1:
+        if not self.fused_linear_bypass(x):
             return super().bypass_forward(x, multiplier, mask)
         up = self._up_in_shape(mask, multiplier * self.scale, x.dtype)
         return linear_lowrank_bypass(self, x, self.lora_down, up, 1.0)
