@@ -110,10 +110,12 @@ def all_cases() -> list[Case]:
 def randomize(adapter: nn.Module, std: float = 0.3, seed: int = 0) -> None:
     """Give every adapter tensor a random non-zero value (so ΔW ≠ 0 and every grad flows)."""
     gen = torch.Generator().manual_seed(seed)
-    for _, p in sorted(adapter.named_parameters()):
+    for name, p in sorted(adapter.named_parameters()):
         noise = torch.randn(p.shape, generator=gen, dtype=torch.float64) * std
         if p.dim() == 0 or "scale" in _name_of(adapter, p):
             noise = 1.0 + noise  # scalars and DoRA magnitudes around 1
+        elif name in ("trained_weight", "trained_bias"):  # Full(train_weight): W = W0 + noise, like diff
+            noise = noise + getattr(adapter.layer, name.removeprefix("trained_")).detach().double()
         p.copy_(noise.to(p.dtype))
 
 

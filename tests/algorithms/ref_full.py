@@ -42,6 +42,9 @@ CASES = [
     Case("full", "linear_no_bias", linear_no_bias, reference, {}, {"diff"}),
     Case("full", "conv2d_no_bias", conv2d_no_bias, reference, {}, {"diff"}),
     Case("full", "linear", linear, reference, {"train_bias": False}, {"diff"}),
+    *(Case("full", name, make, reference, {"train_weight": True}, KEYS) for name, make in STANDARD_LAYERS.items()),
+    Case("full", "linear_no_bias", linear_no_bias, reference, {"train_weight": True}, {"diff"}),
+    Case("full", "linear", linear, reference, {"train_weight": True, "train_bias": False}, {"diff"}),
 ]
 
 
@@ -59,6 +62,33 @@ def test_full_trains_a_difference_and_auto_runs_merged():
     assert not adapter.use_bypass(torch.randn(4, 64))
     adapter.train()
     assert not adapter.use_bypass(torch.randn(4, 64))
+
+
+def test_full_train_weight_uses_the_trained_weight_as_it_is():
+    """At multiplier 1 the forward's weight is the trained tensor itself (no W0 + diff per step);
+    the file still says diff = W − W0, and a merge/un-merge round trip restores W0 and the diff."""
+    torch.manual_seed(0)
+    layer = nn.Linear(12, 8, dtype=torch.float64).requires_grad_(False)
+    w0, b0 = layer.weight.clone(), layer.bias.clone()
+    adapter = make_adapter("full", layer, train_weight=True, dtype=torch.float64)
+    assert adapter.diff is None and adapter.trained_weight is not None
+    assert adapter.merged_weight(1.0) is adapter.trained_weight
+    assert adapter.merged_bias(1.0) is adapter.trained_bias
+    assert torch.equal(adapter.state_tensors()["diff"], torch.zeros(8, 12, dtype=torch.float64))
+    diff, diff_b = torch.randn(8, 12, dtype=torch.float64), torch.randn(8, dtype=torch.float64)
+    adapter.load_state_tensors({"diff": diff, "diff_b": diff_b})
+    torch.testing.assert_close(adapter.trained_weight, w0 + diff, rtol=0, atol=1e-12)
+    adapter.multiplier = 0.3
+    adapter.merge_into()
+    torch.testing.assert_close(layer.weight, w0 + 0.3 * diff, rtol=0, atol=1e-12)
+    torch.testing.assert_close(adapter.state_tensors()["diff"], diff, rtol=0, atol=1e-12)  # read from the backup
+    torch.testing.assert_close(adapter.state_tensors()["diff_b"], diff_b, rtol=0, atol=1e-12)
+    adapter.unmerge()
+    assert torch.equal(layer.weight, w0) and torch.equal(layer.bias, b0)
+    x = torch.randn(3, 12, dtype=torch.float64)
+    torch.testing.assert_close(adapter(x), x @ (w0 + 0.3 * diff).T + b0 + 0.3 * diff_b, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="'diff' has shape"):
+        adapter.load_state_tensors({"diff": torch.zeros(8, 11), "diff_b": diff_b})
 
 
 def test_full_options_from_state():

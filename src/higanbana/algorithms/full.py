@@ -3,10 +3,15 @@
 Keys: ``diff`` (shape of W0) and ``diff_b`` (shape of b0, only when the layer has a bias).
 ``W' = W0 + m·diff``, ``b' = b0 + m·diff_b``; both differences start at 0.
 
-The adapter trains the difference instead of a copy of W0, so the wrapped layer's weight is never
-copied and stays frozen (and may be low-precision while ``diff`` is float32). The merged form is
-always cheaper (bypass would be two full-size ops), so ``auto`` runs merged; bypass
-``op(x, W0, b0) + m·op(x, diff, diff_b)`` is used only where dropout on the branch needs it.
+By default the adapter trains the difference, so the wrapped layer's weight is never copied and
+stays frozen (and may be low-precision while ``diff`` is float32), and weight decay pulls the layer
+towards W0. The price is one weight-sized add ``W0 + diff`` per layer and step. With
+``train_weight`` the adapter trains a float32 copy ``W`` of the weight itself, as kohya and LyCORIS
+do: the forward at multiplier 1 uses ``W`` as it is (no add), ``diff = W − W0`` is formed only for
+files and merges, and weight decay pulls ``W`` towards 0. Both hold the same memory (W0 plus one
+trained tensor of its shape). The merged form is always cheaper (bypass would be two full-size ops),
+so ``auto`` runs merged; bypass ``op(x, W0, b0) + m·op(x, diff, diff_b)`` is used only where dropout
+on the branch needs it.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .base import Adapter, copy_checked, require
+from .base import Adapter, copy_checked, present, require
 from .cost import Costs
 from .files import FileStateError, dims, need, shape
 from .layer import layer_spec
@@ -39,44 +44,117 @@ class Full(Adapter):
     @dataclass(frozen=True)
     class Options(AdapterOptions):
         train_bias: bool = option(True, "also train the bias difference diff_b (layers with a bias)")
+        train_weight: bool = option(
+            False,
+            "train a float32 copy of the weight (and bias) itself, as kohya and LyCORIS do: no W0+diff add "
+            "per step (faster), but weight decay pulls the weight towards 0 instead of W0",
+        )
 
     def __init__(self, layer: nn.Module, **options: Any) -> None:
         super().__init__(layer, **options)
-        self.diff = self.new_param(*self.base_weight.shape)
-        b0 = self.base_bias
-        self.diff_b = self.new_param(*b0.shape) if (b0 is not None and self.options.train_bias) else None
+        w0, b0 = self.base_weight, self.base_bias
+        with_bias = b0 is not None and self.options.train_bias
+        #: the trained differences (default), or the trained weight and bias themselves (train_weight)
+        self.diff: nn.Parameter | None = None
+        self.diff_b: nn.Parameter | None = None
+        self.trained_weight: nn.Parameter | None = None
+        self.trained_bias: nn.Parameter | None = None
+        if self.options.train_weight:
+            self.trained_weight = self.new_param(*w0.shape)
+            self.trained_bias = self.new_param(*b0.shape) if with_bias and b0 is not None else None
+        else:
+            self.diff = self.new_param(*w0.shape)
+            self.diff_b = self.new_param(*b0.shape) if with_bias and b0 is not None else None
         self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """diff = 0 and diff_b = 0: the layer is unchanged at init."""
-        nn.init.zeros_(self.diff)
+        """diff = 0 and diff_b = 0 (W = W0, b = b0): the layer is unchanged at init."""
+        if self.trained_weight is not None:
+            self.trained_weight.copy_(self._anchor_weight())
+            if self.trained_bias is not None:
+                self.trained_bias.copy_(present(self._anchor_bias()))
+            return
+        nn.init.zeros_(present(self.diff))
         if self.diff_b is not None:
             nn.init.zeros_(self.diff_b)
 
     @property
     def train_bias(self) -> bool:
-        return self.diff_b is not None
+        return self.diff_b is not None or self.trained_bias is not None
+
+    def _anchor_weight(self) -> Tensor:
+        """W0, also while merged (then it is the backup that :meth:`merge_into` took)."""
+        if self._backup is not None:
+            return self._backup[0].to(self.device)
+        return self.base_weight
+
+    def _anchor_bias(self) -> Tensor | None:
+        if self._backup is not None:
+            b0 = self._backup[1]
+            return None if b0 is None else b0.to(self.device)
+        return self.base_bias
+
+    def _needs_backup(self) -> bool:
+        """A trained weight needs W0 kept while merged: ``diff = W − W0`` is read from it."""
+        return self.trained_weight is not None or super()._needs_backup()
 
     def delta_weight(self, mask: Tensor | None = None) -> Tensor:
-        return self.diff
+        if self.trained_weight is None:
+            return present(self.diff)
+        return self.trained_weight - self._anchor_weight().to(self.trained_weight.dtype)
 
     def delta_bias(self) -> Tensor | None:
-        return self.diff_b
+        if self.trained_bias is None:
+            return self.diff_b
+        return self.trained_bias - present(self._anchor_bias()).to(self.trained_bias.dtype)
+
+    def merged_weight(self, multiplier: float | None = None, mask: Tensor | None = None) -> Tensor:
+        """``W0 + m·diff``; with a trained weight, ``W`` itself at m = 1 and ``lerp(W0, W, m)`` otherwise."""
+        w = self.trained_weight
+        if w is None:
+            return super().merged_weight(multiplier, mask)
+        m = self.multiplier if multiplier is None else multiplier
+        w0 = self._anchor_weight()
+        if m == 1.0:
+            return w.to(w0.dtype)
+        return torch.lerp(w0.to(w.dtype), w, m).to(w0.dtype)
+
+    def merged_bias(self, multiplier: float | None = None) -> Tensor | None:
+        b, b0 = self.trained_bias, self._anchor_bias()
+        if b is None or b0 is None:
+            return super().merged_bias(multiplier)
+        m = self.multiplier if multiplier is None else multiplier
+        return b.to(b0.dtype) if m == 1.0 else torch.lerp(b0.to(b.dtype), b, m).to(b0.dtype)
 
     def costs(self, tokens: int) -> Costs:
-        return Costs(None, self.diff.numel())  # a second full-size op: merged is always cheaper
+        return Costs(None, self.base_weight.numel())  # a second full-size op: merged is always cheaper
 
     # ------------------------------------------------------------------ state
     def state_tensors(self) -> dict[str, Tensor]:
-        out = {"diff": self.diff.detach().clone()}
-        if self.diff_b is not None:
-            out["diff_b"] = self.diff_b.detach().clone()
+        out = {"diff": self.delta_weight().detach().clone()}
+        db = self.delta_bias()
+        if db is not None:
+            out["diff_b"] = db.detach().clone()
         return out
 
+    @torch.no_grad()
     def load_state_tensors(self, tensors: dict[str, Tensor]) -> None:
-        copy_checked(self.diff, require(tensors, "diff"), "diff")
-        if self.diff_b is not None:
+        diff = require(tensors, "diff")
+        if self.trained_weight is not None:
+            w = self.trained_weight
+            if tuple(diff.shape) != tuple(w.shape):
+                raise FileStateError(f"tensor 'diff' has shape {tuple(diff.shape)}, expected {tuple(w.shape)}")
+            w.copy_(self._anchor_weight().to(w.dtype) + diff.to(w.dtype))
+        else:
+            copy_checked(present(self.diff), diff, "diff")
+        b = self.trained_bias
+        if b is not None:
+            diff_b = require(tensors, "diff_b")
+            if tuple(diff_b.shape) != tuple(b.shape):
+                raise FileStateError(f"tensor 'diff_b' has shape {tuple(diff_b.shape)}, expected {tuple(b.shape)}")
+            b.copy_(present(self._anchor_bias()).to(b.dtype) + diff_b.to(b.dtype))
+        elif self.diff_b is not None:
             copy_checked(self.diff_b, require(tensors, "diff_b"), "diff_b")
         elif "diff_b" in tensors:
             raise FileStateError(
