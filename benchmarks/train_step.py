@@ -15,7 +15,19 @@ and peak memory of
 - ``higanbana-lora``: our ``train()`` with LoRA rank 4 / alpha 4 on the ``attn-only`` preset (the
   same 4 projections of every UNet attention, nothing else), ``data.cache_latents = "none"``;
 - ``higanbana-lora (cached latents)``, ``higanbana-lokr (cached latents)``,
-  ``higanbana-loha (cached latents)``: our default ``cache_latents = "memory"``.
+  ``higanbana-loha (cached latents)``: our default ``cache_latents = "memory"``;
+- ``diffusers-peft-lora (cached latents)``: the example's loop on latents encoded once, to compare
+  with ours at the same work per step;
+- ``kohya-lora (cached latents)``: the shape of kohya sd-scripts' ``train_network.py`` step (its own
+  ``networks.lora`` LoRA, rank 4 / alpha 4, on every Linear and 1×1 conv of the UNet's
+  ``Transformer2DModel`` blocks; AdamW, clipping at 1.0), run with ``--kohya-python`` (a venv with
+  sd-scripts' pinned diffusers) and ``--sd-scripts`` (a checkout); ``kohya-frozen (cached
+  latents)`` is the frozen loop in that venv, its baseline; ``higanbana-lora transformer (cached
+  latents)`` is ours on the same layers (preset ``unet-transformer-only``).
+
+``--model sd15`` is the real SD1.5 architecture (UNet, CLIP ViT-L text encoder and VAE at their real
+widths, random weights: ``scripts/kohya_fixture.py``), 256×256 px (32×32 latents), batch 1.
+``--gradient-checkpointing`` turns it on in every loop and in ours.
 
 Every configuration runs in a fresh subprocess (so the peak RSS is its own and imports do not leak
 between configurations), ``--repeats`` times, interleaved; the table gives the median. For the
@@ -24,8 +36,12 @@ the outside: ``(time of a run of N2 steps − time of a run of N1 steps) / (N2 �
 process (after one discarded warm-up run), which removes model loading, the latent cache, the final
 save and other set-up costs. Timings are reported as ratios against the frozen loop of the same run.
 
+On CPU the times are CPU time (``time.process_time``) of the one-thread child; on CUDA wall time
+after a synchronize.
+
 Run: ``.venv-bench/bin/python benchmarks/train_step.py`` (a few minutes on 2 cores), or
-``--model tiny --repeats 1`` for a quick check; ``--device cuda`` on a GPU machine.
+``--model tiny --repeats 1`` for a quick check; ``--device cuda`` on a GPU machine. The real scale:
+``--model sd15 --threads 1 --kohya-python .venv-kohya/bin/python --sd-scripts /tmp/sd-scripts``.
 """
 
 from __future__ import annotations
@@ -48,6 +64,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _machine.py beside this script, however it is loaded
+sys.path.insert(1, str(Path(__file__).resolve().parents[1] / "scripts"))  # kohya_fixture: real-size model, shim
 from _machine import cpu_name, device_label
 
 RANK = 4
@@ -83,8 +100,26 @@ CONFIGS: list[tuple[str, str, dict[str, Any]]] = [
     ("higanbana-lora (cached latents)", "ours", {"algo": "lora", "cache": "memory"}),
     ("higanbana-lokr (cached latents)", "ours", {"algo": "lokr", "cache": "memory"}),
     ("higanbana-loha (cached latents)", "ours", {"algo": "loha", "cache": "memory"}),
+    ("diffusers-peft-lora (cached latents)", "loop", {"adapter": "peft", "cached": True}),
+    ("kohya-frozen (cached latents)", "loop", {"adapter": None, "cached": True, "venv": "kohya"}),
+    ("kohya-lora (cached latents)", "loop", {"adapter": "kohya", "cached": True, "venv": "kohya"}),
+    (
+        "higanbana-lora transformer (cached latents)",
+        "ours",
+        {"algo": "lora", "cache": "memory", "preset": "unet-transformer-only"},
+    ),
 ]
 PEFT_ROW = "diffusers-peft-lora"
+#: the configurations --model sd15 runs unless --configs says otherwise (the real-scale comparison)
+SD15_CONFIGS = (
+    "frozen (cached latents)",
+    "diffusers-peft-lora (cached latents)",
+    "higanbana-lora (cached latents)",
+    "kohya-frozen (cached latents)",
+    "kohya-lora (cached latents)",
+    "higanbana-lora transformer (cached latents)",
+)
+KOHYA_TARGETS = ["Transformer2DModel"]  # kohya networks.lora's UNET_TARGET_REPLACE_MODULE for SD1/2
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -99,6 +134,10 @@ def build_model(kind: str, folder: Path) -> Path:
 
     if kind == "tiny":
         return save_tiny_sd(tiny_sd_parts("sd1", seed=0, with_vae=True), folder)
+    if kind == "sd15":
+        from kohya_fixture import write_model
+
+        return write_model(folder, size="full", seed=0)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         unet = UNet2DConditionModel(**SMALL_UNET)
@@ -141,6 +180,14 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def clock(device: str) -> float:
+    """CPU time of this (one-thread) process on CPU, wall time on CUDA (after a synchronize)."""
+    if device.startswith("cuda"):
+        sync(device)
+        return time.perf_counter()
+    return time.process_time()
+
+
 def run_loop(args: argparse.Namespace, options: dict[str, Any]) -> dict[str, Any]:
     """The frozen loop or the diffusers LoRA example's loop, timed directly."""
     import numpy as np
@@ -149,13 +196,15 @@ def run_loop(args: argparse.Namespace, options: dict[str, Any]) -> dict[str, Any
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from diffusers.optimization import get_scheduler
     from PIL import Image
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import AutoTokenizer, CLIPTextModel
 
     device = torch.device(args.device)
     model = args.model_dir
     torch.manual_seed(SEED)
     noise_scheduler = DDPMScheduler.from_pretrained(model, subfolder="scheduler")
-    tokenizer = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")
+    tokenizer = AutoTokenizer.from_pretrained(
+        model, subfolder="tokenizer"
+    )  # older transformers: fast from tokenizer.json
     text_encoder = CLIPTextModel.from_pretrained(model, subfolder="text_encoder")
     vae = AutoencoderKL.from_pretrained(model, subfolder="vae")
     unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet")
@@ -170,9 +219,24 @@ def run_loop(args: argparse.Namespace, options: dict[str, Any]) -> dict[str, Any
         config = LoraConfig(r=RANK, lora_alpha=ALPHA, init_lora_weights="gaussian", target_modules=TARGETS)
         unet.add_adapter(config)
         params = [p for p in unet.parameters() if p.requires_grad]
+    elif options["adapter"] == "kohya":
+        # as train_network.py: networks.lora.create_network, apply_to the UNet only, AdamW over the
+        # UNet modules' parameters (the text encoder's modules are created but not applied or trained)
+        from networks.lora import create_network
+
+        network = create_network(1.0, RANK, ALPHA, vae, text_encoder, unet)
+        network.apply_to(text_encoder, unet, apply_text_encoder=False, apply_unet=True)
+        network.to(device)
+        network.train()
+        params = [p for lora in network.unet_loras for p in lora.parameters()]
+        for p in params:
+            p.requires_grad_(True)
+    if params:
         optimizer = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
         lr_scheduler = get_scheduler("constant", optimizer=optimizer)
-        unet.train()
+    unet.train()
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
 
     files = sorted((Path(args.data_dir) / REPEATS_FOLDER).glob("*.png"))
 
@@ -229,11 +293,10 @@ def run_loop(args: argparse.Namespace, options: dict[str, Any]) -> dict[str, Any
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     steps = args.steps[1] - args.steps[0]
-    start = time.perf_counter()
+    start = clock(args.device)
     for _ in range(steps):
         step()
-    sync(args.device)
-    elapsed = time.perf_counter() - start
+    elapsed = clock(args.device) - start
     return {"s_per_step": elapsed / steps, "trainable": sum(p.numel() for p in params)}
 
 
@@ -243,7 +306,11 @@ def ours_config(args: argparse.Namespace, options: dict[str, Any], steps: int, o
     return TrainConfig.from_dict(
         {
             "model": {"pretrained": str(args.model_dir)},
-            "network": {"algo": options["algo"], "preset": "attn-only", "options": {"rank": RANK, "alpha": ALPHA}},
+            "network": {
+                "algo": options["algo"],
+                "preset": options.get("preset", "attn-only"),
+                "options": {"rank": RANK, "alpha": ALPHA},
+            },
             "data": {
                 "train_data_dir": str(args.data_dir),
                 "resolution": args.resolution,
@@ -256,6 +323,7 @@ def ours_config(args: argparse.Namespace, options: dict[str, Any], steps: int, o
                 "max_train_steps": steps,
                 "device": "cpu" if args.device == "cpu" else "",
                 "seed": SEED,
+                "gradient_checkpointing": bool(args.gradient_checkpointing),
             },
             "save": {"output_dir": str(out), "every_n_epochs": 0, "save_state": False},
             "logging": {"log_with": "none"},
@@ -284,17 +352,16 @@ def run_ours(args: argparse.Namespace, options: dict[str, Any]) -> dict[str, Any
                 import pstats
 
                 profiler = cProfile.Profile()
-                start = time.perf_counter()
+                start = clock(args.device)
                 profiler.runcall(train, config, progress=False, log=lambda _m: None)
-                times[label] = time.perf_counter() - start
+                times[label] = clock(args.device) - start
                 stats = pstats.Stats(profiler, stream=sys.stderr)
                 stats.sort_stats("cumulative").print_stats(args.profile)
                 stats.sort_stats("tottime").print_stats(args.profile)
                 continue
-            start = time.perf_counter()
+            start = clock(args.device)
             result = train(config, progress=False, log=lambda _m: None)
-            sync(args.device)
-            times[label] = time.perf_counter() - start
+            times[label] = clock(args.device) - start
             assert result.steps == steps, (result.steps, steps)
     return {"s_per_step": (times["n2"] - times["n1"]) / (n2 - n1), "runs_s": times}
 
@@ -306,12 +373,18 @@ def child(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
     name = args.child
     runner, options = next((r, o) for n, r, o in CONFIGS if n == name)
+    if options.get("venv") == "kohya":
+        from kohya_fixture import torchvision_shim
+
+        torchvision_shim()  # sd-scripts' venv has a CUDA-only torchvision
+        sys.path.insert(0, args.sd_scripts)
     # the same imports in every child, so "peak − after imports" compares what the loops allocate
     import accelerate  # noqa: F401
     import diffusers  # noqa: F401
     import transformers  # noqa: F401
 
-    import higanbana.train  # noqa: F401
+    if options.get("venv") != "kohya":
+        import higanbana.train  # noqa: F401
 
     base = peak_memory_mib("cpu")
     out = run_loop(args, options) if runner == "loop" else run_ours(args, options)
@@ -323,8 +396,10 @@ def child(args: argparse.Namespace) -> None:
 
 # --------------------------------------------------------------------------- parent
 def run_child(args: argparse.Namespace, name: str, model_dir: Path, data_dir: Path) -> dict[str, Any] | str:
+    options = next(o for n, _r, o in CONFIGS if n == name)
+    python = args.kohya_python if options.get("venv") == "kohya" else sys.executable
     cmd = [
-        sys.executable,
+        python,
         str(Path(__file__).resolve()),
         "--child",
         name,
@@ -344,6 +419,9 @@ def run_child(args: argparse.Namespace, name: str, model_dir: Path, data_dir: Pa
         args.device,
         "--threads",
         str(args.threads),
+        "--sd-scripts",
+        args.sd_scripts,
+        *(["--gradient-checkpointing"] if args.gradient_checkpointing else []),
     ]
     if args.profile and name.startswith("higanbana"):
         cmd += ["--profile", str(args.profile)]
@@ -397,12 +475,14 @@ def report(args: argparse.Namespace, results: dict[str, list[dict[str, Any]]], n
         machine_line(args, threads),
         f"- diffusers {diffusers.__version__}, peft {have_peft() or 'not installed'}",
         f"- command: `{' '.join(['python', *map(shlex.quote, sys.argv)])}`",
-        f"- model: {args.model} SD1-shaped, {args.resolution}×{args.resolution} px, batch {args.batch}, "
+        f"- model: {MODEL_TITLES[args.model]}, {args.resolution}×{args.resolution} px, batch {args.batch}, "
+        f"gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}, "
         f"rank {RANK} alpha {ALPHA}, seed {SEED}; loops: {n2 - n1} timed steps after {args.warmup} warm-up; "
         f"ours: (t({n2} steps) − t({n1} steps)) / {n2 - n1}; median of {args.repeats} fresh subprocesses "
         "(min–max in brackets)",
         "",
-        f"| config | s/step | ratio vs frozen | ratio vs {PEFT_ROW} | peak MiB ({mem}) | peak − after imports |",
+        f"| config | s/step | ratio vs frozen | ratio vs {PEFT_ROW} (same latents) | peak MiB ({mem}) "
+        "| peak − after imports |",
         "|---|---|---|---|---|---|",
     ]
     for name, _runner, options in CONFIGS:
@@ -411,17 +491,27 @@ def report(args: argparse.Namespace, results: dict[str, list[dict[str, Any]]], n
             continue
         cached = options.get("cached") or options.get("cache", "none") != "none"
         base = "frozen (cached latents)" if cached else "frozen"
+        if options.get("venv") == "kohya":
+            base = "kohya-frozen (cached latents)"
         t = med[name]
         vs_frozen = f"{t / med[base]:.2f}×" if base in med else ""
         if cached and base in med:
             vs_frozen += " (cached)"
-        vs_peft = f"{t / med[PEFT_ROW]:.2f}×" if PEFT_ROW in med else ""
+        peft_row = f"{PEFT_ROW} (cached latents)" if cached else PEFT_ROW
+        vs_peft = f"{t / med[peft_row]:.2f}×" if peft_row in med else ""
         peak = statistics.median(r["peak_mib"] for r in rs)
         grown = statistics.median(r["peak_mib"] - r["base_mib"] for r in rs)
         times = fmt_time([r["s_per_step"] for r in rs])
         lines.append(f"| {name} | {times} | {vs_frozen} | {vs_peft} | {peak:.0f} | {grown:.0f} |")
     lines += ["", *[f"- {n}" for n in notes]]
     return lines
+
+
+MODEL_TITLES = {
+    "tiny": "tiny SD1-shaped",
+    "small": "small SD1-shaped",
+    "sd15": "the real SD1.5 architecture (random weights)",
+}
 
 
 def parse_steps(text: str) -> tuple[int, int]:
@@ -433,10 +523,15 @@ def parse_steps(text: str) -> tuple[int, int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", choices=("tiny", "small"), default="small")
+    parser.add_argument("--model", choices=("tiny", "small", "sd15"), default="small")
     parser.add_argument("--configs", default="", help="comma-separated subset of: " + ", ".join(n for n, *_ in CONFIGS))
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--resolution", type=int, default=0, help="image side in px (default: 32 tiny, 64 small)")
+    parser.add_argument("--batch", type=int, default=0, help="batch (default: 2; sd15 1)")
+    parser.add_argument(
+        "--resolution", type=int, default=0, help="image side in px (default: 32 tiny, 64 small, 256 sd15)"
+    )
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="in every loop and in ours")
+    parser.add_argument("--kohya-python", default="", help="a python with sd-scripts' requirements (kohya rows)")
+    parser.add_argument("--sd-scripts", default="", help="a kohya sd-scripts checkout (kohya rows)")
     parser.add_argument("--steps", type=parse_steps, default=(3, 13), help="N1,N2 (timed steps: N2-N1)")
     parser.add_argument("--warmup", type=int, default=2, help="warm-up steps of the hand-written loops")
     parser.add_argument("--repeats", type=int, default=3, help="fresh subprocesses per config")
@@ -451,7 +546,9 @@ def main() -> None:
     parser.add_argument("--data-dir", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if not args.resolution:
-        args.resolution = 32 if args.model == "tiny" else 64
+        args.resolution = {"tiny": 32, "small": 64, "sd15": 256}[args.model]
+    if not args.batch:
+        args.batch = 1 if args.model == "sd15" else 2
     if args.child:
         child(args)
         return
@@ -463,9 +560,17 @@ def main() -> None:
         if unknown:
             parser.error(f"unknown config(s) {unknown}; choose from {names}")
         names = [n for n in names if n in wanted]
+    elif args.model == "sd15":
+        names = list(SD15_CONFIGS)
+    else:
+        names = [n for n, _r, o in CONFIGS if not o.get("venv") and n != f"{PEFT_ROW} (cached latents)"]
     notes = []
-    if PEFT_ROW in names and have_peft() is None:
-        names.remove(PEFT_ROW)
+    kohya_rows = [n for n, _r, o in CONFIGS if o.get("venv") == "kohya" and n in names]
+    if kohya_rows and not (args.kohya_python and args.sd_scripts):
+        names = [n for n in names if n not in kohya_rows]
+        notes.append("kohya rows: skipped, give --kohya-python and --sd-scripts")
+    if any(n.startswith(PEFT_ROW) for n in names) and have_peft() is None:
+        names = [n for n in names if not n.startswith(PEFT_ROW)]
         notes.append(f"{PEFT_ROW}: skipped, peft is not installed in {sys.executable}")
 
     with contextlib.ExitStack() as stack:
