@@ -97,6 +97,35 @@ def test_experiment_grid_trains_evaluates_and_skips_finished_runs(tmp_path):
     assert sum("done, skipped" in m for m in logs) == 3 and not any(m.endswith(": training") for m in logs)
 
 
+@pytest.mark.slow
+def test_workers_train_and_generate_in_processes_with_the_same_results(tmp_path, monkeypatch):
+    """Two one-thread worker processes give the metrics one process gives (each run and image is
+    seeded on its own); each run's log is kept beside it."""
+    import pandas as pd
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the workers: the same kernels, so the same numbers
+    try:
+        results = {}
+        for workers in (1, 2):
+            root = tmp_path / f"w{workers}"
+            root.mkdir()
+            _setup(root)
+            monkeypatch.chdir(root)
+            logs: list[str] = []
+            results[workers] = run_experiment(root / "grid.toml", progress=False, log=logs.append, workers=workers)
+        assert any("in 2 processes × 1 torch thread" in m for m in logs)
+        assert sum(": trained (" in m for m in logs) == 3 and not any("done, skipped" in m for m in logs)
+        assert (tmp_path / "w2" / "exp" / "runs" / "lokr-s1.log").read_text(encoding="utf-8").strip()
+        one, two = (
+            results[w].raw.sort_values(["model", "prompt_type", "metric"]).reset_index(drop=True) for w in (1, 2)
+        )
+        pd.testing.assert_frame_equal(one, two, rtol=1e-5, atol=1e-6)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_grid_labels_become_checkpoint_parameters(tmp_path):
     grid_file = tmp_path / "g.toml"
     grid_file.write_text(

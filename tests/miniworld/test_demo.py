@@ -12,7 +12,15 @@ from higanbana.cli import build_parser
 from higanbana.errors import ConfigError
 from higanbana.evaluate.aggregate import load_table
 from higanbana.evaluate.config import EvalConfig
-from higanbana.miniworld.demo import PLANS, WORLD_ALTER_TEMPLATES, DemoPlan, run_demo, write_demo
+from higanbana.miniworld.demo import (
+    PLANS,
+    WORLD_ALTER_TEMPLATES,
+    DemoPlan,
+    demo_workers,
+    estimate_minutes,
+    run_demo,
+    write_demo,
+)
 from higanbana.miniworld.tokenizer import world_tokenizer
 from higanbana.train import TrainConfig
 from higanbana.workflows.experiment import Grid
@@ -21,6 +29,7 @@ from higanbana.workflows.experiment import Grid
 def test_full_plan_is_the_papers_table_1_grid(tmp_path):
     grid = Grid.load(write_demo(tmp_path, PLANS["full"]))
     assert len(grid.configs) == 8  # 4 algorithms x 2 learning rates
+    assert len(grid.seeds) == 3  # several seeds: an interval for every finding
     assert {o["network.algo"] for o in grid.configs.values()} == {"lora", "loha", "lokr", "full"}
     assert len(grid.epochs) == 2
     train = TrainConfig.load(grid.train)
@@ -50,6 +59,24 @@ def test_plan_errors():
         run_demo("unused", "huge")
 
 
+def test_workers_one_per_core_when_idle_more_when_busy():
+    assert demo_workers(cores=2, load=0.0, runs=24) == 2
+    assert demo_workers(cores=2, load=1.4, runs=24) == 2  # our own past load, or a light one
+    # load 4x the cores: 8 processes keep about half of the 2 cores (8 of 16 runnable)
+    assert demo_workers(cores=2, load=8.0, runs=24) == 8
+    assert demo_workers(cores=2, load=30.0, runs=24) == 8  # at most 4 per core
+    assert demo_workers(cores=16, load=0.0, runs=8) == 8  # never more than the runs
+    assert demo_workers(cores=1, load=0.0, runs=1) == 1
+
+
+def test_time_estimate_scales_with_the_work_and_the_cores():
+    full, quick = PLANS["full"], PLANS["quick"]
+    one = estimate_minutes(full, 1, probe=0.25)
+    assert estimate_minutes(full, 2, probe=0.25) == pytest.approx(one / 2)
+    assert estimate_minutes(full, 2, probe=0.5) == pytest.approx(one)  # a machine half as fast
+    assert estimate_minutes(quick, 1, probe=0.25) < one / 20
+
+
 def test_cli_parses_demo():
     args = build_parser().parse_args(["demo", "--plan", "quick", "--out", "x"])
     assert (args.plan, args.out) == ("quick", "x")
@@ -62,11 +89,16 @@ def test_quick_demo_runs_end_to_end_and_learns_the_concept(tmp_path):
     assert result.report is not None and result.report.is_file()
     assert (tmp_path / "summary.txt").read_text(encoding="utf-8").startswith("Tentative ranking")
     summary = json.loads((tmp_path / "summary.json").read_text(encoding="utf-8"))
-    assert set(summary) >= {"ranking", "criteria", "fidelity_correlations", "trigger_fidelity"}
+    assert set(summary) >= {"ranking", "criteria", "fidelity_correlations", "trigger_fidelity", "findings"}
+    assert logs[0].startswith("demo: 2 training runs") and "about" in logs[0] and "re-run resumes" in logs[0]
     assert list(result.ranking.columns) == ["lora", "lokr"]  # native would be one column per learning rate
     assert list(result.ranking.index) == ["Fidelity", "Controllability", "Diversity", "Base preservation"]
     assert len(result.fidelity_correlations) > 0
-    assert "n too small: 4 fine-tuned checkpoint(s)" in result.summary  # a correlation over 4 says nothing
+    # every finding is in the summary; a correlation over 4 checkpoints says nothing, one seed gives no interval
+    assert len(summary["findings"]) == len(result.findings.table) >= 17
+    assert "vendi<trigger> (Pearson r): paper -0.68, here n too small (4 checkpoints)" in result.summary
+    assert "inconclusive (1 seed(s); an interval needs 3)" in result.summary
+    assert '<section id="findings">' in (tmp_path / "eval" / "report.html").read_text(encoding="utf-8")
     # the world's own prompts were used
     prompts = {p["prompt"] for p in json.loads((tmp_path / "eval" / "prompts.json").read_text(encoding="utf-8"))}
     assert "zorb toy, outlined style" in prompts and "zorb toy" in prompts

@@ -7,10 +7,21 @@ import sys
 from typing import Any
 
 
+def _positive(text: str) -> int:
+    """A whole number of at least 1 (argparse turns the error into one usage line)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _demo(args: argparse.Namespace) -> int:
     from ..miniworld.demo import run_demo
 
-    run_demo(args.out, args.plan, progress=not args.no_progress)
+    run_demo(args.out, args.plan, progress=not args.no_progress, workers=args.workers)
     return 0
 
 
@@ -30,7 +41,7 @@ def _selfcheck(args: argparse.Namespace) -> int:
 def _experiment(args: argparse.Namespace) -> int:
     from ..workflows.experiment import run_experiment
 
-    result = run_experiment(args.grid, progress=not args.no_progress)
+    result = run_experiment(args.grid, progress=not args.no_progress, workers=args.workers, threads=args.threads)
     if result.ranking is not None:
         print(result.ranking.to_string())
     print(f"report: {result.report}")
@@ -45,6 +56,9 @@ def add_demo_parser(subparsers: Any) -> argparse.ArgumentParser:
     plans = "full: 3 concepts x 4 algorithms x 2 learning rates; quick: a one-minute smoke run"
     demo.add_argument("--plan", default="full", choices=("full", "quick"), help=plans)
     demo.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    demo.add_argument(
+        "--workers", type=_positive, default=None, help="processes of one torch thread each (default: the usable cores)"
+    )
     demo.set_defaults(func=_demo)
     return demo
 
@@ -67,5 +81,9 @@ def add_experiment_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     experiment.add_argument("grid", help="the grid file (.toml)")
     experiment.add_argument("--no-progress", action="store_true", help="no progress bars")
+    experiment.add_argument(
+        "--workers", type=_positive, default=1, help="train the runs and generate the images in N processes (1)"
+    )
+    experiment.add_argument("--threads", type=_positive, default=1, help="torch threads per worker process (1)")
     experiment.set_defaults(func=_experiment)
     return experiment

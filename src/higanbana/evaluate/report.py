@@ -13,6 +13,7 @@ import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -329,6 +330,7 @@ def write_report(
     ranking: pd.DataFrame | None,
     corr: pd.DataFrame | None,
     importance: pd.DataFrame | None = None,
+    findings: Any = None,
     image_grids: Mapping[tuple[str, str], Sequence] | None = None,
     title: str = "higanbana evaluation",
     notes: Sequence[str] = (),
@@ -338,7 +340,8 @@ def write_report(
 ) -> Path:
     """Write ``out_dir/report.html`` (self-contained) plus raw_metrics.csv, scores.csv, ranking.csv.
 
-    Sections: notes, tentative ranking, correlation heatmap, scatter plots, importance (if given),
+    Sections: notes, the paper's findings (``findings``, a :class:`~higanbana.evaluate.findings.Findings`;
+    also findings.csv), tentative ranking, correlation heatmap, scatter plots, importance (if given),
     normalised scores, raw metrics per concept, image grids (``image_grids`` maps (model, prompt_type)
     to image paths or PIL images; up to 8 shown per cell).
     """
@@ -363,6 +366,10 @@ def write_report(
         save_table(importance, out / "importance.csv")
 
     sections: list[tuple[str, str, str]] = []  # (anchor, heading, body)
+
+    if findings is not None:
+        save_table(findings.table, out / "findings.csv")
+        sections.append(("findings", "The paper's findings, re-measured", _findings_html(findings)))
 
     if ranking is not None:
         body = _html_table(ranking)
@@ -447,6 +454,38 @@ def write_report(
     path = out / "report.html"
     atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     return path
+
+
+def _findings_html(findings: Any) -> str:
+    """The findings table (value, 95 % interval, verdict per finding) and the ranking with intervals."""
+    table = findings.table.copy()
+    interval = [
+        f"[{lo:+.2f}, {hi:+.2f}]" if np.isfinite(lo) else "" for lo, hi in zip(table["low"], table["high"], strict=True)
+    ]
+    shown = pd.DataFrame(
+        {
+            "finding": table["finding"],
+            "paper": [p if isinstance(p, str) else f"{p:+.2f}" for p in table["paper"]],
+            "here": [f"{v:+.2f}" if np.isfinite(v) else "n too small" for v in table["value"]],
+            "95 % interval": interval,
+            "n": table["n"],
+            "verdict": table["verdict"],
+        }
+    )
+    if findings.replicates:
+        what = (
+            f"{findings.seeds} seeds × {findings.concepts} concepts; 95 % bootstrap intervals over seeds and "
+            f"concepts ({findings.replicates} replicates)"
+        )
+    else:
+        what = f"{findings.seeds} seed(s) × {findings.concepts} concept(s): too few seeds for an interval"
+    body = f'<p class="muted">{_esc(what)}. Reproduced: the interval excludes 0 on the paper\'s side; '
+    body += "not reproduced: on the other side; inconclusive: it holds 0.</p>"
+    body += _html_table(shown, index=False)
+    if not findings.ranking.empty:
+        body += '<h3>Ranking with intervals</h3><p class="muted">rank here [95 % interval] / the paper\'s '
+        body += "Table 1 (higher = better)</p>" + _html_table(findings.ranking)
+    return body
 
 
 def _demo(out_dir: str) -> Path:

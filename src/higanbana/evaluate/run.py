@@ -51,6 +51,7 @@ class EvalResult:
     raw: Any  # pandas DataFrame (long format)
     report: Path | None
     ranking: Any = None
+    findings: Any = None  # findings.Findings: the paper's findings with intervals and verdicts
 
 
 # ------------------------------------------------------------------------------ feature cache
@@ -101,11 +102,19 @@ def _device(config: EvalConfig) -> torch.device:
     return PartialState().device
 
 
-def generate_all(config: EvalConfig, items: list[Any], *, progress: bool = True) -> dict[str, list[Path]]:
-    """Phase 1: images of every model; returns ``{model: [path per item]}`` (all processes' paths)."""
+def generate_all(
+    config: EvalConfig, items: list[Any], *, progress: bool = True, share: tuple[int, int] | None = None
+) -> dict[str, list[Path]]:
+    """Phase 1: images of every model; returns ``{model: [path per item]}`` (all processes' paths).
+    ``share=(index, count)``: only this worker's share, outside accelerate (no barrier)."""
     from accelerate import PartialState
 
-    state = PartialState()
+    if share is None:
+        state = PartialState()
+        index, count, main = state.process_index, state.num_processes, state.is_main_process
+    else:
+        index, count = share
+        main = index == 0
     device = _device(config)
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[config.model.dtype]
     m = config.model
@@ -139,15 +148,16 @@ def generate_all(config: EvalConfig, items: list[Any], *, progress: bool = True)
                 adapter=adapter,
                 batch_size=g.batch_size,
                 device=device,
-                process_index=state.process_index,
-                num_processes=state.num_processes,
+                process_index=index,
+                num_processes=count,
                 overwrite=config.output.overwrite,
-                progress=progress and state.is_main_process,
+                progress=progress and main,
             )
         finally:
             if net is not None:
                 net.detach()
-    state.wait_for_everyone()
+    if share is None:
+        state.wait_for_everyone()
     return {name: [image_path(root, name, it) for it in items] for name, _p, _s in models}
 
 
@@ -375,10 +385,12 @@ def _models_table(config: EvalConfig) -> Any:
     return frame
 
 
-def report(config: EvalConfig, raw: Any, images: dict[str, list[Path]], items: list[Any]) -> tuple[Path, Any]:
-    """Phase 4: aggregate and write the report (with image grids per model × prompt type)."""
-    # lazy: aggregate imports pandas and report matplotlib, needed only in this last phase
+def report(config: EvalConfig, raw: Any, images: dict[str, list[Path]], items: list[Any]) -> tuple[Path, Any, Any]:
+    """Phase 4: aggregate and write the report (with image grids per model × prompt type); returns the
+    report's path, the ranking and the paper's findings."""
+    # lazy: aggregate and findings import pandas, report matplotlib, needed only in this last phase
     from . import aggregate as A
+    from .findings import find
     from .report import write_report
 
     out = Path(config.output.dir)
@@ -389,6 +401,8 @@ def report(config: EvalConfig, raw: Any, images: dict[str, list[Path]], items: l
     corr = A.correlations(scores) if len(scores) else None
     features = [f for f in config.report.features if f in models]
     imp = A.importance(scores, models, features) if features else None
+    group_by = config.report.group_by
+    findings = find(scores, models, group_by=group_by, features=features or None) if len(scores) else None
     grids: dict[tuple[str, str], list[Path]] = {}
     for model, paths in images.items():
         for ptype in config.prompts.types:
@@ -408,11 +422,12 @@ def report(config: EvalConfig, raw: Any, images: dict[str, list[Path]], items: l
         ranking=ranking,
         corr=corr,
         importance=imp,
+        findings=findings,
         image_grids=grids,
         title=config.report.title,
         notes=notes,
     )
-    return path, ranking
+    return path, ranking, findings
 
 
 def preflight(config: EvalConfig) -> None:
@@ -442,8 +457,15 @@ def preflight(config: EvalConfig) -> None:
     writable_folder(config.output.dir, where="output.dir", create=False)
 
 
-def evaluate(config: EvalConfig, *, progress: bool = True, log: Callable[[str], None] = print) -> EvalResult:
-    """Run the whole evaluation ``config`` describes (see the module docstring)."""
+def evaluate(
+    config: EvalConfig,
+    *,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+    pregenerate: Callable[[EvalConfig, list[Any]], None] | None = None,
+) -> EvalResult:
+    """Run the whole evaluation ``config`` describes (see the module docstring). ``pregenerate(config,
+    items)``, if given, writes the images first (e.g. in worker processes); the cached ones are kept."""
     from accelerate import PartialState
 
     out = Path(config.output.dir)
@@ -471,10 +493,12 @@ def evaluate(config: EvalConfig, *, progress: bool = True, log: Callable[[str], 
     log(f"{len(concepts)} concept(s), {len(items)} prompt items, {1 + len(config.checkpoints)} model(s)")
     for warning in alter_diversity_warnings(items):
         log(f"warning: {warning}")
+    if pregenerate is not None and state.num_processes == 1 and not config.output.overwrite:
+        pregenerate(config, items)
     images = generate_all(config, items, progress=progress)
     if not state.is_main_process:
         return EvalResult(out, None, None)
     raw = measure(config, concepts, items, images, progress=progress)
-    path, ranking = report(config, raw, images, items)
+    path, ranking, findings = report(config, raw, images, items)
     log(f"report: {path}")
-    return EvalResult(out, raw, path, ranking)
+    return EvalResult(out, raw, path, ranking, findings)

@@ -10,6 +10,12 @@ preservation on Gram matrices of the world VAE's encoder — and the HTML report
 ranking (criteria × algorithms) and the correlations of fidelity with the other criteria are
 written.
 
+Every process runs one torch thread, and the runs (then the images) are spread over worker
+processes (:func:`demo_workers`): one per usable core on an idle machine, more on a busy one. A
+many-thread torch process stalls on shared cores while one-thread processes only slow down in
+proportion, and the scheduler shares a busy machine per process (docs/benchmarks.md). The first
+line says how long it should take here, from a short speed probe.
+
 It is an ordinary ``higanbana experiment``: :func:`write_demo` writes the concept folders,
 ``concepts.toml``, ``train.toml``, ``eval.toml`` and ``grid.toml`` into the output folder (read
 them to see how a real experiment is set up), and :func:`run_demo` runs that grid. A re-run skips
@@ -19,6 +25,7 @@ the finished training runs and reuses the cached images and features.
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -39,9 +46,14 @@ __all__ = [
     "WORLD_STYLE_TEMPLATES",
     "DemoPlan",
     "DemoResult",
+    "demo_workers",
+    "estimate_minutes",
     "format_summary",
+    "plan_configs",
     "ranking_column",
     "run_demo",
+    "speed_probe",
+    "usable_cores",
     "write_demo",
 ]
 
@@ -90,9 +102,9 @@ class DemoPlan:
     batch_size: int = 4
     epochs: tuple[int, ...] = (10, 20)  # the checkpoints evaluated; every run trains to the last
     n_images: int = 6  # per concept and prompt type
-    sampler_steps: int = 20
+    sampler_steps: int = 10  # DDIM
     cfg_scale: float = 4.0
-    seeds: tuple[int, ...] = (0,)
+    seeds: tuple[int, ...] = (0, 1, 2)  # several, so each finding gets an interval
     prompt_types: tuple[str, ...] = ("train", "trigger", "alter", "style")
     extra: dict[str, Any] = field(default_factory=dict)  # training-config overrides for every run
 
@@ -118,8 +130,66 @@ PLANS: dict[str, DemoPlan] = {
         n_images=6,
         sampler_steps=10,
         prompt_types=("trigger", "alter", "style"),
+        seeds=(0,),
     ),
 }
+
+#: The reference machine (idle 2-core AMD EPYC, one torch thread, 2026-12-07): CPU seconds of the
+#: speed probe, of one demo run's training (20 epochs) and of one checkpoint's evaluation (images
+#: and features), for the time estimate.
+REFERENCE_SECONDS = {"probe": 0.25, "train_run": 25.0, "evaluate_model": 25.0}
+
+
+def demo_workers(cores: int, load: float, runs: int) -> int:
+    """Worker processes for ``runs`` on ``cores`` usable cores with a 1-minute load average of
+    ``load``: one per core when idle; on a busy machine one more per unit of load (up to 4 per
+    core), so the demo keeps about the share of the machine it has when idle (the scheduler shares
+    the cores per process: 2 workers among 8 busy processes get a fifth of 2 cores, 8 get half)."""
+    extra = max(0, round(load - cores / 2))
+    return max(1, min(runs, cores + extra, 4 * cores))
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, e.g. a container's share)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def speed_probe() -> float:
+    """CPU seconds of a fixed float32 matrix workload on one thread (the estimate's yardstick)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        a = torch.randn(256, 256, generator=torch.Generator().manual_seed(0))
+        start = time.process_time()
+        for _ in range(400):
+            a = torch.tanh(a @ a * 0.01)
+        return time.process_time() - start
+    finally:
+        torch.set_num_threads(threads)
+
+
+def estimate_minutes(plan: DemoPlan, workers: int, probe: float) -> float:
+    """Wall minutes the plan should take on ``workers`` idle cores as fast as ``probe`` says."""
+    runs = len(plan_configs(plan)) * len(plan.seeds)
+    models = runs * len(plan.epochs) + 1
+    scale = plan.n_images / 6 * plan.sampler_steps / 10 * len(plan.prompt_types) / 4 * len(plan.concepts) / 3
+    work = runs * REFERENCE_SECONDS["train_run"] * max(plan.epochs) / 20 * len(plan.concepts) / 3
+    work += models * REFERENCE_SECONDS["evaluate_model"] * scale
+    return work * probe / REFERENCE_SECONDS["probe"] / max(1, min(workers, runs)) / 60
+
+
+def plan_configs(plan: DemoPlan) -> list[tuple[str, float]]:
+    """(algorithm, learning rate) of every configuration of the plan."""
+    return [
+        (algo, lr)
+        for algo in plan.algorithms
+        for lr in (ALGORITHMS[algo][1] if plan.both_learning_rates else ALGORITHMS[algo][1][1:])
+    ]
 
 
 def _toml(value: Any) -> str:
@@ -211,17 +281,16 @@ device = "cpu"
         "group_by = \"column\"  # the ranking's columns, as in the paper's Table 1 (see labels below)",
         "",
     ]
-    for algo in plan.algorithms:
-        options, lrs = ALGORITHMS[algo]
-        for lr in lrs if plan.both_learning_rates else lrs[1:]:
-            overrides = {"network.algo": algo, "network.options": options, "optimizer.unet_lr": lr, **plan.extra}
-            grid += [
-                "[[configs]]",
-                f'name = "{algo}-lr{lr:g}"',
-                "set = {" + ", ".join(f"{_toml(k)} = {_toml(v)}" for k, v in overrides.items()) + "}",
-                f"labels = {{ column = {_toml(ranking_column(algo, lr))} }}",
-                "",
-            ]
+    for algo, lr in plan_configs(plan):
+        options = ALGORITHMS[algo][0]
+        overrides = {"network.algo": algo, "network.options": options, "optimizer.unet_lr": lr, **plan.extra}
+        grid += [
+            "[[configs]]",
+            f'name = "{algo}-lr{lr:g}"',
+            "set = {" + ", ".join(f"{_toml(k)} = {_toml(v)}" for k, v in overrides.items()) + "}",
+            f"labels = {{ column = {_toml(ranking_column(algo, lr))} }}",
+            "",
+        ]
     path = out / "grid.toml"
     write_text(path, "\n".join(grid))
     return path
@@ -238,6 +307,7 @@ class DemoResult:
     fidelity_correlations: Any  # pandas Series
     trigger_fidelity: Any  # concept x model: fidelity_cos on the <trigger> prompt
     seconds: float
+    findings: Any = None  # evaluate.findings.Findings: the paper's findings with intervals and verdicts
     summary: str = ""
 
 
@@ -258,28 +328,16 @@ def _analyse(raw: Any) -> tuple[Any, Any, Any]:
     return A.criterion_scores(scores), fid, trigger_fidelity
 
 
-#: fewer fine-tuned checkpoints than this and a correlation over them is noise, whatever its value
-MIN_CHECKPOINTS_FOR_CORRELATION = 8
-
-
 def format_summary(result: DemoResult) -> str:
-    """The tables the demo prints: ranking, fidelity correlations, fidelity on <trigger> — with a
-    caveat where the checkpoints are too few for the correlations to mean anything."""
-    checkpoints = sum(1 for model in result.criteria.index if model != "base")
-    caveat = []
-    if checkpoints < MIN_CHECKPOINTS_FOR_CORRELATION:
-        caveat = [
-            f"(n too small: {checkpoints} fine-tuned checkpoint(s); a correlation over so few says nothing, "
-            "whatever its value — the full plan has 16)"
-        ]
+    """The tables the demo prints: ranking, the paper's findings (each with its interval and verdict,
+    "n too small" where the checkpoints are too few), fidelity on <trigger>."""
+    from ..evaluate.findings import format_findings  # lazy: pandas
+
     lines = [
         "Tentative ranking (the paper's Table 1; rank among the algorithms, higher = better):",
         result.ranking.to_string(),
         "",
-        "Pearson correlation of fidelity with the other criteria (over models x concepts):",
-        result.fidelity_correlations.round(2).to_string(),
-        *caveat,
-        "",
+        *([format_findings(result.findings), ""] if result.findings is not None else []),
         "Fidelity (cosine to the training images) on the <trigger> prompt, base vs fine-tuned:",
         result.trigger_fidelity.round(3).T.to_string(),
         "",
@@ -295,30 +353,56 @@ def run_demo(
     *,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    workers: int | None = None,
 ) -> DemoResult:
     """Write the demo's experiment into ``out`` and run it (training, evaluation, report); returns
-    the tables also written to ``out/summary.txt`` and ``out/summary.json``."""
+    the tables also written to ``out/summary.txt`` and ``out/summary.json``. ``workers``: processes
+    of one torch thread each (default: the usable cores)."""
     import torch
 
     if isinstance(plan, str):
         if plan not in PLANS:
             raise ConfigError(f"unknown demo plan {plan!r}; expected one of {sorted(PLANS)}")
         plan = PLANS[plan]
+    if workers is not None and workers < 1:
+        raise ConfigError(f"demo --workers must be at least 1, got {workers}")
+    cores = usable_cores()
+    runs = len(plan_configs(plan)) * len(plan.seeds)
+    busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    workers = workers or demo_workers(cores, busy, runs)
+    minutes = estimate_minutes(plan, min(workers, cores), speed_probe())
+    configs = len(plan_configs(plan))
+    when = f"about {minutes:.0f} min" if minutes >= 10 else f"about {minutes:.1f} min"
+    if busy >= cores / 2:
+        when += f" if it were idle (it is busy: load {busy:.1f} on {cores} cores)"
+    log(
+        f"demo: {runs} training runs ({configs} configurations × {len(plan.seeds)} seeds), then "
+        f"{runs * len(plan.epochs) + 1} models evaluated, in {min(workers, runs)} process(es) × 1 torch thread; "
+        f"{when} on this machine; Ctrl-C stops it and a re-run resumes"
+    )
     start = time.perf_counter()
     grid = write_demo(out, plan)
     log(f"demo: {grid.parent} ({len(plan.concepts)} concept(s), algorithms {', '.join(plan.algorithms)})")
-    with torch.random.fork_rng(devices=[]):
-        result = run_experiment(grid, progress=progress, log=log)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # this process's share of the work (ranking, features) on one thread too
+    try:
+        with torch.random.fork_rng(devices=[]):
+            result = run_experiment(grid, progress=progress, log=log, workers=min(workers, runs), threads=1)
+    finally:
+        torch.set_num_threads(threads)
     # the grid groups by the "column" label, so the evaluation's ranking has the paper's columns
     ranking = result.ranking
     per_model, fid, trig = _analyse(result.raw)
-    demo = DemoResult(grid.parent, result.report, ranking, per_model, fid, trig, time.perf_counter() - start)
+    demo = DemoResult(
+        grid.parent, result.report, ranking, per_model, fid, trig, time.perf_counter() - start, result.findings
+    )
     demo.summary = format_summary(demo)
     summary = {
         "ranking": json.loads(ranking.astype(float).to_json()),
         "criteria": json.loads(per_model.to_json()),
         "fidelity_correlations": {f"{a} ~ {b}": v for (a, b), v in fid.items()},
         "trigger_fidelity": json.loads(trig.to_json()),
+        "findings": json.loads(result.findings.table.to_json(orient="records")) if result.findings else [],
         "seconds": round(demo.seconds, 1),
     }
     for name, text in (("summary.txt", demo.summary), ("summary.json", json.dumps(summary, indent=1))):

@@ -8,9 +8,11 @@ map to diffusers schedulers configured with SD's training-noise schedule.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -133,6 +135,20 @@ def make_scheduler(sampler: str, config: dict | Any):
     return cls(**options)
 
 
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """transformers' warnings off for a moment: importing diffusers' pipelines makes transformers
+    >= 5 warn that torchvision is missing for image processors these pipelines never use."""
+    from transformers.utils import logging as transformers_logging
+
+    previous = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        transformers_logging.set_verbosity(previous)
+
+
 def build_pipeline(parts: SDParts, *, sampler: str = "ddim", scheduler_config: dict | None = None):
     """A diffusers text-to-image pipeline over ``parts``' own modules (no copies, no moves, no casts).
 
@@ -154,7 +170,8 @@ def build_pipeline(parts: SDParts, *, sampler: str = "ddim", scheduler_config: d
         scheduler_config = default_scheduler_config(parts.kind, parts.v_parameterization)
     scheduler = make_scheduler(sampler, scheduler_config)
     if parts.kind == "sdxl":
-        from diffusers import StableDiffusionXLPipeline
+        with _quiet_transformers():
+            from diffusers import StableDiffusionXLPipeline
 
         te1, te2 = parts.text_encoders
         tok1, tok2 = parts.tokenizers
@@ -170,7 +187,8 @@ def build_pipeline(parts: SDParts, *, sampler: str = "ddim", scheduler_config: d
             add_watermarker=False,
         )
     else:
-        from diffusers import StableDiffusionPipeline
+        with _quiet_transformers():
+            from diffusers import StableDiffusionPipeline
 
         pipeline = StableDiffusionPipeline(
             vae=parts.vae,

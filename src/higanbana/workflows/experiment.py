@@ -25,13 +25,20 @@ Then one evaluation covers every (configuration, seed, epoch) checkpoint with th
 seeds (its images and features are cached, so adding a configuration only generates what is new).
 The checkpoints carry their parameters (``config``, ``seed``, ``epoch`` and the short name of
 every overridden key, e.g. ``algo``, ``unet_lr``, ``rank``) for the ranking and the importance.
+
+``workers`` > 1 trains the runs in that many processes of ``threads`` torch threads each, and
+splits the generation of the evaluation's images among them (CPU: several one-thread processes
+degrade gracefully on a busy machine where one many-thread process stalls; see docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import re
+import signal
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +47,7 @@ from typing import Any
 from ..errors import ConfigError, HiganbanaError, nearest
 from ..evaluate.config import Checkpoint, EvalConfig
 from ..evaluate.prompts import concepts_from_toml
-from ..evaluate.run import evaluate
+from ..evaluate.run import evaluate, generate_all
 from ..evaluate.run import preflight as evaluation_preflight
 from ..safeio import check_name, inside, writable_folder, write_text
 from ..schema import SEED_MAX, check_finite, load_toml, sections_of, toml_value
@@ -277,14 +284,19 @@ def run_folder(grid: Grid, run: RunSpec) -> Path:
     return inside(grid.out / "runs", grid.out / "runs" / run.name, f"{grid.source}: run {run.name!r}")
 
 
+def _record_params(run: RunSpec, config: Any) -> None:
+    """The checkpoint parameters every run has, whether or not the grid overrides them."""
+    run.params.setdefault("algo", config.network.algo)
+    run.params.setdefault("preset", config.network.preset)
+    run.params.setdefault("lr", config.optimizer.unet_lr)
+
+
 def train_run(grid: Grid, run: RunSpec, *, progress: bool = True, log: Callable[[str], None] = print) -> Path:
     """Train one (configuration, seed) to the last epoch, saving every epoch; skip when done."""
     folder = run_folder(grid, run)
     final = folder / "model.safetensors"
     config = run_config(grid, run)
-    run.params.setdefault("algo", config.network.algo)
-    run.params.setdefault("preset", config.network.preset)
-    run.params.setdefault("lr", config.optimizer.unet_lr)
+    _record_params(run, config)
     recorded = folder / "config.toml"
     if recorded.is_file() and recorded.read_text(encoding="utf-8") != config.to_toml():
         raise HiganbanaError(
@@ -303,14 +315,98 @@ def checkpoint_file(folder: Path, epoch: int, last: int) -> Path:
     return folder / ("model.safetensors" if epoch == last else f"model-{epoch:06d}.safetensors")
 
 
+# ----------------------------------------------------------------------------- worker processes
+
+
+def _worker_start(threads: int) -> None:
+    """A pool process: ``threads`` torch threads; Ctrl-C is the parent's to handle (it stops the pool,
+    and a killed run resumes from its last saved epoch)."""
+    import torch
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    torch.set_num_threads(threads)
+
+
+def _train_in_worker(grid_path: str, index: int) -> tuple[str, float]:
+    """Train run ``index`` of the grid; its log goes to ``out/runs/<run>.log``."""
+    grid = Grid.load(grid_path)
+    run = grid.runs()[index]
+    lines: list[str] = []
+    start = time.perf_counter()
+    try:
+        train_run(grid, run, progress=False, log=lines.append)
+    finally:
+        write_text(grid.out / "runs" / f"{run.name}.log", "\n".join(lines) + "\n")
+    return run.name, time.perf_counter() - start
+
+
+def _generate_in_worker(config: EvalConfig, items: list[Any], share: tuple[int, int]) -> int:
+    generate_all(config, items, progress=False, share=share)
+    return share[0]
+
+
+def _pool(workers: int, threads: int) -> Any:
+    # spawn: a fresh interpreter per worker (fork would copy the parent's torch thread pools)
+    return multiprocessing.get_context("spawn").Pool(workers, initializer=_worker_start, initargs=(threads,))
+
+
+def _train_parallel(grid: Grid, runs: list[RunSpec], workers: int, threads: int, log: Callable[[str], None]) -> None:
+    """Train the unfinished ``runs`` in ``workers`` processes, a line per finished run with the time left."""
+    todo = [i for i, run in enumerate(runs) if not (run_folder(grid, run) / "model.safetensors").is_file()]
+    if len(todo) < len(runs):
+        log(f"{len(runs) - len(todo)} run(s) done before, skipped")
+    if not todo:
+        return
+    log(f"training {len(todo)} run(s) in {workers} processes × {threads} torch thread(s) (logs: {grid.out}/runs/*.log)")
+    start = time.perf_counter()
+    pool = _pool(min(workers, len(todo)), threads)
+    try:
+        for done, (name, _seconds) in enumerate(
+            pool.imap_unordered(_train_run_star, [(str(grid.source), i) for i in todo]), start=1
+        ):
+            elapsed = time.perf_counter() - start
+            left = elapsed / done * (len(todo) - done)
+            log(f"{name}: trained ({done}/{len(todo)}; {elapsed / 60:.1f} min so far, about {left / 60:.1f} min left)")
+        pool.close()
+    except BaseException:
+        pool.terminate()
+        raise
+    finally:
+        pool.join()
+
+
+def _train_run_star(args: tuple[str, int]) -> tuple[str, float]:
+    return _train_in_worker(*args)
+
+
+def _generate_parallel(config: EvalConfig, items: list[Any], workers: int, threads: int, log) -> None:
+    """Generate the evaluation's images in ``workers`` processes (each a share of every model's
+    items); the evaluation then finds them all on disk."""
+    log(f"generating images in {workers} processes × {threads} torch thread(s)")
+    pool = _pool(workers, threads)
+    try:
+        pool.starmap(_generate_in_worker, [(config, items, (i, workers)) for i in range(workers)])
+        pool.close()
+    except BaseException:
+        pool.terminate()
+        raise
+    finally:
+        pool.join()
+
+
 def run_experiment(
     grid_path: str | os.PathLike,
     *,
     progress: bool = True,
     log: Callable[[str], None] = print,
     evaluate_overrides: list[str] | tuple[str, ...] = (),
+    workers: int = 1,
+    threads: int = 1,
 ) -> Any:
-    """Train every run of the grid, then evaluate all checkpoints together; returns the EvalResult."""
+    """Train every run of the grid, then evaluate all checkpoints together; returns the EvalResult.
+    ``workers`` > 1: runs and image generation in that many processes of ``threads`` torch threads."""
+    if workers < 1 or threads < 1:
+        raise ConfigError(f"workers and threads must be at least 1, got {workers} and {threads}")
     grid = Grid.load(grid_path)
     runs = grid.runs()
     writable_folder(grid.out, where=f"{grid.source}: out", create=False)
@@ -321,6 +417,7 @@ def run_experiment(
             training_preflight(config)
         except ConfigError as exc:
             raise ConfigError(f"{grid.source}: configuration {run.config!r} (run {run.name}): {exc}") from None
+        _record_params(run, config)
     eval_overrides = [f'output.dir="{(grid.out / "eval").as_posix()}"', *evaluate_overrides]
     eval_config = EvalConfig.load(grid.evaluate, eval_overrides)
     evaluation_preflight(eval_config)
@@ -328,8 +425,15 @@ def run_experiment(
     log(f"{len(grid.configs)} configuration(s) × {len(grid.seeds)} seed(s) = {len(runs)} run(s); epochs {grid.epochs}")
     last = max(grid.epochs)
     checkpoints = []
+    if workers > 1:
+        _train_parallel(grid, runs, workers, threads, log)
+
+    def quiet_skips(line: str) -> None:  # the runs trained in parallel are said done already
+        if workers == 1 or not line.endswith(": done, skipped"):
+            log(line)
+
     for run in runs:
-        folder = train_run(grid, run, progress=progress, log=log)
+        folder = train_run(grid, run, progress=progress, log=quiet_skips)
         for epoch in grid.epochs:
             path = checkpoint_file(folder, epoch, last)
             if not path.is_file():
@@ -344,4 +448,10 @@ def run_experiment(
     config.report.features = config.report.features or params
     config.validate()
     write_text(grid.out / "checkpoints.json", json.dumps([c.__dict__ for c in checkpoints], indent=1, default=str))
+    if workers > 1:
+
+        def pregenerate(config: EvalConfig, items: list[Any]) -> None:
+            _generate_parallel(config, items, workers, threads, log)
+
+        return evaluate(config, progress=progress, log=log, pregenerate=pregenerate)
     return evaluate(config, progress=progress, log=log)
