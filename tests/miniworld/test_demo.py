@@ -28,7 +28,7 @@ from higanbana.workflows.experiment import Grid
 
 def test_full_plan_is_the_papers_table_1_grid(tmp_path):
     grid = Grid.load(write_demo(tmp_path, PLANS["full"]))
-    assert len(grid.configs) == 8  # 4 algorithms x 2 learning rates
+    assert len(grid.configs) == 9  # 4 algorithms x 2 learning rates, and LoRA at twice the rank
     assert len(grid.seeds) == 3  # several seeds: an interval for every finding
     assert {o["network.algo"] for o in grid.configs.values()} == {"lora", "loha", "lokr", "full"}
     assert len(grid.epochs) == 2

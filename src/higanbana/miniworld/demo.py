@@ -97,6 +97,7 @@ class DemoPlan:
     concepts: tuple[str, ...] = tuple(CONCEPTS)
     algorithms: tuple[str, ...] = tuple(ALGORITHMS)
     both_learning_rates: bool = True  # False: the higher one only
+    capacity_variant: bool = True  # LoRA at twice the rank (alpha = rank kept), for "larger capacity"
     images_per_concept: int = 12
     repeats: int = 1
     batch_size: int = 4
@@ -126,6 +127,7 @@ PLANS: dict[str, DemoPlan] = {
         concepts=("zorb_toy",),
         algorithms=("lora", "lokr"),
         both_learning_rates=False,
+        capacity_variant=False,
         epochs=(8, 16),
         n_images=6,
         sampler_steps=10,
@@ -183,13 +185,23 @@ def estimate_minutes(plan: DemoPlan, workers: int, probe: float) -> float:
     return work * probe / REFERENCE_SECONDS["probe"] / max(1, min(workers, runs)) / 60
 
 
-def plan_configs(plan: DemoPlan) -> list[tuple[str, float]]:
-    """(algorithm, learning rate) of every configuration of the plan."""
-    return [
-        (algo, lr)
+#: The capacity variant: LoRA at rank 8 (alpha 8, so the scale stays 1) and the higher learning rate;
+#: its column is LoRA's (the paper's Table 1 averages every configuration of an algorithm).
+CAPACITY_VARIANT: tuple[str, dict[str, Any], float] = ("lora", {"rank": 8, "alpha": 8}, 5e-3)
+
+
+def plan_configs(plan: DemoPlan) -> list[tuple[str, str, dict[str, Any], float, int]]:
+    """(name, algorithm, network options, learning rate, capacity) of every configuration of the
+    plan; capacity is the paper's coding (1 the default, 2 the larger variant)."""
+    configs = [
+        (f"{algo}-lr{lr:g}", algo, ALGORITHMS[algo][0], lr, 1)
         for algo in plan.algorithms
         for lr in (ALGORITHMS[algo][1] if plan.both_learning_rates else ALGORITHMS[algo][1][1:])
     ]
+    algo, options, lr = CAPACITY_VARIANT
+    if plan.capacity_variant and algo in plan.algorithms:
+        configs.append((f"{algo}-r{options['rank']}-lr{lr:g}", algo, options, lr, 2))
+    return configs
 
 
 def _toml(value: Any) -> str:
@@ -281,14 +293,13 @@ device = "cpu"
         "group_by = \"column\"  # the ranking's columns, as in the paper's Table 1 (see labels below)",
         "",
     ]
-    for algo, lr in plan_configs(plan):
-        options = ALGORITHMS[algo][0]
+    for name, algo, options, lr, capacity in plan_configs(plan):
         overrides = {"network.algo": algo, "network.options": options, "optimizer.unet_lr": lr, **plan.extra}
         grid += [
             "[[configs]]",
-            f'name = "{algo}-lr{lr:g}"',
+            f"name = {_toml(name)}",
             "set = {" + ", ".join(f"{_toml(k)} = {_toml(v)}" for k, v in overrides.items()) + "}",
-            f"labels = {{ column = {_toml(ranking_column(algo, lr))} }}",
+            f"labels = {{ column = {_toml(ranking_column(algo, lr))}, capacity = {capacity} }}",
             "",
         ]
     path = out / "grid.toml"
