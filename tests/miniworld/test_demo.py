@@ -112,3 +112,35 @@ def test_quick_demo_runs_end_to_end_and_learns_the_concept(tmp_path):
     assert len(tuned) == 4
     for model in tuned:
         assert fidelity[model] > fidelity["base"] + 0.05, fidelity.to_dict()
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_workers_train_is_one_line_and_stops_them(tmp_path):
+    """A terminal's Ctrl-C (SIGINT to the whole process group) while the worker processes train:
+    exit 130, the one-line notice that a re-run resumes, no traceback or leaked-semaphore warning,
+    and no worker left running."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    code = (
+        "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+        "from higanbana.cli import main; "
+        f"sys.exit(main(['demo', '--plan', 'quick', '--workers', '2', '--no-progress', '--out', {str(tmp_path)!r}]))"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    for line in proc.stdout:
+        if line.startswith("training 2 run(s) in 2 processes"):
+            break
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, (out, err)
+    assert err.strip().splitlines() == ["interrupted; a re-run of the demo skips the work already done"], err
+    with pytest.raises(ProcessLookupError):  # the group is gone: the workers stopped with the parent
+        for _ in range(50):
+            os.killpg(proc.pid, 0)
+            time.sleep(0.1)

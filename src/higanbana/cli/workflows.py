@@ -18,9 +18,18 @@ def _positive(text: str) -> int:
     return value
 
 
+def _quiet_loading(args: argparse.Namespace) -> None:
+    """``--no-progress`` also silences transformers' "Loading weights" bars (this process only)."""
+    if args.no_progress:
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
+
+
 def _demo(args: argparse.Namespace) -> int:
     from ..miniworld.demo import run_demo
 
+    _quiet_loading(args)
     run_demo(args.out, args.plan, progress=not args.no_progress, workers=args.workers)
     return 0
 
@@ -41,6 +50,7 @@ def _selfcheck(args: argparse.Namespace) -> int:
 def _experiment(args: argparse.Namespace) -> int:
     from ..workflows.experiment import run_experiment
 
+    _quiet_loading(args)
     result = run_experiment(args.grid, progress=not args.no_progress, workers=args.workers, threads=args.threads)
     if result.ranking is not None:
         print(result.ranking.to_string())

@@ -335,7 +335,10 @@ def _analyse(raw: Any) -> tuple[Any, Any, Any]:
     scores = A.rank_normalize(raw)
     fid = A.fidelity_correlations(A.correlations(scores))
     trig = raw[(raw["metric"] == "fidelity_cos") & (raw["prompt_type"] == "trigger")]
-    trigger_fidelity = trig.pivot_table(index="concept", columns="model", values="value", aggfunc="mean")
+    # one column per configuration and epoch, the mean over its seeds ("lora-lr0.005-s1-e20" -> "lora-lr0.005-e20")
+    checkpoint = trig["model"].astype(str).str.replace(r"-s\d+(?=-e\d+$)", "", regex=True)
+    trigger_fidelity = trig.pivot_table(index="concept", columns=checkpoint, values="value", aggfunc="mean")
+    trigger_fidelity.columns.name = "model"
     return A.criterion_scores(scores), fid, trigger_fidelity
 
 
@@ -349,7 +352,7 @@ def format_summary(result: DemoResult) -> str:
         result.ranking.to_string(),
         "",
         *([format_findings(result.findings), ""] if result.findings is not None else []),
-        "Fidelity (cosine to the training images) on the <trigger> prompt, base vs fine-tuned:",
+        "Fidelity (cosine to the training images) on the <trigger> prompt, base vs fine-tuned (mean over seeds):",
         result.trigger_fidelity.round(3).T.to_string(),
         "",
         f"report: {result.report}",
@@ -384,7 +387,7 @@ def run_demo(
     minutes = estimate_minutes(plan, min(workers, cores), speed_probe())
     configs = len(plan_configs(plan))
     when = f"about {minutes:.0f} min" if minutes >= 10 else f"about {minutes:.1f} min"
-    if busy >= cores / 2:
+    if busy >= cores:
         when += f" if it were idle (it is busy: load {busy:.1f} on {cores} cores)"
     log(
         f"demo: {runs} training runs ({configs} configurations × {len(plan.seeds)} seeds), then "

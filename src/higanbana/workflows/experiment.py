@@ -33,13 +33,16 @@ degrade gracefully on a busy machine where one many-thread process stalls; see d
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 import multiprocessing
 import os
 import re
 import signal
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -322,9 +325,15 @@ def _worker_start(threads: int) -> None:
     """A pool process: ``threads`` torch threads; Ctrl-C is the parent's to handle (it stops the pool,
     and a killed run resumes from its last saved epoch)."""
     import torch
+    from tqdm.auto import tqdm
+    from transformers.utils import logging as transformers_logging
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(threads)
+    transformers_logging.disable_progress_bar()  # "Loading weights" bars from every worker
+    # tqdm's default lock is a multiprocessing semaphore that a stopped worker would leave to the
+    # resource tracker (a "leaked semaphore" warning after Ctrl-C); a thread lock serves one process
+    tqdm.set_lock(threading.RLock())
 
 
 def _train_in_worker(grid_path: str, index: int) -> tuple[str, float]:
@@ -340,14 +349,27 @@ def _train_in_worker(grid_path: str, index: int) -> tuple[str, float]:
     return run.name, time.perf_counter() - start
 
 
-def _generate_in_worker(config: EvalConfig, items: list[Any], share: tuple[int, int]) -> int:
-    generate_all(config, items, progress=False, share=share)
+def _generate_in_worker(config: EvalConfig, items: list[Any], share: tuple[int, int], progress: bool) -> int:
+    generate_all(config, items, progress=progress, share=share)
     return share[0]
 
 
-def _pool(workers: int, threads: int) -> Any:
-    # spawn: a fresh interpreter per worker (fork would copy the parent's torch thread pools)
-    return multiprocessing.get_context("spawn").Pool(workers, initializer=_worker_start, initargs=(threads,))
+@contextlib.contextmanager
+def _worker_pool(workers: int, threads: int) -> Iterator[Any]:
+    """A pool of ``workers`` spawned processes (fork would copy the parent's torch thread pools),
+    stopped on any error or Ctrl-C; its queues are freed before the error goes on (else
+    multiprocessing's resource tracker warns of leaked semaphores at exit)."""
+    pool = multiprocessing.get_context("spawn").Pool(workers, initializer=_worker_start, initargs=(threads,))
+    try:
+        yield pool
+        pool.close()
+    except BaseException:
+        pool.terminate()
+        raise
+    finally:
+        pool.join()
+        del pool
+        gc.collect()
 
 
 def _train_parallel(grid: Grid, runs: list[RunSpec], workers: int, threads: int, log: Callable[[str], None]) -> None:
@@ -359,39 +381,25 @@ def _train_parallel(grid: Grid, runs: list[RunSpec], workers: int, threads: int,
         return
     log(f"training {len(todo)} run(s) in {workers} processes × {threads} torch thread(s) (logs: {grid.out}/runs/*.log)")
     start = time.perf_counter()
-    pool = _pool(min(workers, len(todo)), threads)
-    try:
-        for done, (name, _seconds) in enumerate(
-            pool.imap_unordered(_train_run_star, [(str(grid.source), i) for i in todo]), start=1
-        ):
+    with _worker_pool(min(workers, len(todo)), threads) as pool:
+        tasks = [(str(grid.source), i) for i in todo]
+        for done, (name, _seconds) in enumerate(pool.imap_unordered(_train_run_star, tasks), start=1):
             elapsed = time.perf_counter() - start
             left = elapsed / done * (len(todo) - done)
             log(f"{name}: trained ({done}/{len(todo)}; {elapsed / 60:.1f} min so far, about {left / 60:.1f} min left)")
-        pool.close()
-    except BaseException:
-        pool.terminate()
-        raise
-    finally:
-        pool.join()
 
 
 def _train_run_star(args: tuple[str, int]) -> tuple[str, float]:
     return _train_in_worker(*args)
 
 
-def _generate_parallel(config: EvalConfig, items: list[Any], workers: int, threads: int, log) -> None:
+def _generate_parallel(config: EvalConfig, items: list[Any], workers: int, threads: int, log, progress: bool) -> None:
     """Generate the evaluation's images in ``workers`` processes (each a share of every model's
-    items); the evaluation then finds them all on disk."""
+    items; the first shows its progress bars); the evaluation then finds them all on disk."""
     log(f"generating images in {workers} processes × {threads} torch thread(s)")
-    pool = _pool(workers, threads)
-    try:
-        pool.starmap(_generate_in_worker, [(config, items, (i, workers)) for i in range(workers)])
-        pool.close()
-    except BaseException:
-        pool.terminate()
-        raise
-    finally:
-        pool.join()
+    with _worker_pool(workers, threads) as pool:
+        shares = [(config, items, (i, workers), progress and i == 0) for i in range(workers)]
+        pool.starmap(_generate_in_worker, shares)
 
 
 def run_experiment(
@@ -451,7 +459,7 @@ def run_experiment(
     if workers > 1:
 
         def pregenerate(config: EvalConfig, items: list[Any]) -> None:
-            _generate_parallel(config, items, workers, threads, log)
+            _generate_parallel(config, items, workers, threads, log, progress)
 
         return evaluate(config, progress=progress, log=log, pregenerate=pregenerate)
     return evaluate(config, progress=progress, log=log)
