@@ -5,6 +5,11 @@ the ``<trigger>`` prompt above the base model's (the adapters learned the concep
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -24,6 +29,40 @@ from higanbana.miniworld.demo import (
 from higanbana.miniworld.tokenizer import world_tokenizer
 from higanbana.train import TrainConfig
 from higanbana.workflows.experiment import Grid
+
+REPORT_SECTIONS = ("findings", "ranking", "correlations", "scatter", "importance", "scores", "raw", "images")
+
+
+def check_report_in_browser(html: Path) -> None:
+    """The demo's report opened in headless Chromium: every section, figure and table of the file is
+    in the rendered page, the console logs no error, and a screenshot is kept (under CI: in
+    ``ci-artifacts/`` of the checkout, the run's folder)."""
+    text = html.read_text(encoding="utf-8")
+    for anchor in REPORT_SECTIONS:
+        assert f'<section id="{anchor}">' in text, anchor
+    images, tables = text.count("<img "), text.count("<table")
+    assert images >= 5 and tables >= 5
+    browser = next(
+        (shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None
+    )
+    assert browser, "no headless Chromium: .ci/run installs Debian's chromium; locally: apt-get install chromium"
+    with tempfile.TemporaryDirectory() as profile:
+        run = subprocess.run(
+            [browser, "--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={profile}",
+             "--enable-logging=stderr", "--v=0", "--dump-dom", html.resolve().as_uri()],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+    dom = run.stdout
+    assert run.returncode == 0 and "</html>" in dom, run.stderr[-2000:]
+    assert dom.count("<img ") == images and dom.count("<table") == tables
+    assert all(f'id="{anchor}"' in dom for anchor in REPORT_SECTIONS)
+    console = [line for line in run.stderr.splitlines() if "CONSOLE" in line or "Uncaught" in line]
+    assert not console, console
+    artifacts = Path(os.environ.get("HIGANBANA_ARTIFACTS", Path(__file__).resolve().parents[2] / "ci-artifacts"))
+    shot = (artifacts if os.environ.get("CI") else html.parent) / "demo-report.png"
+    script = Path(__file__).resolve().parents[2] / "scripts" / "screenshot_report.sh"
+    res = subprocess.run(["bash", str(script), str(html), str(shot), "1280,2400"], capture_output=True, text=True)
+    assert res.returncode == 0 and shot.stat().st_size > 10_000, res.stderr
 
 
 def test_full_plan_is_the_papers_table_1_grid(tmp_path):
@@ -106,6 +145,7 @@ def test_quick_demo_runs_end_to_end_and_learns_the_concept(tmp_path):
     raw = load_table(tmp_path / "eval" / "raw_metrics.csv")
     vendi = raw[(raw["metric"] == "vendi") & (raw["prompt_type"] == "alter")]["value"]
     assert (vendi > 1.0 + 1e-6).any(), vendi.tolist()
+    check_report_in_browser(tmp_path / "eval" / "report.html")
     # the adapters learned the concept: fidelity on <trigger> above the base model's
     fidelity = result.trigger_fidelity.loc["zorb_toy"]
     tuned = [m for m in fidelity.index if m != "base"]

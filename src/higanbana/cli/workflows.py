@@ -54,6 +54,10 @@ def _experiment(args: argparse.Namespace) -> int:
     result = run_experiment(args.grid, progress=not args.no_progress, workers=args.workers, threads=args.threads)
     if result.ranking is not None:
         print(result.ranking.to_string())
+    if result.findings is not None:
+        from ..evaluate.findings import format_findings
+
+        print(f"\n{format_findings(result.findings)}\n")
     print(f"report: {result.report}")
     return 0
 

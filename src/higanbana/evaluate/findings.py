@@ -297,23 +297,24 @@ def find(
         title = f"Ranking agreement with Table 1: {criterion} (Kendall τ-b)"
         mapped = [(ours, theirs) for ours, theirs in columns.items() if theirs in paper]
         if groups_of is None or criterion not in d.criteria or len(mapped) < 3:
-            rows.append({"finding": title, "paper": 1.0, "n": len(mapped), "unit": "columns", "sign": 1})
+            rows.append({"finding": title, "paper": 1.0, "n": len(mapped), "unit": "columns", "sign": 1,
+                         "measured": False})  # fmt: skip
             continue
         idx = [np.flatnonzero(groups_of.to_numpy() == ours) for ours, _ in mapped]
         plan["ranking"].append((criterion, idx, np.array([paper[t] for _, t in mapped], float)))
         rows.append({"finding": title, "paper": 1.0, "n": len(mapped), "unit": "columns", "sign": 1,
-                     "key": ("ranking", criterion, [o for o, _ in mapped])})  # fmt: skip
+                     "measured": True})  # fmt: skip
     for (a, b), paper in FIG6C.items():
         title = f"Fig. 6c: {a[0]}<{a[1]}> vs {b[0]}<{b[1]}> (Pearson r)"
         ok = a in d.columns and b in d.columns and n_models >= MIN_CHECKPOINTS
         rows.append({"finding": title, "paper": paper, "n": n_models, "unit": "checkpoints", "sign": -1,
-                     "key": ("corr",) if ok else None})  # fmt: skip
+                     "measured": ok})  # fmt: skip
         if ok:
             plan["correlations"].append((a, b))
     title = "SCD correction: r(SCD<trigger>, Vendi<trigger>) − r(cos<trigger>, Vendi<trigger>)"
     scd_ok = all(c in d.columns for c in (*SCD_PAIR, ("fidelity_cos", "trigger"))) and n_models >= MIN_CHECKPOINTS
     rows.append({"finding": title, "paper": round(SCD_PAPER[0] - SCD_PAPER[1], 2), "n": n_models,
-                 "unit": "checkpoints", "sign": 1, "key": ("scd",) if scd_ok else None})  # fmt: skip
+                 "unit": "checkpoints", "sign": 1, "measured": scd_ok})  # fmt: skip
     plan["scd"] = scd_ok
     for factor, (words, _aliases) in DIRECTIONS.items():
         pairs = _direction_pairs(models, d.models, factor, features)
@@ -322,11 +323,11 @@ def find(
             title = f"{words[0].upper()}{words[1:]} → {criterion} {arrow} (mean paired rank-score change)"
             ok = bool(pairs) and criterion in d.criteria
             rows.append({"finding": title, "paper": arrow, "n": len(pairs), "unit": "pairs", "sign": sign,
-                         "key": ("dir",) if ok else None})  # fmt: skip
+                         "measured": ok})  # fmt: skip
             if ok:
                 plan["directions"].append((criterion, pairs))
 
-    n_stats = sum(1 for r in rows if r.get("key"))
+    n_stats = sum(1 for r in rows if r["measured"])
     rng = np.random.default_rng(seed)
     concepts_w = np.ones(len(d.concepts))
     point = _statistics(d, np.ones(d.n_seeds), concepts_w, plan)
@@ -342,14 +343,14 @@ def find(
     table = []
     for r in rows:
         value = low = high = float("nan")
-        if r.get("key"):
+        if r["measured"]:
             value = float(point[i])
             if boot is not None:
                 finite = boot[:, i][np.isfinite(boot[:, i])]
                 if len(finite) >= 0.9 * len(boot):
                     low, high = (float(q) for q in np.quantile(finite, [0.025, 0.975]))
             i += 1
-        if not r.get("key"):
+        if not r["measured"]:
             verdict = N_TOO_SMALL
         elif boot is None:
             verdict = f"inconclusive ({d.n_seeds} seed(s); an interval needs {MIN_SEEDS})"
