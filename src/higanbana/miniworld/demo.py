@@ -136,10 +136,11 @@ PLANS: dict[str, DemoPlan] = {
     ),
 }
 
-#: The reference machine (idle 2-core AMD EPYC, one torch thread, 2026-12-07): CPU seconds of the
-#: speed probe, of one demo run's training (20 epochs) and of one checkpoint's evaluation (images
-#: and features), for the time estimate.
-REFERENCE_SECONDS = {"probe": 0.25, "train_run": 25.0, "evaluate_model": 25.0}
+#: The reference run (2 idle cores of an AMD EPYC, one torch thread per process, 2026-12-07): the
+#: speed probe's CPU seconds there, and the worker-seconds of one run's training (27 runs took 6.1
+#: min on 2 workers) and of one model's evaluation (55 models in the remaining 6.5 min, images on 2
+#: workers, features and report in one process), for the time estimate.
+REFERENCE_SECONDS = {"probe": 0.21, "train_run": 27.0, "evaluate_model": 14.2}
 
 
 def demo_workers(cores: int, load: float, runs: int) -> int:

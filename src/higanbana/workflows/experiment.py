@@ -34,7 +34,6 @@ degrade gracefully on a busy machine where one many-thread process stalls; see d
 from __future__ import annotations
 
 import contextlib
-import gc
 import json
 import multiprocessing
 import os
@@ -357,8 +356,7 @@ def _generate_in_worker(config: EvalConfig, items: list[Any], share: tuple[int, 
 @contextlib.contextmanager
 def _worker_pool(workers: int, threads: int) -> Iterator[Any]:
     """A pool of ``workers`` spawned processes (fork would copy the parent's torch thread pools),
-    stopped on any error or Ctrl-C; its queues are freed before the error goes on (else
-    multiprocessing's resource tracker warns of leaked semaphores at exit)."""
+    stopped at once on any error or Ctrl-C (a killed run resumes from its last saved epoch)."""
     pool = multiprocessing.get_context("spawn").Pool(workers, initializer=_worker_start, initargs=(threads,))
     try:
         yield pool
@@ -368,8 +366,6 @@ def _worker_pool(workers: int, threads: int) -> Iterator[Any]:
         raise
     finally:
         pool.join()
-        del pool
-        gc.collect()
 
 
 def _train_parallel(grid: Grid, runs: list[RunSpec], workers: int, threads: int, log: Callable[[str], None]) -> None:
@@ -415,6 +411,8 @@ def run_experiment(
     ``workers`` > 1: runs and image generation in that many processes of ``threads`` torch threads."""
     if workers < 1 or threads < 1:
         raise ConfigError(f"workers and threads must be at least 1, got {workers} and {threads}")
+    if workers > 1 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("--workers is for one process; under accelerate launch the processes share the work already")
     grid = Grid.load(grid_path)
     runs = grid.runs()
     writable_folder(grid.out, where=f"{grid.source}: out", create=False)
