@@ -265,3 +265,87 @@ def save_tiny_sd(parts, folder) -> Path:
     scheduler.save_pretrained(root / "scheduler")
     (root / "model_index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
     return root
+
+
+# ----------------------------------------------------------------------------- diffusion transformers
+
+#: SD3/SD3.5's MMDiT in miniature (diffusers ``SD3Transformer2DModel``): 16 latent channels, 2×2
+#: patches, joint blocks with an image and a context stream, adaLN-Zero modulation.
+TINY_SD3_TRANSFORMER: dict[str, Any] = dict(
+    sample_size=16,
+    patch_size=2,
+    in_channels=16,
+    out_channels=16,
+    num_layers=2,
+    attention_head_dim=8,
+    num_attention_heads=2,
+    joint_attention_dim=32,
+    caption_projection_dim=16,
+    pooled_projection_dim=32,
+    pos_embed_max_size=16,
+)
+
+#: Flux.1 in miniature (diffusers ``FluxTransformer2DModel``): packed 2×2 latent patches (64 channels
+#: from 16), double-stream and single-stream blocks, rotary positions, the guidance embedding (dev).
+TINY_FLUX_TRANSFORMER: dict[str, Any] = dict(
+    patch_size=1,
+    in_channels=64,
+    num_layers=1,
+    num_single_layers=2,
+    attention_head_dim=8,
+    num_attention_heads=2,
+    joint_attention_dim=32,
+    pooled_projection_dim=32,
+    guidance_embeds=True,
+    axes_dims_rope=(2, 2, 4),
+)
+
+
+def tiny_sd3_transformer(seed: int = 0, **overrides: Any):
+    """A tiny SD3-shaped ``SD3Transformer2DModel`` with deterministic random weights."""
+    from diffusers import SD3Transformer2DModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return SD3Transformer2DModel(**{**TINY_SD3_TRANSFORMER, **overrides})
+
+
+def tiny_flux_transformer(seed: int = 0, **overrides: Any):
+    """A tiny Flux-shaped ``FluxTransformer2DModel`` with deterministic random weights."""
+    from diffusers import FluxTransformer2DModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return FluxTransformer2DModel(**{**TINY_FLUX_TRANSFORMER, **overrides})
+
+
+def tiny_dit_inputs(family: str, latents: torch.Tensor, sigmas: torch.Tensor, seed: int = 0, seq_len: int = 6):
+    """Keyword inputs of the tiny SD3 or Flux transformer for noisy ``latents`` ``(B, 16, H, W)`` at
+    noise levels ``sigmas``: random text states and pooled embeddings, SD3's timestep ``1000·σ``, Flux's
+    ``σ`` with packed latents, position ids and guidance 3.5. Unpack Flux's output with
+    :func:`higanbana.train.flow.unpack_latents`."""
+    from ..train import flow
+
+    gen = torch.Generator().manual_seed(seed)
+    b = latents.shape[0]
+    text = torch.randn(b, seq_len, 32, generator=gen)
+    pooled = torch.randn(b, 32, generator=gen)
+    if family == "sd3":
+        return {
+            "hidden_states": latents,
+            "encoder_hidden_states": text,
+            "pooled_projections": pooled,
+            "timestep": 1000 * sigmas.float(),
+        }
+    if family == "flux":
+        h, w = latents.shape[-2:]
+        return {
+            "hidden_states": flow.pack_latents(latents),
+            "encoder_hidden_states": text,
+            "pooled_projections": pooled,
+            "timestep": sigmas.float(),
+            "img_ids": flow.latent_ids(h, w),
+            "txt_ids": torch.zeros(seq_len, 3),
+            "guidance": torch.full((b,), 3.5),
+        }
+    raise ConfigError(f"unknown transformer family {family!r}; expected 'sd3' or 'flux'")

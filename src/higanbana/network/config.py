@@ -119,7 +119,11 @@ def _normalize_options(options: Mapping[str, Any], where: str) -> dict[str, Any]
     return out
 
 
-CONFIG_FIELDS = ("preset", "description", "algo", "options", "enable_conv", "train_norm", "rules", *PART_KINDS)
+CONFIG_FIELDS = (
+    "preset", "description", "family", "algo", "options", "enable_conv", "train_norm", "rules", *PART_KINDS
+)  # fmt: skip
+#: the model families a config may be written for: the SD UNets, SD3/SD3.5 (MMDiT), Flux.1
+FAMILIES = ("sd", "sd3", "flux")
 
 
 @dataclass(frozen=True)
@@ -133,6 +137,7 @@ class NetworkConfig:
     enable_conv: bool = True  # adapt convolutions with a kernel larger than 1
     train_norm: bool = False  # adapt LayerNorm/GroupNorm inside target blocks (algorithm "norm")
     description: str = ""
+    family: str = "sd"  # which models' module names the targets are written for (FAMILIES)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], where: str = "config") -> NetworkConfig:
@@ -159,6 +164,7 @@ class NetworkConfig:
             enable_conv=merged.get("enable_conv", True),
             train_norm=merged.get("train_norm", False),
             description=merged.get("description", ""),
+            family=merged.get("family", "sd"),
         )
         config.validate()
         return config
@@ -186,6 +192,10 @@ class NetworkConfig:
 
     def validate(self) -> None:
         """Unknown algorithms and options an algorithm does not take are errors, named."""
+        if self.family not in FAMILIES:
+            raise ConfigError(
+                f"family: expected one of {list(FAMILIES)}, got {self.family!r}{nearest(str(self.family), FAMILIES)}"
+            )
         _check_options(self.algo, self.options, "options")
         known = set(NETWORK_OPTIONS).union(*(accepted_options(algorithm_class(a)) for a in list_algorithms()))
         for i, rule in enumerate(self.rules):
