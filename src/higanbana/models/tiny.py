@@ -323,8 +323,8 @@ def tiny_dit_inputs(family: str, latents: torch.Tensor, sigmas: torch.Tensor, se
     """Keyword inputs of the tiny SD3 or Flux transformer for noisy ``latents`` ``(B, 16, H, W)`` at
     noise levels ``sigmas``: random text states and pooled embeddings, SD3's timestep ``1000·σ``, Flux's
     ``σ`` with packed latents, position ids and guidance 3.5. Unpack Flux's output with
-    :func:`higanbana.train.flow.unpack_latents`."""
-    from ..train import flow
+    :func:`higanbana.models.flux.unpack_latents`."""
+    from .flux import latent_ids, pack_latents
 
     gen = torch.Generator().manual_seed(seed)
     b = latents.shape[0]
@@ -340,11 +340,11 @@ def tiny_dit_inputs(family: str, latents: torch.Tensor, sigmas: torch.Tensor, se
     if family == "flux":
         h, w = latents.shape[-2:]
         return {
-            "hidden_states": flow.pack_latents(latents),
+            "hidden_states": pack_latents(latents),
             "encoder_hidden_states": text,
             "pooled_projections": pooled,
             "timestep": sigmas.float(),
-            "img_ids": flow.latent_ids(h, w),
+            "img_ids": latent_ids(h, w),
             "txt_ids": torch.zeros(seq_len, 3),
             "guidance": torch.full((b,), 3.5),
         }
