@@ -153,9 +153,11 @@ def _arrays(scores: pd.DataFrame, models: pd.DataFrame, criteria) -> _Data:
     for name, (metric, prompt_types) in criteria.items():
         prompt_types = [prompt_types] if isinstance(prompt_types, str) else list(prompt_types)
         parts = [columns[(metric, p)] for p in prompt_types if (metric, p) in columns]
-        if parts:
-            with np.errstate(invalid="ignore"):
-                crit[name] = np.nanmean(np.stack(parts), axis=0)
+        if parts:  # the mean over the prompt types measured; NaN where none is (a missing metric)
+            stack = np.stack(parts)
+            count = np.isfinite(stack).sum(axis=0)
+            total = np.where(np.isfinite(stack), stack, 0.0).sum(axis=0)
+            crit[name] = np.where(count > 0, total / np.maximum(count, 1), np.nan)
     return _Data(names, concepts, categories, seeds, len(seed_names), columns, crit)
 
 
