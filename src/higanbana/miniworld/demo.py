@@ -3,12 +3,12 @@
 The shipped tiny Stable Diffusion (:func:`~higanbana.miniworld.shipped.shipped_model`) is
 fine-tuned on the world's held-out concepts (an object, a style and a scene, trained together as
 in the paper) with LoRA, LoHa, LoKr and native fine-tuning, each at two learning rates (the
-columns of the paper's Table 1); every checkpoint is evaluated with the whole framework — the four
-prompt types (train, trigger, alter, style) in the world's own language, fidelity and diversity on
-the world CLIP's image features, controllability on its text-image alignment, base-model
-preservation on Gram matrices of the world VAE's encoder — and the HTML report, the tentative
-ranking (criteria × algorithms) and the correlations of fidelity with the other criteria are
-written.
+columns of the paper's Table 1), and LoRA at twice the rank, over three seeds; every checkpoint is
+evaluated with the whole framework — the four prompt types (train, trigger, alter, style) in the
+world's own language, fidelity and diversity on the world CLIP's image features, controllability
+on its text-image alignment, base-model preservation on Gram matrices of the world VAE's encoder —
+and the HTML report, the tentative ranking (criteria × algorithms) and the paper's findings, each
+with a bootstrap interval and a verdict (:mod:`higanbana.evaluate.findings`), are written.
 
 Every process runs one torch thread, and the runs (then the images) are spread over worker
 processes (:func:`demo_workers`): one per usable core on an idle machine, more on a busy one. A
