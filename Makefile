@@ -12,7 +12,7 @@ PEERS       := lycoris-lora==4.1.3 peft==0.21.2
 
 .PHONY: demo test lint bench fuzz venv peers clean
 
-SETUP_HELP := needs Python >= 3.10 with venv (Debian: apt-get install python3-venv) and access to PyPI; fix that and re-run make
+SETUP_HELP := see the error above; set-up needs Python >= 3.10 with venv (Debian: apt-get install python3-venv), access to PyPI and about 5 GB of free disk; fix that and re-run make
 
 $(STAMP): pyproject.toml constraints.txt
 	@echo "[set-up] $(VENV): installing higanbana with torch (CPU), diffusers, transformers — a few minutes the first time"

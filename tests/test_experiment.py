@@ -91,6 +91,12 @@ def test_experiment_grid_trains_evaluates_and_skips_finished_runs(tmp_path):
     checkpoints = {c["name"]: c["params"] for c in json.loads((tmp_path / "exp" / "checkpoints.json").read_text())}
     varied, base = checkpoints["lora-unet_lr=0.01-s1-e2"], checkpoints["lora-s1-e2"]
     assert {k for k in varied if varied[k] != base.get(k)} == {"unet_lr", "lr", "config"}
+    # a finished run keeps the listed epochs' files and no resumable state
+    assert sorted(p.name for p in (tmp_path / "exp" / "runs" / "lokr-s1").iterdir()) == [
+        "config.toml",
+        "model-000001.safetensors",
+        "model.safetensors",
+    ]
     # a re-run trains nothing
     logs.clear()
     run_experiment(tmp_path / "grid.toml", progress=False, log=logs.append)

@@ -38,6 +38,7 @@ import json
 import multiprocessing
 import os
 import re
+import shutil
 import signal
 import threading
 import time
@@ -56,6 +57,7 @@ from ..schema import SEED_MAX, check_finite, load_toml, sections_of, toml_value
 from ..train import train
 from ..train.config import TrainConfig
 from ..train.setup import preflight as training_preflight
+from ..train.state import STATE_PREFIX
 
 _GRID_KEYS = ("out", "train", "evaluate", "seeds", "epochs", "configs", "vary", "group_by")
 
@@ -310,7 +312,20 @@ def train_run(grid: Grid, run: RunSpec, *, progress: bool = True, log: Callable[
         return folder
     log(f"{run.name}: training")
     train(config, progress=progress, log=log)
+    prune_run(folder, grid.epochs)
     return folder
+
+
+def prune_run(folder: Path, epochs: list[int]) -> None:
+    """A finished run keeps its final file and the checkpoints of the grid's ``epochs``; its
+    resumable states and the other epochs' files go (27 demo runs kept 5.6 GB of them). A run that
+    stopped early is not pruned, so it resumes from its latest state."""
+    keep = {checkpoint_file(folder, e, max(epochs)).name for e in epochs}
+    for path in folder.iterdir():
+        if path.is_dir() and path.name.startswith(STATE_PREFIX):
+            shutil.rmtree(path)
+        elif path.name.startswith("model-") and path.suffix == ".safetensors" and path.name not in keep:
+            path.unlink()
 
 
 def checkpoint_file(folder: Path, epoch: int, last: int) -> Path:
