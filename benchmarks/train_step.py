@@ -202,9 +202,8 @@ def run_loop(args: argparse.Namespace, options: dict[str, Any]) -> dict[str, Any
     model = args.model_dir
     torch.manual_seed(SEED)
     noise_scheduler = DDPMScheduler.from_pretrained(model, subfolder="scheduler")
-    tokenizer = AutoTokenizer.from_pretrained(
-        model, subfolder="tokenizer"
-    )  # older transformers: fast from tokenizer.json
+    # AutoTokenizer: sd-scripts' older transformers reads our tokenizer.json only as a fast tokenizer
+    tokenizer = AutoTokenizer.from_pretrained(model, subfolder="tokenizer")
     text_encoder = CLIPTextModel.from_pretrained(model, subfolder="text_encoder")
     vae = AutoencoderKL.from_pretrained(model, subfolder="vae")
     unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet")

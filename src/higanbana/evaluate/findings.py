@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+from scipy import stats
 
 from higanbana.evaluate import metrics
 from higanbana.evaluate.aggregate import models_frame, ranked_criteria
@@ -34,6 +35,8 @@ __all__ = [
     "MIN_SEEDS",
     "PAPER_RANKING",
     "Findings",
+    "describe",
+    "display_table",
     "find",
     "format_findings",
     "paper_columns",
@@ -174,29 +177,11 @@ def _model_means(values: np.ndarray, concept_w: np.ndarray, categories: np.ndarr
 def _pearson(x: np.ndarray, y: np.ndarray, w: np.ndarray) -> float:
     """Weighted Pearson r (integer weights = rows repeated); NaN rows dropped."""
     ok = np.isfinite(x) & np.isfinite(y) & (w > 0)
-    x, y, w = x[ok], y[ok], w[ok]
-    if w.sum() <= 0:
+    if ok.sum() < 2:
         return float("nan")
-    mx, my = np.average(x, weights=w), np.average(y, weights=w)
-    dx, dy = x - mx, y - my
-    den = np.sqrt((w * dx * dx).sum() * (w * dy * dy).sum())
-    return float((w * dx * dy).sum() / den) if den > 0 else float("nan")
-
-
-def _kendall_tau_b(a: Sequence[float], b: Sequence[float]) -> float:
-    """Kendall's τ-b (ties in either ranking corrected for); NaN when either is constant."""
-    a, b = np.asarray(a, float), np.asarray(b, float)
-    i, j = np.triu_indices(len(a), k=1)
-    sa, sb = np.sign(a[i] - a[j]), np.sign(b[i] - b[j])
-    n0 = len(i)
-    ta, tb = (sa == 0).sum(), (sb == 0).sum()
-    den = np.sqrt((n0 - ta) * (n0 - tb))
-    return float((sa * sb).sum() / den) if den > 0 else float("nan")
-
-
-def _rank_high_best(values: np.ndarray) -> np.ndarray:
-    """1 (worst) .. k (best); ties share the lowest rank, as the report's ranking."""
-    return pd.Series(values).rank(method="min").to_numpy()
+    cov = np.cov(x[ok], y[ok], aweights=w[ok])
+    den = np.sqrt(cov[0, 0] * cov[1, 1])
+    return float(cov[0, 1] / den) if den > 0 else float("nan")
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -230,12 +215,12 @@ def _statistics(d: _Data, seed_w: np.ndarray, concept_w: np.ndarray, plan) -> np
     out = []
     per_model = {name: _model_means(v, concept_w, d.categories) for name, v in d.criteria.items()}
     rank_cells = []
-    for criterion, groups, paper in plan["ranking"]:
+    for criterion, groups, paper, _names in plan["ranking"]:
         means = np.array([np.average(per_model[criterion][g], weights=model_w[g]) if model_w[g].sum() else np.nan
                           for g in groups])  # fmt: skip
-        ranks = _rank_high_best(means)
+        ranks = stats.rankdata(means, method="min")  # 1 (worst) .. k, ties the lowest: the report's ranking
         rank_cells.append(ranks)
-        out.append(_kendall_tau_b(ranks, paper) if np.isfinite(means).all() else np.nan)
+        out.append(stats.kendalltau(ranks, paper).statistic if np.isfinite(means).all() else np.nan)
     rows_w = (model_w[:, None] * concept_w[None, :]).ravel()
     for a, b in plan["correlations"]:
         out.append(_pearson(d.columns[a].ravel(), d.columns[b].ravel(), rows_w))
@@ -303,7 +288,7 @@ def find(
                          "measured": False})  # fmt: skip
             continue
         idx = [np.flatnonzero(groups_of.to_numpy() == ours) for ours, _ in mapped]
-        plan["ranking"].append((criterion, idx, np.array([paper[t] for _, t in mapped], float)))
+        plan["ranking"].append((criterion, idx, np.array([paper[t] for _, t in mapped], float), [o for o, _ in mapped]))
         rows.append({"finding": title, "paper": 1.0, "n": len(mapped), "unit": "columns", "sign": 1,
                      "measured": True})  # fmt: skip
     for (a, b), paper in FIG6C.items():
@@ -365,21 +350,18 @@ def find(
 
 
 def _ranking_cells(plan, point: np.ndarray, boot: np.ndarray | None, columns: Mapping[str, str]) -> pd.DataFrame:
-    """Criterion × paper column: "ours (95 % interval) / paper"."""
+    """Criterion × column: "rank [95 % interval] / the paper's rank"."""
     cells: dict[str, dict[str, str]] = {}
     at = 0
-    names = list(columns)
-    for criterion, groups, paper in plan["ranking"]:
-        k = len(groups)
-        mapped = [n for n in names if columns[n] in PAPER_RANKING[criterion]][:k]
-        for j, ours in enumerate(mapped):
+    for criterion, _groups, paper, names in plan["ranking"]:
+        for j, ours in enumerate(names):
             rank = f"{point[at + j]:g}"
             if boot is not None:
                 lo, hi = np.quantile(boot[:, at + j], [0.025, 0.975])
                 rank += f" [{lo:g}–{hi:g}]"
             name = ours if ours == columns[ours] else f"{ours} (paper: {columns[ours]})"
             cells.setdefault(criterion, {})[name] = f"{rank} / {paper[j]:g}"
-        at += k
+        at += len(names)
     return pd.DataFrame(cells).T.rename_axis("criterion")
 
 
@@ -389,19 +371,39 @@ def _number(x: object) -> str:
     return f"{x:+.2f}" if np.isfinite(x) else N_TOO_SMALL
 
 
+def display_table(findings: Findings) -> pd.DataFrame:
+    """The findings as text cells: finding, paper, here, 95 % interval ("" without one), n, verdict."""
+    t = findings.table
+    return pd.DataFrame(
+        {
+            "finding": t["finding"],
+            "paper": [_number(p) for p in t["paper"]],
+            "here": [_number(v) for v in t["value"]],
+            "95 % interval": [
+                f"[{lo:+.2f}, {hi:+.2f}]" if np.isfinite(lo) else "" for lo, hi in zip(t["low"], t["high"], strict=True)
+            ],
+            "n": t["n"],
+            "verdict": t["verdict"],
+        }
+    )
+
+
+def describe(findings: Findings) -> str:
+    """What was resampled, in one sentence."""
+    if findings.replicates:
+        return (
+            f"{findings.seeds} seeds × {findings.concepts} concepts; 95 % bootstrap intervals over seeds and "
+            f"concepts ({findings.replicates} replicates)"
+        )
+    return f"{findings.seeds} seed(s) × {findings.concepts} concept(s): no intervals, fewer than {MIN_SEEDS} seeds"
+
+
 def format_findings(findings: Findings) -> str:
     """The findings as plain text: one line per finding, and the ranking with intervals."""
-    head = f"The paper's findings, re-measured ({findings.seeds} seed(s) × {findings.concepts} concept(s); " + (
-        f"95 % bootstrap intervals over seeds and concepts, {findings.replicates} replicates):"
-        if findings.replicates
-        else f"no intervals: fewer than {MIN_SEEDS} seeds):"
-    )
-    lines = [head]
-    for r in findings.table.itertuples():
-        value = _number(r.value)
-        if np.isfinite(r.low):
-            value += f" [{r.low:+.2f}, {r.high:+.2f}]"
-        lines.append(f"- {r.finding}: paper {_number(r.paper)}, here {value} ({r.n}) — {r.verdict}")
+    lines = [f"The paper's findings, re-measured — {describe(findings)}:"]
+    for row in display_table(findings).to_dict("records"):
+        here = f"{row['here']} {row['95 % interval']}".rstrip()
+        lines.append(f"- {row['finding']}: paper {row['paper']}, here {here} ({row['n']}) — {row['verdict']}")
     if not findings.ranking.empty:
         lines += ["", "Ranking with 95 % intervals (rank here [interval] / the paper's; higher = better):"]
         lines.append(findings.ranking.to_string())

@@ -458,30 +458,11 @@ def write_report(
 
 def _findings_html(findings: Any) -> str:
     """The findings table (value, 95 % interval, verdict per finding) and the ranking with intervals."""
-    table = findings.table.copy()
-    interval = [
-        f"[{lo:+.2f}, {hi:+.2f}]" if np.isfinite(lo) else "" for lo, hi in zip(table["low"], table["high"], strict=True)
-    ]
-    shown = pd.DataFrame(
-        {
-            "finding": table["finding"],
-            "paper": [p if isinstance(p, str) else f"{p:+.2f}" for p in table["paper"]],
-            "here": [f"{v:+.2f}" if np.isfinite(v) else "n too small" for v in table["value"]],
-            "95 % interval": interval,
-            "n": table["n"],
-            "verdict": table["verdict"],
-        }
-    )
-    if findings.replicates:
-        what = (
-            f"{findings.seeds} seeds × {findings.concepts} concepts; 95 % bootstrap intervals over seeds and "
-            f"concepts ({findings.replicates} replicates)"
-        )
-    else:
-        what = f"{findings.seeds} seed(s) × {findings.concepts} concept(s): too few seeds for an interval"
-    body = f'<p class="muted">{_esc(what)}. Reproduced: the interval excludes 0 on the paper\'s side; '
+    from .findings import describe, display_table
+
+    body = f'<p class="muted">{_esc(describe(findings))}. Reproduced: the interval excludes 0 on the paper\'s side; '
     body += "not reproduced: on the other side; inconclusive: it holds 0.</p>"
-    body += _html_table(shown, index=False)
+    body += _html_table(display_table(findings), index=False)
     if not findings.ranking.empty:
         body += '<h3>Ranking with intervals</h3><p class="muted">rank here [95 % interval] / the paper\'s '
         body += "Table 1 (higher = better)</p>" + _html_table(findings.ranking)

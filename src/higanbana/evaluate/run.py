@@ -401,8 +401,7 @@ def report(config: EvalConfig, raw: Any, images: dict[str, list[Path]], items: l
     corr = A.correlations(scores) if len(scores) else None
     features = [f for f in config.report.features if f in models]
     imp = A.importance(scores, models, features) if features else None
-    group_by = config.report.group_by
-    findings = find(scores, models, group_by=group_by, features=features or None) if len(scores) else None
+    findings = find(scores, models, group_by=config.report.group_by, features=features or None) if len(scores) else None
     grids: dict[tuple[str, str], list[Path]] = {}
     for model, paths in images.items():
         for ptype in config.prompts.types:

@@ -382,11 +382,11 @@ def run_demo(
     if workers is not None and workers < 1:
         raise ConfigError(f"demo --workers must be at least 1, got {workers}")
     cores = usable_cores()
-    runs = len(plan_configs(plan)) * len(plan.seeds)
+    configs = len(plan_configs(plan))
+    runs = configs * len(plan.seeds)
     busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     workers = workers or demo_workers(cores, busy, runs)
     minutes = estimate_minutes(plan, min(workers, cores), speed_probe())
-    configs = len(plan_configs(plan))
     when = f"about {minutes:.0f} min" if minutes >= 10 else f"about {minutes:.1f} min"
     if busy >= cores:
         when += f" if it were idle (it is busy: load {busy:.1f} on {cores} cores)"

@@ -53,10 +53,8 @@ SCHEMES = ("uniform", "logit_normal", "mode")
 WEIGHTINGS = ("none", "sigma_sqrt", "cosmap")
 #: Flux.1's scheduler: μ = base_shift at base_seq_len packed tokens, max_shift at max_seq_len
 FLUX_SHIFT = {"base_seq_len": 256, "max_seq_len": 4096, "base_shift": 0.5, "max_shift": 1.15}
-
-
-def _mode_limits() -> tuple[float, float]:
-    return -1.0, 2.0 / (math.pi - 2.0)
+#: the mode-sampling scales for which σ(u) stays monotone (SD3 §3.1)
+MODE_SCALE_LIMITS = (-1.0, 2.0 / (math.pi - 2.0))
 
 
 def sample_sigmas(
@@ -78,7 +76,7 @@ def sample_sigmas(
     u = torch.stack([torch.rand((), generator=g, dtype=torch.float64) for g in generators])
     if scheme == "uniform":
         return u
-    low, high = _mode_limits()
+    low, high = MODE_SCALE_LIMITS
     if not low <= mode_scale <= high:
         raise ConfigError(f"mode_scale must be in [{low}, {high:.4f}] (else σ(u) is not monotone), got {mode_scale}")
     return 1 - u - mode_scale * (torch.cos(math.pi * u / 2) ** 2 - 1 + u)
