@@ -16,7 +16,7 @@ The forward has two modes that agree to rounding: *merged* (one ``op(x, W', b')`
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar, cast
 
 import torch
@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError, HiganbanaError, nearest
 from .cost import Costs, bypass_is_cheaper
-from .files import REJECT, SKIP, TOOLS, FileStateError, Kernel, Verdicts
+from .files import REJECT, SKIP, TOOLS, FileStateError, Kernel, LayoutRefused, Verdicts
 from .layer import LayerSpec, layer_spec
 from .options import AdapterOptions, check_fraction, finite_number, option_fields
 
@@ -58,6 +58,9 @@ class Adapter(nn.Module):
     #: PEFT's ``peft_type`` when the mapping is exact; otherwise why PEFT cannot hold the algorithm
     peft_type: ClassVar[str | None] = None
     peft_refusal: ClassVar[str] = "PEFT has no equivalent adapter"
+    #: why per-member modules cannot become one module of a fused layer, or split back (layouts)
+    stack_refusal: ClassVar[str] = "its weight change is not block-wise in the output rows"
+    split_refusal: ClassVar[str] = "its weight change does not separate by output rows"
     #: whether diffusers' ``pytorch_lora_weights`` layout can carry the PEFT export
     diffusers_export: ClassVar[bool] = False
     #: the tools that load this algorithm's modules at all (the rest skip them, or reject the file)
@@ -277,6 +280,24 @@ class Adapter(nn.Module):
         """PEFT-keyed tensors, rank and α per module path, and extra config of modules of this
         algorithm — only for exact mappings (``peft_type``); anything else is an error saying why."""
         raise HiganbanaError(f"{cls.algo} cannot be exported to PEFT: {cls.peft_refusal}")
+
+    @classmethod
+    def stack_outputs(cls, members: Sequence[Mapping[str, Tensor] | None], sizes: Sequence[int]) -> dict[str, Tensor]:
+        """One module for a layer whose output rows are the members' layers stacked in order (a fused
+        ``qkv`` from ``to_q/to_k/to_v``): file tensors with exactly the members' weights, where the
+        algebra allows. ``None`` is a member layer without adapter; ``sizes`` are the members' rows."""
+        name = cls.title or cls.algo
+        raise LayoutRefused(f"{name} modules cannot be stacked into one fused layer: {cls.stack_refusal}")
+
+    @classmethod
+    def split_outputs(
+        cls, tensors: Mapping[str, Tensor], sizes: Sequence[int], ranks: Sequence[int | None] | None = None
+    ) -> list[dict[str, Tensor] | None]:
+        """The inverse: one module per block of output rows (``sizes``), with exactly the fused module's
+        weights in those rows. ``ranks`` (from our own records, ``None`` for a member without adapter)
+        restores what :meth:`stack_outputs` stacked; foreign files are split by their structure."""
+        name = cls.title or cls.algo
+        raise LayoutRefused(f"a fused {name} module cannot be split by output rows: {cls.split_refusal}")
 
     @classmethod
     def from_peft(cls, tensors: dict[str, Tensor], alpha: float, rank: int) -> tuple[dict[str, Tensor], float]:

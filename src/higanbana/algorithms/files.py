@@ -17,7 +17,7 @@ branch. So a new algorithm is one file and one registry line.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -49,6 +49,49 @@ def merge_verdicts(into: Verdicts, new: Mapping[str, tuple[str, str]]) -> Verdic
 
 class FileStateError(HiganbanaError, ValueError):
     """A module's tensors cannot be this algorithm's (the message names the key)."""
+
+
+class LayoutRefused(HiganbanaError, ValueError):
+    """A module cannot be written in another layer layout (fused ``qkv`` ↔ split ``to_q/to_k/to_v``)
+    exactly; the message says why."""
+
+
+def row_blocks(sizes: Sequence[int]) -> list[tuple[int, int]]:
+    """``(start, size)`` of consecutive row blocks of the given sizes."""
+    out, start = [], 0
+    for size in sizes:
+        out.append((start, size))
+        start += size
+    return out
+
+
+def slice_rows(
+    tensors: Mapping[str, Tensor], sizes: Sequence[int], row_keys: Sequence[str], rows: Mapping[str, int] | None = None
+) -> list[dict[str, Tensor]]:
+    """One module per block of output rows: the ``row_keys`` tensors cut along their first axis (in
+    units of ``rows[key]`` output rows per tensor row, default 1), the others copied whole, an
+    output-axis ``dora_scale`` (out, 1) cut with the rows (an input-axis one does not separate)."""
+    rows = rows or {}
+    out = []
+    total = sum(sizes)
+    dora = tensors.get("dora_scale")
+    if dora is not None and not (dora.dim() == 2 and tuple(dora.shape) == (total, 1)):
+        raise LayoutRefused(f"DoRA on the input axis (dora_scale {tuple(dora.shape)}) does not separate by output rows")
+    for start, size in row_blocks(sizes):
+        member = {}
+        for key, value in tensors.items():
+            unit = rows.get(key, 1)
+            if key in row_keys or key == "dora_scale":
+                if start % unit or size % unit:
+                    raise LayoutRefused(
+                        f"{key} {tuple(value.shape)} covers {unit} output rows per row, which does not divide "
+                        f"the block of rows {start}..{start + size}"
+                    )
+                member[key] = value[start // unit : (start + size) // unit].clone()
+            else:
+                member[key] = value.clone()
+        out.append(member)
+    return out
 
 
 def shape(t: Tensor) -> tuple[int, ...]:

@@ -16,7 +16,7 @@ on the branch needs it.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from .base import Adapter, copy_checked, present, require
 from .cost import Costs
-from .files import FileStateError, dims, need, shape
+from .files import FileStateError, LayoutRefused, dims, need, shape, slice_rows
 from .layer import layer_spec
 from .options import AdapterOptions, option
 
@@ -161,6 +161,35 @@ class Full(Adapter):
                 "tensor 'diff_b' given, but this adapter has no bias difference "
                 f"(layer bias: {'none' if self.base_bias is None else 'not trained'})"
             )
+
+    @classmethod
+    def stack_outputs(cls, members: Sequence[Mapping[str, Tensor] | None], sizes: Sequence[int]) -> dict[str, Tensor]:
+        """The members' differences one above the other; a member without adapter adds zero rows."""
+        present_ = [m for m in members if m is not None]
+        like = present_[0]["diff"]
+        with_bias = any("diff_b" in m for m in present_)
+        diffs, biases = [], []
+        for member, size in zip(members, sizes, strict=True):
+            if member is not None and member["diff"].shape[1:] != like.shape[1:]:
+                raise LayoutRefused("the members' diff tensors differ in their input shape")
+            diffs.append(member["diff"] if member is not None else like.new_zeros(size, *like.shape[1:]))
+            if with_bias:
+                b = None if member is None else member.get("diff_b")
+                biases.append(b if b is not None else like.new_zeros(size))
+        out = {"diff": torch.cat(diffs)}
+        if with_bias:
+            out["diff_b"] = torch.cat(biases)
+        return out
+
+    @classmethod
+    def split_outputs(
+        cls, tensors: Mapping[str, Tensor], sizes: Sequence[int], ranks: Sequence[int | None] | None = None
+    ) -> list[dict[str, Tensor] | None]:
+        """Each member's rows of ``diff`` and ``diff_b``."""
+        return [
+            None if ranks is not None and ranks[i] is None else m
+            for i, m in enumerate(slice_rows(tensors, sizes, ("diff", "diff_b")))
+        ]
 
     @classmethod
     def options_from_state(cls, tensors: dict[str, Tensor], layer: nn.Module) -> dict[str, Any]:

@@ -14,7 +14,7 @@ With dropout in training the adapter branch ``y' − y`` is dropped: output side
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from .base import Adapter, copy_checked, require
 from .cost import Costs
-from .files import REJECT, SKIP, FileStateError, Kernel, Verdicts, need, shape
+from .files import REJECT, SKIP, FileStateError, Kernel, LayoutRefused, Verdicts, need, shape, slice_rows
 from .layer import layer_spec
 from .options import AdapterOptions, option
 
@@ -157,6 +157,35 @@ class IA3(Adapter):
         if weight.numel() == self.weight.numel() and weight.dim() != self.weight.dim():
             weight = weight.reshape(self.weight.shape)  # (C,) vs (1, C, 1..) written by other tools
         copy_checked(self.weight, weight, "weight")
+
+    @classmethod
+    def stack_outputs(cls, members: Sequence[Mapping[str, Tensor] | None], sizes: Sequence[int]) -> dict[str, Tensor]:
+        """Output-channel scales one after the other (zero — no scaling — for a member without adapter);
+        input-side scales act on the shared input, so they stack only where every member has the same."""
+        present_ = [m for m in members if m is not None]
+        if any(_on_input(m) for m in present_):
+            weights = [m["weight"].reshape(-1) for m in present_]
+            if len(present_) < len(members) or any(not torch.equal(w, weights[0]) for w in weights):
+                raise LayoutRefused(
+                    "input-channel IA3 scales the fused layer's shared input: its members need one and the same scale"
+                )
+            return {"weight": weights[0].clone(), "on_input": torch.tensor(1)}
+        like = present_[0]["weight"]
+        parts = [
+            m["weight"].reshape(-1) if m is not None else like.new_zeros(n) for m, n in zip(members, sizes, strict=True)
+        ]
+        return {"weight": torch.cat(parts), "on_input": torch.tensor(0)}
+
+    @classmethod
+    def split_outputs(
+        cls, tensors: Mapping[str, Tensor], sizes: Sequence[int], ranks: Sequence[int | None] | None = None
+    ) -> list[dict[str, Tensor] | None]:
+        """Each member's output-channel scales; an input-side scale applies to every member as it is."""
+        if tensors["weight"].dim() != 1:
+            raise LayoutRefused("IA3 on a convolution; fused layers are Linears")
+        if _on_input(tensors):
+            return [{k: v.clone() for k, v in tensors.items()} for _ in sizes]
+        return list(slice_rows(tensors, sizes, ("weight",)))
 
     @classmethod
     def options_from_state(cls, tensors: dict[str, Tensor], layer: nn.Module) -> dict[str, Any]:

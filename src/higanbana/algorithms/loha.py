@@ -19,7 +19,7 @@ full-size products are rebuilt there instead of being held between forward and b
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,7 +31,7 @@ from .base import copy_checked, present, require
 from .cost import Costs
 from .dora import dora_options
 from .factored import FactoredAdapter, linear_lowrank_bypass
-from .files import FileStateError, alpha_of, dims, need, same, shape
+from .files import FileStateError, LayoutRefused, alpha_of, dims, need, same, shape, slice_rows
 from .layer import LayerSpec, layer_spec
 from .options import FactoredOptions, option
 
@@ -79,6 +79,10 @@ class LoHa(FactoredAdapter):
     marker_keys = ("hada_w1_a",)
     key_flags = (("weight_decompose", "dora_scale"), ("use_tucker", "hada_t1"))
     peft_type = "LOHA"
+    stack_refusal = (
+        "the Hadamard product of factors stacked over the fused rows is not zero off the members' blocks, "
+        "so the members cannot become one LoHa"
+    )
     loaded_by = frozenset({"ComfyUI", "A1111", "LyCORIS"})
     examples = (("loha", {"rank": 4}, 3e-3),)
 
@@ -202,6 +206,16 @@ class LoHa(FactoredAdapter):
         for name in self._factor_names():
             copy_checked(getattr(self, name), require(tensors, name), name)
         self.load_common_state(tensors)
+
+    @classmethod
+    def split_outputs(
+        cls, tensors: Mapping[str, Tensor], sizes: Sequence[int], ranks: Sequence[int | None] | None = None
+    ) -> list[dict[str, Tensor] | None]:
+        """Rows of a Hadamard product are the products of the rows: each member keeps its rows of
+        ``w1_a`` and ``w2_a``, and the same ``w1_b``, ``w2_b``, rank and α — exact."""
+        if "hada_t1" in tensors:
+            raise LayoutRefused("LoHa Tucker (hada_t1/hada_t2) belongs to convolutions; fused layers are Linears")
+        return list(slice_rows(tensors, sizes, ("hada_w1_a", "hada_w2_a")))
 
     @classmethod
     def options_from_state(cls, tensors: dict[str, Tensor], layer: nn.Module) -> dict[str, Any]:

@@ -27,7 +27,7 @@ factored; with neither side factored there is no rank axis and rank dropout does
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +44,7 @@ from .files import (
     SKIP,
     FileStateError,
     Kernel,
+    LayoutRefused,
     Verdicts,
     alpha_of,
     copy_verdict,
@@ -52,6 +53,7 @@ from .files import (
     need,
     same,
     shape,
+    slice_rows,
 )
 from .layer import layer_spec
 from .loha import tucker_rebuild
@@ -174,6 +176,10 @@ class LoKr(FactoredAdapter):
     marker_keys = ("lokr_w1", "lokr_w1_a")
     key_flags = (("weight_decompose", "dora_scale"),)
     peft_type = "LOKR"
+    stack_refusal = (
+        "a Kronecker product over the fused rows repeats w2 in every block, so members with their own "
+        "factors cannot become one LoKr"
+    )
     diffusers_export = True
     loaded_by = frozenset({"ComfyUI", "A1111", "LyCORIS"})
     examples = (("lokr", {"rank": 4, "factor": 4}, 3e-3),)
@@ -398,6 +404,20 @@ class LoKr(FactoredAdapter):
         for name in self._param_names():
             copy_checked(getattr(self, name), require(tensors, name), name)
         self.load_common_state(tensors)
+
+    @classmethod
+    def split_outputs(
+        cls, tensors: Mapping[str, Tensor], sizes: Sequence[int], ranks: Sequence[int | None] | None = None
+    ) -> list[dict[str, Tensor] | None]:
+        """Output row ``i·u2 + p`` of ``kron(w1, w2)`` is row ``i`` of ``w1`` times row ``p`` of ``w2``, so a
+        block of rows that starts and ends on a multiple of ``u2`` is ``kron(w1[rows/u2], w2)``: each member
+        keeps its rows of ``w1`` (or ``w1_a``) and the same ``w2``, rank and α — exact. Blocks that cut
+        through a ``u2`` group are refused."""
+        if "lokr_t2" in tensors:
+            raise LayoutRefused("LoKr Tucker (lokr_t2) belongs to convolutions; fused layers are Linears")
+        first = "lokr_w1" if "lokr_w1" in tensors else "lokr_w1_a"
+        u2 = tensors["lokr_w2"].shape[0] if "lokr_w2" in tensors else tensors["lokr_w2_a"].shape[0]
+        return list(slice_rows(tensors, sizes, (first,), {first: u2}))
 
     @classmethod
     def options_from_state(cls, tensors: dict[str, Tensor], layer: nn.Module) -> dict[str, Any]:

@@ -8,7 +8,7 @@ Bypass: ``up(down(x))`` (conv: ``down`` carries the layer's kernel, stride and p
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +20,21 @@ from .base import copy_checked, require
 from .cost import Costs
 from .dora import dora_options
 from .factored import FactoredAdapter, linear_lowrank_bypass
-from .files import REJECT, FileStateError, Kernel, Verdicts, alpha_of, dims, dora_axis, need, ones_from, same, shape
+from .files import (
+    REJECT,
+    FileStateError,
+    Kernel,
+    LayoutRefused,
+    Verdicts,
+    alpha_of,
+    dims,
+    dora_axis,
+    need,
+    ones_from,
+    row_blocks,
+    same,
+    shape,
+)
 from .layer import LayerSpec, layer_spec
 from .options import FactoredOptions, option
 
@@ -221,6 +235,82 @@ class LoRA(FactoredAdapter):
         return out
 
     @classmethod
+    def stack_outputs(cls, members: Sequence[Mapping[str, Tensor] | None], sizes: Sequence[int]) -> dict[str, Tensor]:
+        """Concatenated ranks: ``down = [A_1; A_2; …]``, ``up`` block-diagonal with ``B_i`` in the rows of
+        member ``i`` (zero rows for a member without adapter). Equal scales ``α_i/r_i`` keep the tensors
+        as they are (``α = s·Σr``); unequal ones are folded into the ``up`` blocks (``α = Σr``)."""
+        present = [m for m in members if m is not None]
+        if any("lora_mid.weight" in m for m in present):
+            raise LayoutRefused("LoCon Tucker (lora_mid) belongs to convolutions; fused layers are Linears")
+        if any("dora_scale" in m for m in present):
+            raise LayoutRefused(
+                "DoRA normalises by the adapted weight's norm, which for a member without adapter needs the "
+                "base weight; save DoRA with split names"
+            )
+        if any(m["lora_down.weight"].dim() != 2 for m in present):
+            raise LayoutRefused("only Linear LoRA modules stack into a fused Linear")
+        ranks = [m["lora_down.weight"].shape[0] for m in present]
+        scales = [alpha_of(m, r) / r for m, r in zip(present, ranks, strict=True)]
+        total = sum(ranks)
+        same_scale = all(sc == scales[0] for sc in scales)
+        dtype = present[0]["lora_up.weight"].dtype
+        up = torch.zeros(sum(sizes), total, dtype=dtype)
+        col, k = 0, 0
+        for member, (start, size) in zip(members, row_blocks(sizes), strict=True):
+            if member is None:
+                continue
+            block = member["lora_up.weight"]
+            if block.shape[0] != size:
+                raise LayoutRefused(f"a member's lora_up.weight has {block.shape[0]} rows; its layer has {size}")
+            if not same_scale:
+                block = (block.double() * scales[k]).to(dtype)
+            up[start : start + size, col : col + ranks[k]] = block
+            col += ranks[k]
+            k += 1
+        alpha = scales[0] * total if same_scale else float(total)
+        return {
+            "lora_down.weight": torch.cat([m["lora_down.weight"] for m in present]),
+            "lora_up.weight": up,
+            "alpha": torch.tensor(alpha, dtype=torch.float32),
+        }
+
+    @classmethod
+    def split_outputs(
+        cls, tensors: Mapping[str, Tensor], sizes: Sequence[int], ranks: Sequence[int | None] | None = None
+    ) -> list[dict[str, Tensor] | None]:
+        """Each member keeps its rows of ``up`` and the rank columns they use: the recorded ``ranks`` in
+        order (our stacked files), else the columns each member's rows use when no two members share one
+        (a block-diagonal ``up``; a member whose rows are all zero gets no adapter), else all of them (a
+        LoRA trained on the fused layer: every member gets the whole ``down``, rank ``r``). ``α`` follows
+        the rank so that ``α/r`` stays the same."""
+        if "lora_mid.weight" in tensors:
+            raise LayoutRefused("LoCon Tucker (lora_mid) belongs to convolutions; fused layers are Linears")
+        down, up = tensors["lora_down.weight"], tensors["lora_up.weight"]
+        if up.dim() != 2 or up.shape[0] != sum(sizes):
+            raise LayoutRefused(f"lora_up.weight {shape(up)} does not have the fused layer's {sum(sizes)} rows")
+        dora = tensors.get("dora_scale")
+        if dora is not None and not (dora.dim() == 2 and dora.shape == (up.shape[0], 1)):
+            raise LayoutRefused(f"DoRA on the input axis (dora_scale {shape(dora)}) does not separate by output rows")
+        total = down.shape[0]
+        scale = alpha_of(tensors, total) / total
+        blocks = row_blocks(sizes)
+        columns = _member_columns(up, blocks, total, ranks)
+        out: list[dict[str, Tensor] | None] = []
+        for (start, size), cols in zip(blocks, columns, strict=True):
+            if cols is None:
+                out.append(None)
+                continue
+            member = {
+                "lora_down.weight": down[cols].clone(),
+                "lora_up.weight": up[start : start + size, cols].clone(),
+                "alpha": torch.tensor(scale * len(cols), dtype=torch.float32),
+            }
+            if dora is not None:
+                member["dora_scale"] = dora[start : start + size].clone()
+            out.append(member)
+        return out
+
+    @classmethod
     def peft_export(cls, modules, paths, root, records, shapes):
         """``lora_A``/``lora_B`` (+ ``lora_magnitude_vector`` for output-axis DoRA: ``(out,)`` for Linear,
         ``(1, out, 1..)`` for convs, as PEFT saves it); ``use_dora`` is one switch for the whole config."""
@@ -248,3 +338,32 @@ class LoRA(FactoredAdapter):
                 mag = mod["dora_scale"].reshape(-1)
                 out[f"{root}{path}.lora_magnitude_vector"] = mag if up.dim() == 2 else mag.reshape(1, -1, *up.shape[2:])
         return out, ranks, alphas, {"use_dora": bool(dora)}
+
+
+def _member_columns(
+    up: Tensor, blocks: list[tuple[int, int]], total: int, ranks: Sequence[int | None] | None
+) -> list[list[int] | None]:
+    """The rank columns of ``up`` each block of rows uses (see :meth:`LoRA.split_outputs`)."""
+    if ranks is not None:
+        if len(ranks) != len(blocks) or sum(r or 0 for r in ranks) != total:
+            raise LayoutRefused(f"the recorded ranks {list(ranks)} do not add up to the fused rank {total}")
+        columns: list[list[int] | None] = []
+        col = 0
+        for (start, size), r in zip(blocks, ranks, strict=True):
+            if r is None:
+                if up[start : start + size].any():
+                    raise LayoutRefused("rows of a member recorded without adapter are not zero")
+                columns.append(None)
+                continue
+            cols = list(range(col, col + r))
+            outside = torch.ones(total, dtype=torch.bool)
+            outside[cols] = False
+            if up[start : start + size, outside].any():
+                raise LayoutRefused("lora_up.weight is not block-diagonal in the recorded ranks")
+            columns.append(cols)
+            col += r
+        return columns
+    used = [up[start : start + size].ne(0).any(dim=0) for start, size in blocks]
+    if any(u.any() for u in used) and not torch.stack(used).sum(dim=0).gt(1).any():
+        return [u.nonzero().flatten().tolist() if u.any() else None for u in used]
+    return [list(range(total)) for _ in blocks]

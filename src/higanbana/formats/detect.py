@@ -23,7 +23,7 @@ from ..errors import HiganbanaError
 from .safetensors_io import load_tensors
 
 #: kohya module-name prefixes that are already ours
-NATIVE_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lora_te3_")
+NATIVE_PREFIXES = ("lora_unet_", "lora_transformer_", "lora_te_", "lora_te1_", "lora_te2_", "lora_te3_")
 
 #: default module-path root -> our prefix (``text_encoder`` is ``lora_te1`` when ``text_encoder_2`` is present)
 DEFAULT_PREFIXES: dict[str, str] = {
@@ -31,6 +31,7 @@ DEFAULT_PREFIXES: dict[str, str] = {
     "unet": "lora_unet",
     "text_encoder": "lora_te",
     "text_encoder_2": "lora_te2",
+    "transformer": "lora_transformer",  # SD3/Flux (docs/files.md)
 }
 
 #: PEFT/diffusers suffix heads -> our suffix (``None``: keep the head as is)
@@ -107,7 +108,7 @@ def _source_of(key: str) -> str | None:
         return "kohya-oft"
     if key.startswith("base_model.model."):
         return "peft"
-    if key.startswith(("unet.", "text_encoder.", "text_encoder_2.")):
+    if key.startswith(("unet.", "transformer.", "text_encoder.", "text_encoder_2.")):
         return "diffusers"
     return None
 
@@ -160,7 +161,8 @@ def normalize_foreign(
 
     Sources: ``"kohya"`` and ``"lycoris"`` (kept), ``"kohya-oft"`` (``oft_`` -> ``lora_``), ``"peft"``
     (``base_model.model.<path>``, prefix ``peft_prefix``, default ``lycoris``) and ``"diffusers"``
-    (``unet.``/``text_encoder.``/``text_encoder_2.`` -> ``lora_unet``/``lora_te``/``lora_te2``;
+    (``unet.``/``transformer.``/``text_encoder.``/``text_encoder_2.`` -> ``lora_unet``/``lora_transformer``/
+    ``lora_te``/``lora_te2``;
     ``text_encoder`` becomes ``lora_te1`` when ``text_encoder_2`` keys are present, unless ``te_prefix``
     says otherwise). ``prefixes`` overrides any root -> prefix pair. PEFT's ``lora_A``/``lora_B`` become
     ``lora_down``/``lora_up``, ``lora_magnitude_vector`` an output-axis ``dora_scale`` (out, 1[, 1..]),
@@ -187,7 +189,7 @@ def normalize_with_paths(
         if source is None:
             raise HiganbanaError(
                 f"key {key!r}: unknown naming (expected lora_unet_/lora_te*_/lycoris_/oft_unet_ module names, "
-                "or PEFT base_model.model.<path> / diffusers unet.<path>, text_encoder.<path> keys)"
+                "or PEFT base_model.model.<path> / diffusers unet.<path>, transformer.<path>, text_encoder.<path> keys)"
             )
         sources.setdefault(source, key)
     if set(sources) <= {"kohya", "lycoris"}:

@@ -9,6 +9,7 @@ then derived from the tensors against the model's layer (``options: None`` in th
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -48,19 +49,24 @@ def read_tensors(
 
 
 def read_network_file(
-    path: str | os.PathLike, *, unsafe_pickle: bool = False, allow_non_finite: bool = False
+    path: str | os.PathLike,
+    *,
+    unsafe_pickle: bool = False,
+    allow_non_finite: bool = False,
+    prefixes: Mapping[str, str] | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]], dict[str, str]]:
     """``(tensors keyed <name>.<suffix>, {name: {"algo", "options"}}, metadata)`` of a valid adapter file.
 
     Every reader comes through here, so all agree: a file that fails :func:`validate.check_file`
     (metadata, keys, dtypes, shapes, NaN/Inf) is an :class:`InvalidFileError` naming the module and
     key. ``allow_non_finite`` lets ``info`` describe a file with NaN/Inf values instead of refusing it.
+    ``prefixes`` overrides the prefix of a diffusers/PEFT root (a model family's text encoders).
     """
     tensors, metadata = read_tensors(path, unsafe_pickle=unsafe_pickle)
     if not tensors:
         raise HiganbanaError(f"{path}: the file holds no tensors")
     try:
-        tensors, records = records_from_tensors(tensors, metadata)
+        tensors, records = records_from_tensors(tensors, metadata, prefixes=prefixes)
     except HiganbanaError as exc:
         raise HiganbanaError(f"{path}: {exc}") from exc
     check_file(tensors, records).raise_if_invalid(str(path), allow_non_finite=allow_non_finite)
@@ -68,7 +74,7 @@ def read_network_file(
 
 
 def records_from_tensors(
-    tensors: dict[str, torch.Tensor], metadata: dict[str, str]
+    tensors: dict[str, torch.Tensor], metadata: dict[str, str], *, prefixes: Mapping[str, str] | None = None
 ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]]]:
     """``(tensors keyed <name>.<suffix>, records)``: from ``higanbana.modules`` when present, else detected.
 
@@ -79,6 +85,6 @@ def records_from_tensors(
         if version != FORMAT_VERSION:
             raise HiganbanaError(f"higanbana.format_version {version!r} is not {FORMAT_VERSION!r}; upgrade higanbana")
         return tensors, parse_records(metadata["higanbana.modules"])
-    tensors, _source = normalize_foreign(tensors)
+    tensors, _source = normalize_foreign(tensors, prefixes=prefixes)
     groups = group_modules(tensors)
     return tensors, {name: {"algo": detect_algo(name, suffixes), "options": None} for name, suffixes in groups.items()}
