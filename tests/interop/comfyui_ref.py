@@ -53,7 +53,12 @@ __all__ = [
     "Patch",
     "PatchFailed",
     "calculate_weight",
+    "dit_key_map",
+    "flux_diffusers_map",
     "load_patches",
+    "mmdit_diffusers_map",
+    "original_state",
+    "patch_dit",
     "te_key_map",
     "unet_key_map",
 ]
@@ -150,6 +155,185 @@ def unet_key_map(module_paths: Iterable[str], sgm_paths: Mapping[str, str] | Non
         out[f"lycoris_{flat}"] = path
         if sgm_paths is not None and path in sgm_paths:
             out["lora_unet_" + sgm_paths[path].replace(".", "_")] = path
+    return out
+
+
+# --------------------------------------------------------------------------------------------- SD3 / Flux
+
+#: a target of ComfyUI's key map: an original module path, or (path, (dim, start, size)) — a row block of a
+#: fused weight (``ModelPatcher.add_patches`` narrows the weight to it before the adapter runs)
+Target = str | tuple[str, tuple[int, int, int]]
+
+
+def _rows(start: int, size: int) -> tuple[int, int, int]:
+    return (0, start, size)
+
+
+def flux_diffusers_map(config: Mapping[str, int]) -> dict[str, Target]:
+    """``comfy/utils.py::flux_to_diffusers`` for the Linears: diffusers module path → BFL module path or row
+    block (``hidden_size`` from ``img_in``; ``to_q/k/v`` and single-stream ``proj_mlp`` into ``qkv``/``linear1``).
+    ``norm_out.linear`` carries ComfyUI's ``swap_scale_shift`` function: left out here (never adapted)."""
+    h = config["hidden_size"]
+    out: dict[str, Target] = {}
+    for i in range(config["depth"]):
+        a, o = f"transformer_blocks.{i}.attn", f"double_blocks.{i}"
+        for j, n in enumerate(("to_q", "to_k", "to_v")):
+            out[f"{a}.{n}"] = (f"{o}.img_attn.qkv", _rows(j * h, h))
+        for j, n in enumerate(("add_q_proj", "add_k_proj", "add_v_proj")):
+            out[f"{a}.{n}"] = (f"{o}.txt_attn.qkv", _rows(j * h, h))
+        for d, b in (
+            ("attn.to_out.0", "img_attn.proj"),
+            ("norm1.linear", "img_mod.lin"),
+            ("norm1_context.linear", "txt_mod.lin"),
+            ("attn.to_add_out", "txt_attn.proj"),
+            ("ff.net.0.proj", "img_mlp.0"),
+            ("ff.net.2", "img_mlp.2"),
+            ("ff_context.net.0.proj", "txt_mlp.0"),
+            ("ff_context.net.2", "txt_mlp.2"),
+        ):
+            out[f"transformer_blocks.{i}.{d}"] = f"{o}.{b}"
+    for i in range(config["depth_single_blocks"]):
+        a, o = f"single_transformer_blocks.{i}", f"single_blocks.{i}"
+        for j, n in enumerate(("to_q", "to_k", "to_v")):
+            out[f"{a}.attn.{n}"] = (f"{o}.linear1", _rows(j * h, h))
+        # ComfyUI's size argument for proj_mlp is 4·h (narrow takes a length): the MLP's rows, mlp_ratio 4
+        out[f"{a}.proj_mlp"] = (f"{o}.linear1", _rows(3 * h, 4 * h))
+        out[f"{a}.norm.linear"] = f"{o}.modulation.lin"
+        out[f"{a}.proj_out"] = f"{o}.linear2"
+    for d, b in (
+        ("proj_out", "final_layer.linear"),
+        ("x_embedder", "img_in"),
+        ("time_text_embed.timestep_embedder.linear_1", "time_in.in_layer"),
+        ("time_text_embed.timestep_embedder.linear_2", "time_in.out_layer"),
+        ("context_embedder", "txt_in"),
+        ("time_text_embed.text_embedder.linear_1", "vector_in.in_layer"),
+        ("time_text_embed.text_embedder.linear_2", "vector_in.out_layer"),
+        ("time_text_embed.guidance_embedder.linear_1", "guidance_in.in_layer"),
+        ("time_text_embed.guidance_embedder.linear_2", "guidance_in.out_layer"),
+    ):
+        out[d] = b
+    return out
+
+
+def mmdit_diffusers_map(config: Mapping[str, int]) -> dict[str, Target]:
+    """``comfy/utils.py::mmdit_to_diffusers`` for the Linears. ComfyUI's SD3 ``depth`` is
+    ``x_embedder.proj.weight.shape[0] // 64`` (``model_detection.py``): the row offset is ``64·depth`` and the
+    blocks mapped are ``range(depth)`` — right for the real SD3/SD3.5 models, whose width is 64 per block."""
+    depth = config["hidden_size"] // 64
+    off = depth * 64
+    out: dict[str, Target] = {}
+    for i in range(depth):
+        a, o = f"transformer_blocks.{i}", f"joint_blocks.{i}"
+        for j, n in enumerate(("to_q", "to_k", "to_v")):
+            out[f"{a}.attn.{n}"] = (f"{o}.x_block.attn.qkv", _rows(j * off, off))
+            out[f"{a}.attn2.{n}"] = (f"{o}.x_block.attn2.qkv", _rows(j * off, off))
+        for j, n in enumerate(("add_q_proj", "add_k_proj", "add_v_proj")):
+            out[f"{a}.attn.{n}"] = (f"{o}.context_block.attn.qkv", _rows(j * off, off))
+        for d, b in (
+            ("norm1_context.linear", "context_block.adaLN_modulation.1"),
+            ("attn.to_add_out", "context_block.attn.proj"),
+            ("ff_context.net.0.proj", "context_block.mlp.fc1"),
+            ("ff_context.net.2", "context_block.mlp.fc2"),
+            ("norm1.linear", "x_block.adaLN_modulation.1"),
+            ("attn.to_out.0", "x_block.attn.proj"),
+            ("attn2.to_out.0", "x_block.attn2.proj"),
+            ("ff.net.0.proj", "x_block.mlp.fc1"),
+            ("ff.net.2", "x_block.mlp.fc2"),
+        ):
+            out[f"{a}.{d}"] = f"{o}.{b}"
+    for d, b in (
+        ("context_embedder", "context_embedder"),
+        ("time_text_embed.timestep_embedder.linear_1", "t_embedder.mlp.0"),
+        ("time_text_embed.timestep_embedder.linear_2", "t_embedder.mlp.2"),
+        ("pos_embed.proj", "x_embedder.proj"),
+        ("time_text_embed.text_embedder.linear_1", "y_embedder.mlp.0"),
+        ("time_text_embed.text_embedder.linear_2", "y_embedder.mlp.2"),
+        ("proj_out", "final_layer.linear"),
+    ):
+        out[d] = b
+    # the last block's norm1_context.linear maps with swap_scale_shift: left out, like norm_out.linear
+    out.pop(f"transformer_blocks.{depth - 1}.norm1_context.linear", None)
+    return out
+
+
+def dit_key_map(
+    family: str, diffusers_map: Mapping[str, Target], original_paths: Iterable[str], hidden_size: int = 0
+) -> dict[str, Target]:
+    """File module names ComfyUI's ``model_lora_keys_unet`` maps on an SD3 (``family="sd3"``) or Flux model.
+
+    Every module of ComfyUI's own (original-layout) model: ``lora_unet_<path, . → _>`` (kohya) and
+    ``diffusion_model.<path>`` (its "generic" format). The diffusers names of ``diffusers_map``: SD3 as
+    ``transformer.<p>``, ``base_model.model.<p>``, ``lora_transformer_<p_>`` (OneTrainer), ``lycoris_<p_>``
+    (SimpleTuner); Flux as ``transformer.<p>``, ``lycoris_<p_>``, ``lora_transformer_<p_>``, plus
+    ``diffusion_model.single_blocks.<i>.linear1_qkv`` → the first 3·h rows of ``linear1`` (``hidden_size`` h).
+    """
+    out: dict[str, Target] = {}
+    for path in original_paths:
+        out["lora_unet_" + path.replace(".", "_")] = path
+        out[f"diffusion_model.{path}"] = path
+    forms = (
+        ("transformer.{}", "base_model.model.{}", "lora_transformer_{}", "lycoris_{}")
+        if family == "sd3"
+        else ("transformer.{}", "lycoris_{}", "lora_transformer_{}")
+    )
+    for path, target in diffusers_map.items():
+        for form in forms:
+            name = path if "." in form else path.replace(".", "_")
+            out[form.format(name)] = target
+    if family == "flux":
+        for path in original_paths:
+            if path.endswith(".linear1"):
+                out[f"diffusion_model.{path[: -len('.linear1')]}.linear1_qkv"] = (path, _rows(0, 3 * hidden_size))
+    return out
+
+
+def original_state(diffusers_map: Mapping[str, Target], weights: Mapping[str, tuple[Tensor, Tensor | None]]):
+    """ComfyUI's model, original layout: ``{original path: (weight, bias)}`` assembled from the diffusers
+    model's ``{path: (weight, bias)}`` (row blocks concatenated in offset order)."""
+    blocks: dict[str, list[tuple[int, str]]] = {}
+    for path, target in diffusers_map.items():
+        if path not in weights:
+            continue
+        if isinstance(target, str):
+            blocks[target] = [(0, path)]
+        else:
+            blocks.setdefault(target[0], []).append((target[1][1], path))
+    out = {}
+    for original, members in blocks.items():
+        members.sort()
+        ws = [weights[p][0] for _, p in members]
+        bs = [weights[p][1] for _, p in members]
+        out[original] = (torch.cat(ws), None if any(b is None for b in bs) else torch.cat(bs))
+    return out
+
+
+def patch_dit(
+    patches: Mapping[Target, list[Patch]],
+    model: Mapping[str, tuple[Tensor, Tensor | None]],
+    strength: float = 1.0,
+    intermediate_dtype: torch.dtype = torch.float32,
+    errors: list[str] | None = None,
+) -> dict[str, tuple[Tensor, Tensor | None]]:
+    """Apply patches the way ``ModelPatcher.patch_weight_to_device`` does on an original-layout model: a row
+    block target narrows the weight, the adapter patches that view, the result is written back. A bias patch of
+    a row-block target is dropped: ``load_lora`` names it ``"{}.bias".format(target[:-len(".weight")])`` on a
+    tuple, a key the model does not have (``add_patches`` ignores it)."""
+    out = {k: (w.clone(), None if b is None else b.clone()) for k, (w, b) in model.items()}
+    for target, plist in patches.items():
+        path, rows = (target, None) if isinstance(target, str) else (target[0], target[1])
+        if path not in out:
+            continue  # add_patches ignores keys the model lacks
+        w, b = out[path]
+        if rows is None:
+            out[path] = calculate_weight(plist, w, b, strength, intermediate_dtype, errors)
+            continue
+        weight_patches = [p for p in plist if p.part == "weight"]
+        _, start, size = rows
+        view = w.narrow(0, start, size)
+        new, _ = calculate_weight(weight_patches, view, None, strength, intermediate_dtype, errors)
+        w = w.clone()
+        w.narrow(0, start, size).copy_(new)
+        out[path] = (w, b)
     return out
 
 

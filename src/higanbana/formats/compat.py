@@ -102,6 +102,7 @@ def compatibility(
     records: Mapping[str, Mapping[str, Any]],
     base: str = "unknown",
     non_finite: Sequence[str] = (),
+    naming: str = "kohya",
 ) -> list[ToolVerdict]:
     """Verdicts of ComfyUI, A1111, diffusers and LyCORIS for modules ``{name: {suffix: tensor}}`` and their
     records.
@@ -110,7 +111,8 @@ def compatibility(
     compvis names and OpenCLIP attention rule, the ``lycoris_`` prefix); what a tool does with an
     algorithm's module each algorithm declares (``tool_verdicts``). ``base`` (``sd1``, ``sd2``,
     ``sdxl`` or unknown) matters for A1111's OpenCLIP attention rule. ``non_finite`` names modules
-    with NaN/Inf values: every tool loads them, and its output is NaN. A module a tool raises on
+    with NaN/Inf values: every tool loads them, and its output is NaN. ``naming`` is the file's own
+    (``"diffusers"`` for ``unet.``/``transformer.`` keys; matters on SD3/Flux). A module a tool raises on
     (``REJECT``) fails the whole file in that tool: diffusers' ``load_lora_weights`` and LyCORIS's
     ``create_lycoris_from_weights`` do not catch per module.
     """
@@ -123,10 +125,13 @@ def compatibility(
         cls = algorithm_class(record.get("algo") or detect_algo(name, module))
         if cls.tool_note and cls.tool_note not in notes:
             notes.append(cls.tool_note)
-        verdicts = _naming_verdicts(name, partial_attention, base)
+        dit = base in DIT_BASES
+        naming_verdicts = _dit_verdicts(name, module, base, naming) if dit else None
+        verdicts = naming_verdicts if naming_verdicts is not None else _naming_verdicts(name, partial_attention, base)
         # a module a tool cannot name never reaches its loading code: the algorithm's rules do not apply
         unnamed = {tool for tool, (kind, _) in verdicts.items() if kind in (SKIP, REJECT)}
-        algo_verdicts = cls.tool_verdicts(module, record.get("options"), sd_kernel(name, base))
+        kernel = dit_kernel(name) if dit else sd_kernel(name, base)
+        algo_verdicts = cls.tool_verdicts(module, record.get("options"), kernel)
         merge_verdicts(verdicts, {t: v for t, v in algo_verdicts.items() if t not in unnamed})
         if "diff_b" in module and _a1111_openclip_qkv(name, base):
             merge_verdicts(verdicts, {"A1111": (DEVIATE, A1111_DROPS_QKV_BIAS)})
@@ -152,6 +157,89 @@ def compatibility(
         for verdict in out:
             if verdict.tool in ("ComfyUI", "A1111") and verdict.status != FAILS:
                 verdict.notes.append(note)
+    return out
+
+
+#: the bases of SD3/SD3.5 and Flux.1 files (``"sd3 or flux"``: split names of double-stream blocks only)
+DIT_BASES = ("flux", "sd3", "sd3 or flux")
+#: split (diffusers) module paths that ComfyUI applies to a row block of a fused original Linear
+_FUSED_MEMBER = re.compile(r".*_attn2?_(to_[qkv]|add_[qkv]_proj)|single_transformer_blocks_\d+_proj_mlp")
+#: split block modules diffusers 0.42.1's ``lora_transformer_`` (mixture) converter maps: only attention
+_MIXTURE_ATTENTION = re.compile(
+    r"lora_transformer_(single_)?transformer_blocks_\d+_attn_(to_[qkv]|add_[qkv]_proj|to_out_0|to_add_out)"
+)
+_MIXTURE_TOP = ("context_embedder", "norm_out_linear", "proj_out", "x_embedder", "time_text_embed_")
+#: Flux.1's widths, which diffusers' kohya converter assumes: fused qkv 3·3072, linear1 3·3072 + 12288
+_FLUX1_FUSED_ROWS = {"qkv": 9216, "linear1": 21504}
+COMFY_DROPS_ROW_BIAS = (
+    "ComfyUI applies this module to a row block of a fused layer and drops its bias difference (diff_b): "
+    'load_lora names the bias "{}.bias" of a tuple, which no weight has'
+)
+A1111_NO_DIT = "A1111 has no SD3/Flux support"
+DIFFUSERS_SD3_NAMES = (
+    "diffusers' SD3 loader reads only diffusers/PEFT names (transformer.<path>.lora_A); "
+    "convert --for diffusers writes them"
+)
+
+
+def dit_kernel(name: str) -> Kernel:
+    """Every module of the SD3/Flux transformers and their text encoders is a Linear, except SD3's patch
+    embedding (a 2×2 convolution)."""
+    return None if "pos_embed_proj" in name or "x_embedder_proj" in name else ()
+
+
+def _dit_verdicts(name: str, module: Mapping[str, Tensor], base: str, naming: str = "kohya") -> Verdicts:
+    """What ComfyUI (``model_lora_keys_unet``/``_clip``, SD3 and Flux maps), A1111 (nothing) and diffusers
+    0.42.1 (``FluxLoraLoaderMixin``/``SD3LoraLoaderMixin.lora_state_dict``) decide for one module of an SD3 or
+    Flux file from its name (and, for diffusers' kohya Flux converter, its width). ``naming`` is the file's:
+    ``"diffusers"`` (``transformer.<path>`` keys, read natively by diffusers when LoRA) or kohya-style."""
+    out: Verdicts = {"A1111": (SKIP, A1111_NO_DIT)}
+    if naming == "diffusers":
+        out["LyCORIS"] = (SKIP, LYCORIS_NAMES)
+        if "lora_up.weight" not in module:
+            out["diffusers"] = (REJECT, "diffusers' SD3/Flux loaders read LoRA keys only (Invalid LoRA checkpoint)")
+        path = name.removeprefix("lora_transformer_")
+        if "diff_b" in module and path != name and _FUSED_MEMBER.fullmatch(path):
+            out["ComfyUI"] = (DEVIATE, COMFY_DROPS_ROW_BIAS)
+        return out
+    standalone = name.startswith("lycoris_")
+    if not standalone:
+        out["LyCORIS"] = (SKIP, LYCORIS_NAMES)
+    else:
+        out["diffusers"] = (REJECT, "load_lora_weights has no mapping for the lycoris_ prefix")
+    if name.startswith("lora_te"):
+        if name.startswith(("lora_te1_", "lora_te2_")) and not name.endswith(COMFY_TE_SUFFIXES):
+            out["ComfyUI"] = (SKIP, "ComfyUI maps only q/k/v/out_proj and mlp fc1/fc2 of CLIP text encoders")
+        if base == "sd3":
+            out["diffusers"] = (SKIP, DIFFUSERS_SD3_NAMES)
+        elif name.startswith("lora_te3_"):
+            out["diffusers"] = (REJECT, "diffusers' Flux kohya converter raises on T5 (lora_te3_) keys")
+        return out
+    if base == "sd3":
+        if not standalone:
+            out["diffusers"] = (SKIP, DIFFUSERS_SD3_NAMES)
+    elif name.startswith("lora_transformer_"):
+        path = name.removeprefix("lora_transformer_")
+        block = path.startswith(("transformer_blocks_", "single_transformer_blocks_"))
+        known = _MIXTURE_ATTENTION.fullmatch(name) if block else path.startswith(_MIXTURE_TOP)
+        if not known:
+            out["diffusers"] = (
+                REJECT,
+                "diffusers' lora_transformer_ converter maps only attention in a block (the block itself "
+                "otherwise) and loading raises",
+            )
+    elif name.startswith("lora_unet_"):
+        fused = next((k for k in _FLUX1_FUSED_ROWS if name.endswith(f"_{k}")), None)
+        up = module.get("lora_up.weight")
+        if fused and up is not None and up.shape[0] != _FLUX1_FUSED_ROWS[fused]:
+            out["diffusers"] = (
+                REJECT,
+                f"diffusers' kohya Flux converter assumes Flux.1's widths ({_FLUX1_FUSED_ROWS[fused]} rows in "
+                f"{fused}, not {up.shape[0]}) and fails an assertion",
+            )
+    split_path = name.partition("_")[2] if standalone else name.removeprefix("lora_transformer_")
+    if "diff_b" in module and split_path != name and _FUSED_MEMBER.fullmatch(split_path):
+        out["ComfyUI"] = (DEVIATE, COMFY_DROPS_ROW_BIAS)
     return out
 
 

@@ -83,6 +83,30 @@ def dora_axis(suffixes: Mapping[str, Tensor], out_features: int) -> str | None:
     raise HiganbanaError(f"dora_scale has shape {shape}; expected (out={out_features}, 1, ..) or (1, in, ..)")
 
 
+_FLUX_NAMES = ("lora_unet_double_blocks_", "lora_unet_single_blocks_", "lora_transformer_single_transformer_blocks_")
+_SD3_NAMES = ("lora_unet_joint_blocks_",)
+
+
+def dit_base(names: Iterable[str], metadata: Mapping[str, str] | None = None) -> str | None:
+    """``"flux"`` or ``"sd3"`` for a file of a diffusion transformer — from ``modelspec.architecture``
+    (``flux-1…``/``chroma``, ``stable-diffusion-3…``), else its module names (kohya's original names,
+    split names with single-stream blocks) — ``"sd3 or flux"`` when only split double-stream block names
+    say it, None for any other file."""
+    arch = str((metadata or {}).get("modelspec.architecture", ""))
+    if arch.startswith(("flux-1", "chroma")):
+        return "flux"
+    if arch.startswith("stable-diffusion-3"):
+        return "sd3"
+    names = list(names)
+    if any(n.startswith(_FLUX_NAMES) for n in names):
+        return "flux"
+    if any(n.startswith(_SD3_NAMES) for n in names):
+        return "sd3"
+    if any(n.startswith("lora_transformer_") for n in names):
+        return "sd3 or flux"
+    return None
+
+
 def base_from_names(names: Iterable[str]) -> str:
     """``"sdxl"`` (SGM UNet names or two text encoders), ``"sd1 or sd2"`` (diffusers UNet names or one
     text encoder) or ``"unknown"``, from kohya module names alone."""

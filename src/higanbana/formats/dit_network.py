@@ -55,10 +55,17 @@ def family_of(transformer: nn.Module) -> str:
 
 def dit_layout(transformer: nn.Module) -> DitLayout:
     """The :class:`DitLayout` of a diffusers SD3 or Flux transformer."""
-    return DitLayout(family_of(transformer), dict(transformer.config))
+    return DitLayout(family_of(transformer), _config(transformer))
 
 
-def dit_network_parts(transformer: nn.Module | None, text_encoders: Sequence[nn.Module] = (), family: str = "") -> list[Part]:
+def _config(transformer: nn.Module) -> dict[str, Any]:
+    """A diffusers model's config as a plain dict."""
+    return dict(getattr(transformer, "config", {}))
+
+
+def dit_network_parts(
+    transformer: nn.Module | None, text_encoders: Sequence[nn.Module] = (), family: str = ""
+) -> list[Part]:
     """The transformer (``lora_transformer``) and its text encoders (kohya's ``lora_te1/2/3``)."""
     family = (family or family_of(transformer)) if transformer is not None else family
     if family not in DIT_FAMILIES:
@@ -90,7 +97,7 @@ def dit_network(
 def dit_file_metadata(family: str, transformer: nn.Module | None, title: str) -> dict[str, str]:
     """sai ``modelspec.*`` keys as kohya writes them for these families (``sai_model_spec.py``)."""
     if family == "flux":
-        guidance = bool(transformer is not None and transformer.config.get("guidance_embeds"))
+        guidance = bool(transformer is not None and _config(transformer).get("guidance_embeds"))
         arch, impl = ("flux-1-dev" if guidance else "flux-1-schnell"), "https://github.com/black-forest-labs/flux"
     else:
         arch, impl = "stable-diffusion-3", "https://github.com/Stability-AI/sd3-ref"

@@ -8,11 +8,12 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from safetensors import safe_open
 from torch import Tensor
 
 from ..algorithms import FactoredAdapter, algorithm_class
 from .compat import compatibility
-from .detect import base_from_names, group_modules
+from .detect import base_from_names, dit_base, group_modules
 from .metadata import read_base_model
 from .reader import read_network_file
 from .validate import non_finite_modules
@@ -32,7 +33,7 @@ SHOWN_METADATA = (
     "sshs_model_hash",
     "higanbana.format_version",
 )
-_PREFIXES = ("lora_unet", "lora_te1", "lora_te2", "lora_te", "lycoris", "oft_unet")
+_PREFIXES = ("lora_unet", "lora_transformer", "lora_te1", "lora_te2", "lora_te3", "lora_te", "lycoris", "oft_unet")
 
 
 def module_prefix(name: str) -> str:
@@ -68,7 +69,9 @@ def file_info(path: str | os.PathLike, *, unsafe_pickle: bool = False) -> dict[s
         if t.is_floating_point() and not k.endswith("alpha")
     )
     non_finite = non_finite_modules(tensors)
-    base = read_base_model(metadata) if any(k.startswith("ss_") for k in metadata) else base_from_names(modules)
+    base = dit_base(modules, metadata) or (
+        read_base_model(metadata) if any(k.startswith("ss_") for k in metadata) else base_from_names(modules)
+    )
     return {
         "file": str(path),
         "size_bytes": path.stat().st_size,
@@ -85,8 +88,18 @@ def file_info(path: str | os.PathLike, *, unsafe_pickle: bool = False) -> dict[s
         "trigger_phrase": metadata.get("modelspec.trigger_phrase", ""),
         "metadata": {k: metadata[k] for k in SHOWN_METADATA if k in metadata},
         "non_finite_modules": non_finite,
-        "compatibility": [v.as_dict() for v in compatibility(modules, records, base, non_finite)],
+        "compatibility": [v.as_dict() for v in compatibility(modules, records, base, non_finite, _naming(path))],
     }
+
+
+def _naming(path: Path) -> str:
+    """``"diffusers"`` when a safetensors file's keys are diffusers' (``unet.``, ``transformer.``, …), else
+    ``"kohya"`` (read from the header only)."""
+    if path.suffix.lower() != ".safetensors":
+        return "kohya"
+    with safe_open(str(path), framework="pt") as f:
+        first = next(iter(f.keys()), "")
+    return "diffusers" if first.startswith(("unet.", "transformer.", "text_encoder.", "text_encoder_2.")) else "kohya"
 
 
 def _size(n: int) -> str:

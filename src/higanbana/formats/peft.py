@@ -32,12 +32,15 @@ from .detect import detect_algo, group_modules
 from .network_files import network_tensors
 from .safetensors_io import save_tensors
 
-TARGETS = {"peft": "base_model.model.", "diffusers-unet": "unet."}
+TARGETS = {"peft": "base_model.model.", "diffusers-unet": "unet.", "diffusers-transformer": "transformer."}
 #: the files each target's folder holds
 TARGET_FILES = {
     "peft": ("adapter_config.json", "adapter_model.safetensors"),
     "diffusers-unet": ("adapter_config.json", "pytorch_lora_weights.safetensors"),
+    "diffusers-transformer": ("adapter_config.json", "pytorch_lora_weights.safetensors"),
 }
+#: the diffusers targets: the pipeline component whose LoRA the folder holds
+DIFFUSERS_ROOTS = ("unet", "transformer")
 
 
 def peft_refusals() -> dict[str, str]:
@@ -82,7 +85,8 @@ def to_peft(
 
     ``records[name]`` is ``{"algo", "options"}`` (as ``module_records()``), ``paths[name]`` the module's
     path in the model. ``target="peft"`` writes ``base_model.model.<path>.…`` keys (PeftModel), and
-    ``"diffusers-unet"`` ``unet.<path>.…`` (diffusers' ``pytorch_lora_weights`` layout; LoRA, and LoKr
+    ``"diffusers-unet"`` ``unet.<path>.…`` (``"diffusers-transformer"``: ``transformer.<path>.…``, SD3/Flux)
+    (diffusers' ``pytorch_lora_weights`` layout; LoRA, and LoKr
     which diffusers ≥ 0.42 reads into a LoKrConfig; not LoHa). Per-module ranks and α go to ``rank_pattern`` /
     ``alpha_pattern``. Decisions: our α already includes rs-LoRA (``α/r`` is the scale), so
     ``use_rslora`` is always false; DoRA's magnitude is written as PEFT saves it, ``(out,)`` for
@@ -104,10 +108,9 @@ def to_peft(
         n: algorithm_class((records.get(n) or {}).get("algo") or detect_algo(n, mod)).algo for n, mod in groups.items()
     }
     cls = _check_one_algo(algos)
-    if target == "diffusers-unet" and not cls.diffusers_export:
-        raise HiganbanaError(
-            f"diffusers' load_lora_weights reads LoRA and LoKr only; export {cls.algo} with target='peft'"
-        )
+    if target.startswith("diffusers") and not _diffusers_reads(cls, target):
+        reads = "LoRA" if target == "diffusers-transformer" else "LoRA and LoKr"
+        raise HiganbanaError(f"diffusers' load_lora_weights reads {reads} only; export {cls.algo} with target='peft'")
     out, ranks, alphas, extra = cls.peft_export(groups, paths, TARGETS[target], records, shapes or {})
     r0 = Counter(ranks.values()).most_common(1)[0][0]
     a0 = Counter(alphas.values()).most_common(1)[0][0]
@@ -133,16 +136,27 @@ def to_peft(
     return config, out
 
 
+def _diffusers_reads(cls: type[Adapter], target: str) -> bool:
+    """Whether diffusers 0.42.1 loads this algorithm's PEFT export for the target's pipelines: LoRA and
+    LoKr into SD/SDXL UNets; LoRA only into SD3/Flux transformers (their ``lora_state_dict`` demands
+    "lora" in every key: "Invalid LoRA checkpoint")."""
+    if target == "diffusers-transformer":
+        return cls.peft_type == "LORA"
+    return cls.diffusers_export
+
+
 def save_peft_folder(folder: str | os.PathLike, config: Mapping[str, Any], tensors: Mapping[str, Tensor]) -> Path:
     """Write ``adapter_config.json`` + ``adapter_model.safetensors`` into ``folder``, as one unit.
 
-    diffusers-keyed tensors (``unet.``) go to ``pytorch_lora_weights.safetensors`` instead, with the
-    config in the ``lora_adapter_metadata`` header entry (keys prefixed ``unet.``) as diffusers writes it.
+    diffusers-keyed tensors (``unet.`` or ``transformer.``) go to ``pytorch_lora_weights.safetensors``
+    instead, with the config in the ``lora_adapter_metadata`` header entry (keys prefixed with that root)
+    as diffusers writes it.
     The folder is written whole and swapped into place (other files of an existing folder are kept),
     so a kill never leaves weights beside the config of another run.
     """
     folder = Path(folder)
-    diffusers = bool(tensors) and all(k.startswith("unet.") for k in tensors)
+    roots = {k.partition(".")[0] for k in tensors}
+    diffusers = len(roots) == 1 and next(iter(roots)) in DIFFUSERS_ROOTS
     weights = "pytorch_lora_weights.safetensors" if diffusers else "adapter_model.safetensors"
     with atomic_folder(folder, overwrite=True) as tmp:
         if folder.is_dir():  # keep what else the folder holds (hard links: no copy of large files)
@@ -150,7 +164,8 @@ def save_peft_folder(folder: str | os.PathLike, config: Mapping[str, Any], tenso
                 if entry.name not in (weights, "adapter_config.json"):
                     _link_or_copy(entry, tmp / entry.name)
         if diffusers:
-            meta = json.dumps({f"unet.{k}": v for k, v in config.items()}, indent=2, sort_keys=True)
+            root = next(iter(roots))
+            meta = json.dumps({f"{root}.{k}": v for k, v in config.items()}, indent=2, sort_keys=True)
             save_tensors(dict(tensors), tmp / weights, {"lora_adapter_metadata": meta})
         else:
             save_tensors(dict(tensors), tmp / weights)
@@ -213,25 +228,27 @@ def write_peft(
     if target not in TARGETS:
         raise HiganbanaError(f"unknown PEFT export target {target!r} (choose from {sorted(TARGETS)})")
     where = f"{source}: " if source else ""
-    shown = "diffusers" if target == "diffusers-unet" else target
+    diffusers = target.startswith("diffusers")
+    shown = "diffusers" if diffusers else target
     chosen = part
     if chosen is None:
-        if "lora_unet" in net.parts:
-            chosen = "lora_unet"
+        main = [p for p in ("lora_unet", "lora_transformer") if p in net.parts]
+        if main:
+            chosen = main[0]
         elif len(net.parts) == 1:
             chosen = next(iter(net.parts))
         else:
             raise HiganbanaError(f"{where}PEFT files describe one model; choose part= one of {list(net.parts)}")
     if chosen not in net.parts:
         raise HiganbanaError(f"{where}no module of part {chosen!r} in the network{nearest(chosen, net.parts)}")
-    if target == "diffusers-unet" and net.parts[chosen].kind != "unet":
-        raise HiganbanaError(f"{where}the diffusers target holds the UNet only, not part {chosen!r}")
+    if diffusers and net.parts[chosen].kind != "unet":
+        raise HiganbanaError(f"{where}the diffusers target holds the UNet/transformer only, not part {chosen!r}")
     result = PeftWrite(Path(folder), [], 0)
     others = [n for n, r in net.records.items() if r.prefix != chosen]
     if others and part is None:  # an explicit part= is the user's choice, not a loss
         why = (
-            "diffusers target holds the UNet only"
-            if target == "diffusers-unet"
+            "diffusers target holds the UNet/transformer only"
+            if diffusers
             else f"a PEFT folder holds one part ({chosen})"
         )
         result.dropped.update({n: why for n in others})
@@ -239,12 +256,13 @@ def write_peft(
 
     def holds(algo: str) -> bool:  # each algorithm declares its PEFT mapping and whether diffusers reads it
         cls = algorithm_class(algo)
-        return cls.peft_type is not None and (target == "peft" or cls.diffusers_export)
+        return cls.peft_type is not None and (target == "peft" or _diffusers_reads(cls, target))
 
     bad = [n for n in names if not holds(net.records[n].algo)]
     if bad and len(bad) == len(names):
         algo = net.records[bad[0]].algo
-        fallback = "diffusers' load_lora_weights reads LoRA and LoKr only" if target == "diffusers-unet" else ""
+        reads = "LoRA" if target == "diffusers-transformer" else "LoRA and LoKr"
+        fallback = f"diffusers' load_lora_weights reads {reads} only" if diffusers else ""
         why = peft_refusals().get(algo, fallback)
         raise HiganbanaError(f"{where}{algo} (module {bad[0]}) cannot be written to {shown}: {why or 'no equivalent'}")
     for n in bad:
@@ -261,7 +279,7 @@ def write_peft(
         result.lossy.append(f"dropped {len(result.dropped)} module(s)")
     tensors = {k: v for k, v in network_tensors(net, dtype).items() if k.partition(".")[0] in names}
     dora = sorted({k.partition(".")[0] for k in tensors if k.endswith(".dora_scale")})
-    if dora and target == "diffusers-unet":
+    if dora and diffusers:
         _lossy(
             f"{where}DoRA module(s) (e.g. {dora[0]}) into diffusers: load_lora_weights drops dora_scale, so the "
             "result is a plain LoRA",

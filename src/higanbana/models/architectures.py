@@ -76,3 +76,33 @@ SDXL_UNET: dict[str, Any] = {
     "upcast_attention": None,
     "use_linear_projection": True,
 }
+
+#: SD3.5 Medium's MMDiT-X: diffusers' config of stable-diffusion-3.5-medium (transformer/config.json)
+SD35_MEDIUM_TRANSFORMER: dict[str, Any] = {
+    "attention_head_dim": 64,
+    "caption_projection_dim": 1536,
+    "dual_attention_layers": list(range(13)),
+    "in_channels": 16,
+    "joint_attention_dim": 4096,
+    "num_attention_heads": 24,
+    "num_layers": 24,
+    "out_channels": 16,
+    "patch_size": 2,
+    "pooled_projection_dim": 2048,
+    "pos_embed_max_size": 384,
+    "qk_norm": "rms_norm",
+    "sample_size": 128,
+}
+#: Flux.1 [dev]: diffusers' config of FLUX.1-dev (transformer/config.json)
+FLUX1_DEV_TRANSFORMER: dict[str, Any] = {
+    "attention_head_dim": 128,
+    "axes_dims_rope": [16, 56, 56],
+    "guidance_embeds": True,
+    "in_channels": 64,
+    "joint_attention_dim": 4096,
+    "num_attention_heads": 24,
+    "num_layers": 19,
+    "num_single_layers": 38,
+    "patch_size": 1,
+    "pooled_projection_dim": 768,
+}

@@ -277,10 +277,10 @@ TINY_SD3_TRANSFORMER: dict[str, Any] = dict(
     in_channels=16,
     out_channels=16,
     num_layers=2,
-    attention_head_dim=32,  # hidden 64: ComfyUI reads an MMDiT's depth as hidden/64
+    attention_head_dim=64,  # hidden 128 = 64·num_layers: ComfyUI counts an MMDiT's blocks as hidden/64
     num_attention_heads=2,
     joint_attention_dim=32,
-    caption_projection_dim=64,
+    caption_projection_dim=128,
     pooled_projection_dim=32,
     pos_embed_max_size=16,
     dual_attention_layers=(0,),  # SD3.5's MMDiT-X: a second attention in the first block
