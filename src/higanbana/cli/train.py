@@ -44,7 +44,10 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "train",
         help="fine-tune an SD1.x/SD2/SDXL model with any algorithm from a TOML config",
-        description="Train an adapter (LoRA, LoHa, LoKr, IA3, GLoRA, DoRA, OFT, BOFT, full) on a local SD model.",
+        description=(
+            "Train an adapter (LoRA, LoHa, LoKr, IA3, GLoRA, DoRA, OFT, BOFT, full) on a local SD1/SD2/SDXL, "
+            "SD3 or Flux model."
+        ),
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -25,7 +25,7 @@ from .dit_layout import DIT_FAMILIES, ORIGINAL_PREFIX, SPLIT_PREFIX, DitLayout, 
 from .network_files import network_from_records, network_metadata, network_tensors
 from .reader import read_network_file
 from .safetensors_io import FORMAT_VERSION, save_tensors
-from .sd_network import _te_name_path
+from .sd_network import _summary_dims, _te_name_path
 from .validate import parse_records
 
 LAYOUTS = ("split", "original")
@@ -110,6 +110,32 @@ def dit_file_metadata(family: str, transformer: nn.Module | None, title: str) ->
     }
 
 
+#: kohya's ``ss_base_model_version`` for these families (sd-scripts' flux/sd3 trainers)
+BASE_MODEL_VERSIONS = {"flux": "flux1", "sd3": "sd3"}
+
+
+def dit_kohya_metadata(
+    net: AdapterNetwork, family: str, output_name: str, training: Mapping[str, Any] | None = None
+) -> dict[str, str]:
+    """kohya's ``ss_*`` summary of a network on an SD3/Flux model, with optional training facts."""
+    algos = sorted({a.algo for a in net.adapters.values()})
+    algo = algos[0] if len(algos) == 1 else "mixed"
+    dim, alpha = _summary_dims(net)
+    args = {k: v for k, v in net.config.options.items() if isinstance(v, (bool, int, float, str))}
+    meta = {
+        "ss_base_model_version": BASE_MODEL_VERSIONS[family],
+        "ss_network_module": "higanbana.kohya",
+        "ss_network_dim": str(int(dim)),
+        "ss_network_alpha": str(float(alpha)),
+        "ss_network_args": json.dumps({"algo": algo, **{k: str(v) for k, v in args.items()}}),
+        "ss_output_name": output_name,
+    }
+    for key, value in (training or {}).items():
+        full = key if key.startswith("ss_") else f"ss_{key}"
+        meta.setdefault(full, value if isinstance(value, str) else json.dumps(value))
+    return meta
+
+
 def save_dit_network(
     net: AdapterNetwork,
     path: str | os.PathLike,
@@ -117,12 +143,14 @@ def save_dit_network(
     layout: str = "split",
     dtype: torch.dtype = torch.float32,
     metadata: Mapping[str, str] | None = None,
+    training: Mapping[str, Any] | None = None,
 ) -> Path:
     """Save a network on an SD3/Flux transformer, atomically, in the ``split`` or ``original`` layout.
 
     The original layout stacks the members of each fused layer exactly (LoRA: concatenated ranks;
     full and IA3: rows) and refuses other algorithms there with the reason; our records go along
-    (``higanbana.split_modules``) so that reloading restores every member exactly.
+    (``higanbana.split_modules``) so that reloading restores every member exactly. ``training`` adds
+    kohya-style ``ss_*`` facts.
     """
     if layout not in LAYOUTS:
         raise ConfigError(f"layout {layout!r}: expected one of {LAYOUTS}")
@@ -133,6 +161,7 @@ def save_dit_network(
     family = family_of(transformer)
     tensors = network_tensors(net, dtype)
     meta = dit_file_metadata(family, transformer, path.stem)
+    meta.update(dit_kohya_metadata(net, family, path.stem, training))
     if layout == "split":
         meta.update(network_metadata(net))
     else:
@@ -150,16 +179,11 @@ def save_dit_network(
     return save_tensors(tensors, path, meta)
 
 
-def load_dit_network(
-    path: str | os.PathLike,
-    transformer: nn.Module,
-    text_encoders: Sequence[nn.Module] = (),
-    *,
-    strict: bool = True,
-    unsafe_pickle: bool = False,
-) -> AdapterNetwork:
-    """A network from a file of either layout (ours, kohya/sd-scripts, ComfyUI-style, diffusers/PEFT,
-    SimpleTuner's ``lycoris_``) on a diffusers SD3/Flux transformer: fused modules are split exactly."""
+def read_dit_network_file(
+    path: str | os.PathLike, transformer: nn.Module, *, unsafe_pickle: bool = False
+) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]]]:
+    """A file's tensors and records under our split names (fused modules split exactly), for this
+    transformer's family."""
     family = family_of(transformer)
     tensors, records, metadata = read_network_file(path, unsafe_pickle=unsafe_pickle, prefixes=DIFFUSERS_ROOTS[family])
     if any(name.startswith(f"{ORIGINAL_PREFIX}_") for name in records):
@@ -170,5 +194,19 @@ def load_dit_network(
             tensors, records = to_split(tensors, records, dit_layout(transformer), split_records=split_records)
         except HiganbanaError as exc:
             raise type(exc)(f"{path}: {exc}") from exc
+    return tensors, records
+
+
+def load_dit_network(
+    path: str | os.PathLike,
+    transformer: nn.Module,
+    text_encoders: Sequence[nn.Module] = (),
+    *,
+    strict: bool = True,
+    unsafe_pickle: bool = False,
+) -> AdapterNetwork:
+    """A network from a file of either layout (ours, kohya/sd-scripts, ComfyUI-style, diffusers/PEFT,
+    SimpleTuner's ``lycoris_``) on a diffusers SD3/Flux transformer: fused modules are split exactly."""
+    tensors, records = read_dit_network_file(path, transformer, unsafe_pickle=unsafe_pickle)
     parts = dit_network_parts(transformer, text_encoders)
     return network_from_records(parts, records, tensors, source=str(path), strict=strict)

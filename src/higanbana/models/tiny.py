@@ -351,3 +351,121 @@ def tiny_dit_inputs(family: str, latents: torch.Tensor, sigmas: torch.Tensor, se
             "guidance": torch.full((b,), 3.5),
         }
     raise ConfigError(f"unknown transformer family {family!r}; expected 'sd3' or 'flux'")
+
+
+# ----------------------------------------------------------------------------- SD3 / Flux pipelines in miniature
+
+#: a T5 encoder (v1.1: gated GELU) in miniature, as SD3 and Flux use T5-XXL; d_model = the transformers'
+#: joint_attention_dim
+TINY_T5: dict[str, Any] = dict(
+    vocab_size=300,
+    d_model=32,
+    d_kv=8,
+    d_ff=64,
+    num_layers=2,
+    num_heads=4,
+    feed_forward_proj="gated-gelu",
+    is_encoder_decoder=False,
+    pad_token_id=0,
+    eos_token_id=1,
+    decoder_start_token_id=0,
+)
+#: the 16-channel VAE of SD3/Flux in miniature (latent downscale 2), with each family's real latent
+#: scale and shift
+TINY_DIT_VAE: dict[str, Any] = {**TINY_VAE, "latent_channels": 16}
+_DIT_VAE_SCALING = {"sd3": (1.5305, 0.0609), "flux": (0.3611, 0.1159)}
+#: the families' training schedules (FlowMatchEulerDiscreteScheduler): SD3's constant shift 3, Flux's
+#: resolution-dependent shift
+DIT_SCHEDULERS: dict[str, dict[str, Any]] = {
+    "sd3": {"shift": 3.0},
+    "flux": {
+        "shift": 3.0,
+        "use_dynamic_shifting": True,
+        "base_shift": 0.5,
+        "max_shift": 1.15,
+        "base_image_seq_len": 256,
+        "max_image_seq_len": 4096,
+    },
+}
+
+
+def tiny_t5_tokenizer(max_length: int = 512):
+    """A T5-style fast tokenizer built offline: byte-level symbols, ``<pad>`` 0, ``</s>`` 1 appended to
+    every text, ``<unk>`` 2 (its 259 ids fit :data:`TINY_T5`'s vocabulary)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{ch: i + 3 for i, ch in enumerate(alphabet)}}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", model_max_length=max_length
+    )
+
+
+def tiny_dit_parts(kind: str = "flux", seed: int = 0):
+    """Tiny SD3 or Flux :class:`~higanbana.models.dit.DitParts`: transformer, CLIP-L ([CLIP-G]) and T5
+    encoders with their tokenizers, the 16-channel VAE, the family's scheduler config; deterministic
+    random weights, the global RNG left untouched. SD3's two CLIPs (with projections) fill the
+    transformer's 32-wide pooled input; Flux's CLIP-L pooled output is 32 wide itself."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    from .dit import DIT_KINDS, DitParts
+
+    if kind not in DIT_KINDS:
+        raise ConfigError(f"unknown transformer family {kind!r}; expected one of {DIT_KINDS}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        transformer = (tiny_sd3_transformer if kind == "sd3" else tiny_flux_transformer)(seed)
+        if kind == "sd3":
+            clip = {**_TINY_CLIP, "hidden_size": 16, "num_attention_heads": 2, "projection_dim": 16}
+            encoders = [
+                CLIPTextModelWithProjection(CLIPTextConfig(**clip, hidden_act="quick_gelu")),
+                CLIPTextModelWithProjection(CLIPTextConfig(**clip, hidden_act="gelu")),
+            ]
+        else:
+            encoders = [CLIPTextModel(CLIPTextConfig(**_TINY_CLIP, hidden_act="quick_gelu"))]
+        encoders.append(T5EncoderModel(T5Config(**TINY_T5)))
+        scaling, shift = _DIT_VAE_SCALING[kind]
+        vae = AutoencoderKL(**TINY_DIT_VAE, scaling_factor=scaling, shift_factor=shift)
+    tokenizers: list[Any] = [tiny_clip_tokenizer() for _ in encoders[:-1]]
+    tokenizers.append(tiny_t5_tokenizer())
+    for module in (transformer, vae, *encoders):
+        module.eval()
+    return DitParts(kind, transformer, encoders, vae, tokenizers, dict(DIT_SCHEDULERS[kind]))
+
+
+def save_tiny_dit(parts, folder) -> Path:
+    """Write DiT ``parts`` as a diffusers folder (``model_index.json``, transformer/, text encoders,
+    tokenizers, vae/, scheduler/) that :func:`~higanbana.models.dit.load_dit` and the diffusers
+    pipelines load offline. Returns the folder."""
+    import diffusers
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from .dit import PIPELINES, TEXT_ENTRIES
+
+    root = Path(folder)
+    root.mkdir(parents=True, exist_ok=True)
+    index: dict[str, Any] = {
+        "_class_name": PIPELINES[parts.kind],
+        "_diffusers_version": diffusers.__version__,
+        "transformer": ["diffusers", type(parts.transformer).__name__],
+        "vae": ["diffusers", type(parts.vae).__name__],
+        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+    }
+    parts.transformer.save_pretrained(root / "transformer")
+    parts.vae.save_pretrained(root / "vae")
+    for (te_entry, tok_entry), te, tok in zip(
+        TEXT_ENTRIES[parts.kind], parts.text_encoders, parts.tokenizers, strict=True
+    ):
+        te.save_pretrained(root / te_entry)
+        tok.save_pretrained(root / tok_entry)
+        index[te_entry] = ["transformers", type(te).__name__]
+        index[tok_entry] = ["transformers", type(tok).__name__]
+    FlowMatchEulerDiscreteScheduler(**parts.scheduler_config).save_pretrained(root / "scheduler")
+    (root / "model_index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    return root

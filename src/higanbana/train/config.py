@@ -36,6 +36,7 @@ from ..schema import (
     resolve_paths,
     sections_to_toml,
 )
+from .flow import MODE_SCALE_LIMITS
 
 OPTIMIZERS = ("adamw", "adamw8bit", "lion", "lion8bit", "prodigy", "sgd", "adafactor")
 SCHEDULERS = (
@@ -58,7 +59,7 @@ class ModelSection:
     """The base model: a local diffusers folder or a single ``.safetensors`` checkpoint."""
 
     pretrained: str = ""  # path (required)
-    kind: str = field(default="auto", metadata=choice("auto", "sd1", "sd2", "sdxl"))
+    kind: str = field(default="auto", metadata=choice("auto", "sd1", "sd2", "sdxl", "sd3", "flux"))
     config: str = ""  # a local diffusers folder with the configs, for single files that need one
     v_parameterization: bool = False  # the model predicts v (SD2-768); also read from the scheduler config
 
@@ -156,6 +157,16 @@ class TrainingSection:
     # use the output of the n-th last text-encoder layer (SD1: 2 for anime models)
     clip_skip: int = field(default=1, metadata=at_least(1))
     device: str = field(default="", metadata=choice("", "cpu"))  # "cpu" forces the CPU; "": what accelerate picks
+    # SD3/Flux (flow matching, docs/training.md): how a sample's noise level σ is drawn and weighted
+    timestep_sampling: str = field(default="logit_normal", metadata=choice("uniform", "logit_normal", "mode"))
+    logit_mean: float = 0.0
+    logit_std: float = field(default=1.0, metadata=positive())
+    mode_scale: float = 1.29
+    weighting_scheme: str = field(default="none", metadata=choice("none", "sigma_sqrt", "cosmap"))
+    # σ' = s·σ/(1 + (s−1)σ); 0: the model's scheduler (SD3: 3.0; Flux: its resolution-dependent shift)
+    discrete_flow_shift: float = field(default=0.0, metadata=at_least(0))
+    guidance_scale: float = field(default=1.0, metadata=at_least(0))  # Flux [dev]'s guidance input in training
+    max_sequence_length: int = field(default=0, metadata=at_least(0))  # T5 tokens (0: Flux 512, SD3 256)
     resume: str = ""  # a saved state folder, or "latest" (the newest under save.output_dir)
 
 
@@ -170,6 +181,8 @@ class SaveSection:
     save_state: bool = True  # also save a resumable state (optimizer, scheduler, step) with each file
     dtype: str = field(default="fp16", metadata=choice(*SAVE_DTYPES))
     trigger_phrase: str = ""  # written to modelspec.trigger_phrase
+    # SD3/Flux: "split" (diffusers names, every algorithm) or "original" (kohya's fused qkv names; LoRA/full/IA3)
+    layout: str = field(default="split", metadata=choice("split", "original"))
 
 
 @dataclass
@@ -262,6 +275,12 @@ class TrainConfig:
             raise ConfigError(
                 f"{where}: data.min_bucket_reso ({self.data.min_bucket_reso}) is larger than "
                 f"data.max_bucket_reso ({self.data.max_bucket_reso})"
+            )
+        low, high = MODE_SCALE_LIMITS
+        if self.training.timestep_sampling == "mode" and not low <= self.training.mode_scale <= high:
+            raise ConfigError(
+                f"{where}: training.mode_scale must be in [{low}, {high:.4f}] (else σ(u) is not monotone), "
+                f"got {self.training.mode_scale}"
             )
         if self.training.max_train_steps == 0 and self.training.max_train_epochs == 0:
             raise ConfigError(f"{where}: set training.max_train_steps or training.max_train_epochs")

@@ -13,11 +13,13 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError, HiganbanaError
+from ..formats.dit_network import dit_network_parts, read_dit_network_file
 from ..formats.reader import read_network_file
 from ..formats.sd_network import sd_network
+from ..models.dit import DIT_KINDS, dit_kind_of, load_dit
 from ..models.pipeline import default_scheduler_config, read_scheduler_config
 from ..models.sd import load_sd
-from ..network import NetworkConfig
+from ..network import AdapterNetwork, NetworkConfig
 from ..safeio import writable_folder
 from .config import TrainConfig
 from .data import build_training_data
@@ -70,9 +72,31 @@ def build_data(config: TrainConfig, *, progress: bool = True):
     return build_training_data(specs, progress=progress)
 
 
+#: [training] options of the UNet objective, and their defaults, which the flow-matching families refuse
+_UNET_ONLY = {"noise_offset": 0.0, "min_snr_gamma": 0.0, "prediction_type": "auto", "clip_skip": 1}
+
+
+def is_dit(config: TrainConfig) -> bool:
+    """Whether the run trains an SD3/Flux transformer (by ``model.kind`` or what the model path holds)."""
+    kind = config.model.kind
+    return kind in DIT_KINDS or (kind == "auto" and dit_kind_of(config.model.pretrained) is not None)
+
+
 def load_model(config: TrainConfig):
-    """The base model's parts (never downloads) and its noise-schedule config."""
+    """The base model's parts (never downloads), its noise-schedule config and its prediction
+    (``"flow"`` for SD3/Flux, whose scheduler config is ``parts.scheduler_config``)."""
     m = config.model
+    if is_dit(config):
+        for key, default in _UNET_ONLY.items():
+            if getattr(config.training, key) != default:
+                raise ConfigError(
+                    f"training.{key} belongs to the UNet families' objective; SD3/Flux train with flow matching "
+                    "(training.timestep_sampling, weighting_scheme, discrete_flow_shift)"
+                )
+        parts = load_dit(m.pretrained, None if m.kind == "auto" else m.kind, config=m.config or None)
+        if parts.vae is None or parts.tokenizers is None:
+            raise HiganbanaError(f"{m.pretrained}: the model needs its VAE and tokenizers for training")
+        return parts, dict(parts.scheduler_config), "flow"
     parts = load_sd(m.pretrained, None if m.kind == "auto" else m.kind, config=m.config or None)
     if parts.vae is None:
         raise HiganbanaError(f"{m.pretrained}: the model has no VAE; training needs one to encode the images")
@@ -93,20 +117,31 @@ def load_model(config: TrainConfig):
 def build_network(config: TrainConfig, parts):
     """The adapter network the ``[network]`` section describes, attached to ``parts``."""
     n = config.network
+    dit = parts.kind in DIT_KINDS
+    # the default preset names the UNet's blocks; a transformer's default is its family's
+    preset = f"{parts.kind}-attn-mlp" if dit and n.preset == "attn-mlp" else n.preset
     if n.config:
         net_config: Any = dict(n.config)
-        net_config.setdefault("preset", n.preset)
+        net_config.setdefault("preset", preset)
     else:
-        net_config = n.preset
+        net_config = preset
     try:
-        net = sd_network(
-            parts,
-            net_config,
-            n.algo,
-            train_unet=n.train_unet,
-            train_text_encoder=n.train_text_encoder,
-            **n.options,
-        )
+        if dit:
+            dit_parts = dit_network_parts(
+                parts.transformer if n.train_unet else None,
+                parts.text_encoders if n.train_text_encoder else (),
+                family=parts.kind,
+            )
+            net = AdapterNetwork(dit_parts, n.algo, config=net_config, **n.options)
+        else:
+            net = sd_network(
+                parts,
+                net_config,
+                n.algo,
+                train_unet=n.train_unet,
+                train_text_encoder=n.train_text_encoder,
+                **n.options,
+            )
     except HiganbanaError as exc:  # name the section: the option's value does not fit a module
         raise ConfigError(f"network: {exc}") from None
     net.attach()
@@ -116,7 +151,10 @@ def build_network(config: TrainConfig, parts):
             f"{parts.kind} model (check network.preset / network.config rules)"
         )
     if n.network_weights:
-        tensors, _records, _meta = read_network_file(n.network_weights)
+        if dit:  # kohya's fused names are split onto the transformer's layers first
+            tensors, _records = read_dit_network_file(n.network_weights, parts.transformer)
+        else:
+            tensors, _records, _meta = read_network_file(n.network_weights)
         report = net.load_state_tensors(tensors, source=n.network_weights, strict=False)
         if not report.ok:
             problems = [*report.missing[:3], *list(report.mismatched)[:3], *report.unexpected[:3]]

@@ -43,10 +43,13 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError, HiganbanaError
+from ..formats.dit_network import save_dit_network
 from ..formats.sd_network import save_sd_network
+from ..models.dit import DIT_KINDS
 from ..models.pipeline import build_pipeline
 from ..safeio import discard, writable_folder, write_text
 from .config import TrainConfig
+from .flow_step import DitConditioner, FlowSettings, dit_pipeline, flow_matching_loss
 from .latents import LatentCache, sample_latents
 from .optim import make_optimizer, make_scheduler, warmup_steps
 from .sample import generate_samples, log_samples, parse_prompt_file, save_samples
@@ -186,29 +189,48 @@ class _Run:
             if module.dtype != dtype:  # (diffusers warns about casting even when nothing changes)
                 module.to(dtype)
 
-        place(parts.unet, weight_dtype)
+        self.dit = parts.kind in DIT_KINDS
+        denoiser = parts.transformer if self.dit else parts.unet
+        place(denoiser, weight_dtype)
         for te in parts.text_encoders:
             place(te, weight_dtype if not c.network.train_text_encoder else torch.float32)
         place(parts.vae, torch.float32 if t.vae_fp32 else weight_dtype)
         self.net.to(self.device)
-        for module in (parts.unet, parts.vae, *parts.text_encoders):
+        for module in (denoiser, parts.vae, *parts.text_encoders):
             module.requires_grad_(False)
             module.eval()
         self.net.train()
         if t.gradient_checkpointing:
-            parts.unet.enable_gradient_checkpointing()
+            denoiser.enable_gradient_checkpointing()
             if c.network.train_text_encoder:
                 for te in parts.text_encoders:
                     enable = getattr(te, "activation_checkpointing_enable", None) or te.gradient_checkpointing_enable
                     enable()
                     te.train()  # transformers checkpoints only in train mode (CLIP has no dropout to switch on)
-        self.noise_scheduler = DDPMScheduler.from_config(self.scheduler_config)
-        self.text = TextEncoder(
-            parts,
-            t.clip_skip,
-            trainable=c.network.train_text_encoder,
-            cache=c.data.cache_text_encoder_outputs,
-        )
+        if self.dit:
+            self.flow = FlowSettings(
+                scheme=t.timestep_sampling,
+                logit_mean=t.logit_mean,
+                logit_std=t.logit_std,
+                mode_scale=t.mode_scale,
+                weighting=t.weighting_scheme,
+                shift=t.discrete_flow_shift,
+                guidance=t.guidance_scale,
+            )
+            self.text: Any = DitConditioner(
+                parts,
+                max_sequence_length=t.max_sequence_length,
+                trainable=c.network.train_text_encoder,
+                cache=c.data.cache_text_encoder_outputs,
+            )
+        else:
+            self.noise_scheduler = DDPMScheduler.from_config(self.scheduler_config)
+            self.text = TextEncoder(
+                parts,
+                t.clip_skip,
+                trainable=c.network.train_text_encoder,
+                cache=c.data.cache_text_encoder_outputs,
+            )
 
         self.latents = None
         if c.data.cache_latents != "none":
@@ -229,7 +251,7 @@ class _Run:
         lrs = {}
         o = c.optimizer
         for prefix in self.net.parts:
-            if prefix == "lora_unet":
+            if prefix in ("lora_unet", "lora_transformer"):
                 lrs[prefix] = o.unet_lr
             elif prefix == "lora_te2":
                 lrs[prefix] = o.text_encoder_lr2 if o.text_encoder_lr2 >= 0 else o.text_encoder_lr
@@ -274,6 +296,11 @@ class _Run:
         added = None
         with torch.autocast(self.device.type, dtype=self.mixed, enabled=self.mixed is not None):
             hidden, pooled = self.text(captions)
+            if self.dit:
+                t = c.training
+                return flow_matching_loss(
+                    self.parts, latents, hidden, pooled, gens, self.flow, loss_type=t.loss_type, huber_c=t.huber_c
+                )
             if self.parts.kind == "sdxl":
                 added = {
                     "text_embeds": pooled,
@@ -382,7 +409,17 @@ class _Run:
         c = self.config
         path = self.out_dir / f"{name}.safetensors"
         state_path = None
-        if self.accelerator.is_main_process:
+        if self.accelerator.is_main_process and self.parts.kind in DIT_KINDS:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            save_dit_network(
+                self.net,
+                path,
+                layout=c.save.layout,
+                dtype=_SAVE_DTYPES[c.save.dtype],
+                metadata={"modelspec.trigger_phrase": c.save.trigger_phrase} if c.save.trigger_phrase else None,
+                training=self._training_facts(state),
+            )
+        elif self.accelerator.is_main_process:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             save_sd_network(
                 self.net,
@@ -395,16 +432,16 @@ class _Run:
                 resolution=self.config.resolution,
                 training=self._training_facts(state),
             )
-            if with_state:
-                state_path = save_state(
-                    self.out_dir / f"state-{state.step:08d}",
-                    network=self.net,
-                    optimizer=self.optimizer,
-                    scheduler=self.lr_scheduler,
-                    scaler=self.scaler,
-                    state=state,
-                    fingerprint=self.fingerprint,
-                )
+        if self.accelerator.is_main_process and with_state:
+            state_path = save_state(
+                self.out_dir / f"state-{state.step:08d}",
+                network=self.net,
+                optimizer=self.optimizer,
+                scheduler=self.lr_scheduler,
+                scaler=self.scaler,
+                state=state,
+                fingerprint=self.fingerprint,
+            )
         self.accelerator.wait_for_everyone()
         return path, state_path
 
@@ -425,7 +462,11 @@ class _Run:
             self.accelerator.wait_for_everyone()
             return
         prompts = parse_prompt_file(c.sample.prompts)
-        pipeline = build_pipeline(self.parts, sampler=c.sample.sampler, scheduler_config=self.scheduler_config)
+        dit = self.parts.kind in DIT_KINDS
+        if dit:  # the family's own flow-matching Euler sampler
+            pipeline = dit_pipeline(self.parts)
+        else:
+            pipeline = build_pipeline(self.parts, sampler=c.sample.sampler, scheduler_config=self.scheduler_config)
         w, h = c.sample.width or self.config.resolution[0], c.sample.height or self.config.resolution[1]
         # a mixed-precision UNet beside the float32 VAE: autocast lets the pipeline pass tensors between them
         with torch.autocast(self.device.type, dtype=self.mixed, enabled=self.mixed is not None):
@@ -438,7 +479,7 @@ class _Run:
                 cfg_scale=c.sample.cfg_scale,
                 seed=c.training.seed,
                 device=self.device,
-                sampler=c.sample.sampler,
+                sampler=None if dit else c.sample.sampler,
                 scheduler_config=self.scheduler_config,
             )
         save_samples(images, prompts, self.out_dir / "samples", step=step, epoch=epoch, name=c.save.output_name)
