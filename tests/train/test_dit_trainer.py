@@ -16,8 +16,8 @@ from higanbana.models.tiny import save_tiny_dit, tiny_dit_parts
 from higanbana.train import train
 from higanbana.train.flow_step import DitConditioner, FlowSettings, flow_matching_loss
 
-from .test_trainer import make_images
 from .test_trainer import config_for as sd_config_for
+from .test_trainer import make_images
 
 ALGOS = [
     ("lora", "lora", {"rank": 2}),

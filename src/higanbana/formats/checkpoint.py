@@ -2,7 +2,10 @@
 
 A checkpoint is a diffusers folder (``model_index.json``; ``unet/``, ``text_encoder/``,
 ``text_encoder_2/`` weights) or one original-layout (LDM/SGM) ``.safetensors`` file as A1111 and
-ComfyUI load it. Nothing is loaded whole: headers are parsed, tensors are read one at a time by
+ComfyUI load it — or the same for SD3/SD3.5 and Flux.1: a diffusers folder (``transformer/`` and the
+text encoders) or an original MMDiT/BFL transformer file, whose fused ``qkv``/``linear1`` weights hold
+the split modules as row blocks (so files of either layout merge into either; see ``dit_layout``).
+Nothing is loaded whole: headers are parsed, tensors are read one at a time by
 offset (plain reads, no memory map), and :func:`write_streaming` writes the header first and then
 each tensor's bytes, so a merge needs memory for a few copies of the largest tensor, whatever the
 checkpoint's size.
@@ -26,10 +29,17 @@ import torch
 from ..errors import HiganbanaError
 from ..models.sd import detect_kind
 from ..safeio import atomic_folder
+from .dit_layout import ORIGINAL_PREFIX, SPLIT_PREFIX, DitLayout
 from .sdxl_names import NameMappingError, SgmNameMap
 from .streaming import ST_DTYPES, read_header, write_streaming
 
 KINDS = ("sd1", "sd2", "sdxl")
+DIT_KINDS = ("sd3", "flux")
+#: SD3/Flux folder text encoders -> kohya prefix, per family
+_DIT_TE_COMPONENTS = {
+    "flux": {"text_encoder": "lora_te1", "text_encoder_2": "lora_te3"},
+    "sd3": {"text_encoder": "lora_te1", "text_encoder_2": "lora_te2", "text_encoder_3": "lora_te3"},
+}
 
 
 #: single-file text-encoder key prefixes -> (kohya prefix, layout)
@@ -135,10 +145,14 @@ class Checkpoint:
     is_folder: bool
     sources: list[_Source]
     unet_config: dict[str, Any] | None = None
+    #: SD3/Flux: the layout of the transformer, and the prefix of its keys in a single file
+    dit_layout: DitLayout | None = None
+    dit_prefix: str = ""
     _where: dict[str, tuple[_Source, str]] = field(default_factory=dict, repr=False)
     _handles: dict[Path, Any] = field(default_factory=dict, repr=False)
     _modules: dict[str, dict[str, tuple[str, slice | None]]] | None = field(default=None, repr=False)
     _name_map: SgmNameMap | None = field(default=None, repr=False)
+    _te_classes: dict[str, str] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         for src in self.sources:
@@ -208,8 +222,54 @@ class Checkpoint:
             return []
         if self.is_folder:  # <component>/<file>/<tensor key>
             component, _, rest = key.partition("/")
+            if self.dit_layout is not None:
+                return self._dit_folder_module(component, rest.partition("/")[2])
             return self._folder_module(component, rest.partition("/")[2])
+        if self.dit_layout is not None:
+            return self._dit_single_module(key)
         return self._single_module(key)
+
+    def _dit_folder_module(self, component: str, key: str) -> list[tuple[str, str, slice | None]]:
+        path, _, param = key.rpartition(".")
+        if param not in ("weight", "bias") or not path:
+            return []
+        if component == "transformer":
+            return [(_kohya(SPLIT_PREFIX, path), param, None)]
+        prefix = _DIT_TE_COMPONENTS[self.kind].get(component)
+        if prefix is None:
+            return []
+        if "CLIP" in str(self._te_classes.get(component, "")) and not path.startswith(
+            ("text_model.", "text_projection")
+        ):
+            path = "text_model." + path
+        return [(_kohya(prefix, path), param, None)]
+
+    def _dit_single_module(self, key: str) -> list[tuple[str, str, slice | None]]:
+        """An original transformer tensor: its kohya (fused) module, and each split module it holds —
+        a row block of a fused ``qkv``/``linear1``, or the same tensor for a one-to-one module."""
+        layout = self.dit_layout
+        assert layout is not None
+        if not key.startswith(self.dit_prefix):
+            return []
+        path, _, param = key[len(self.dit_prefix) :].rpartition(".")
+        if param not in ("weight", "bias") or path not in layout.members:
+            return []
+        out: list[tuple[str, str, slice | None]] = [(_kohya(ORIGINAL_PREFIX, path), param, None)]
+        members = layout.members[path]
+        sizes = layout.slots[members[0]].sizes
+        start = 0
+        for member, size in zip(members, sizes, strict=True):
+            rows = slice(start, start + size) if len(members) > 1 else None
+            out.append((_kohya(SPLIT_PREFIX, member), param, rows))
+            start += size
+        return out
+
+    def row_views(self) -> set[str]:
+        """Module names that are another view of a module of the checkpoint (the split names of a single
+        SD3/Flux file): tools that visit every module once skip them."""
+        if self.dit_layout is None or self.is_folder:
+            return set()
+        return {n for n in self.modules() if n.startswith(f"{SPLIT_PREFIX}_")}
 
     def _folder_module(self, component: str, key: str) -> list[tuple[str, str, slice | None]]:
         path, _, param = key.rpartition(".")
@@ -286,6 +346,10 @@ class Checkpoint:
         """Other names files use for the checkpoint's modules: diffusers-path UNet names on SDXL and
         SimpleTuner's ``lycoris_<diffusers path>``, each -> the kohya name."""
         out: dict[str, str] = {}
+        if self.dit_layout is not None:  # SimpleTuner's lycoris_<diffusers path>
+            return {
+                "lycoris_" + n[len(SPLIT_PREFIX) + 1 :]: n for n in self.modules() if n.startswith(f"{SPLIT_PREFIX}_")
+            }
         if self._name_map is None:
             return out
         for name in self.modules():
@@ -395,19 +459,102 @@ def _kohya(prefix: str, path: str) -> str:
 def open_checkpoint(path: str | os.PathLike, kind: str | None = None) -> Checkpoint:
     """Open a diffusers folder or an original single-file ``.safetensors`` checkpoint, lazily."""
     path = Path(path)
-    if kind is not None and kind not in KINDS:
-        raise HiganbanaError(f"unknown model kind {kind!r}; expected one of {KINDS}")
+    if kind is not None and kind not in (*KINDS, *DIT_KINDS):
+        raise HiganbanaError(f"unknown model kind {kind!r}; expected one of {(*KINDS, *DIT_KINDS)}")
     if path.is_dir():
+        dit = _folder_dit_kind(path)
+        if dit is not None or kind in DIT_KINDS:
+            return _open_dit_folder(path, dit or str(kind))
         return _open_folder(path, kind)
     if not path.is_file():
         raise HiganbanaError(f"{path}: no such file or folder")
     if path.suffix.lower() != ".safetensors":
         raise HiganbanaError(f"{path}: only .safetensors checkpoints and diffusers folders are read")
     entries, metadata = read_header(path)
+    dit = _single_file_dit(entries)
+    if dit is not None:
+        family, prefix = dit
+        layout = DitLayout(family, _infer_dit_config(family, entries, prefix))
+        return Checkpoint(path, family, False, [_Source(path.name, path, entries, metadata)], None, layout, prefix)
     kind = kind or _single_file_kind(path, entries)
     unet_keys = {k[len(_UNET_PREFIX) :]: e[0] for k, e in entries.items() if k.startswith(_UNET_PREFIX)}
     config = infer_unet_config(unet_keys, unet_keys) if unet_keys else None
     return Checkpoint(path, kind, False, [_Source(path.name, path, entries, metadata)], config)
+
+
+def _single_file_dit(entries: Mapping[str, Any]) -> tuple[str, str] | None:
+    """``(family, key prefix)`` of an original SD3 (MMDiT ``joint_blocks``) or Flux (``double_blocks``)
+    transformer file, keys bare or under ``model.diffusion_model.``; None for anything else."""
+    for prefix in ("", _UNET_PREFIX):
+        if f"{prefix}joint_blocks.0.x_block.attn.qkv.weight" in entries:
+            return "sd3", prefix
+        if f"{prefix}double_blocks.0.img_attn.qkv.weight" in entries:
+            return "flux", prefix
+    return None
+
+
+def _blocks(entries: Mapping[str, Any], start: str) -> list[int]:
+    return sorted({int(k[len(start) :].split(".")[0]) for k in entries if k.startswith(start)})
+
+
+def _infer_dit_config(family: str, entries: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+    """The diffusers config fields :class:`DitLayout` needs, read from an original file's shapes."""
+
+    def shape(key: str) -> tuple[int, ...]:
+        return tuple(entries[prefix + key][0])
+
+    if family == "flux":
+        hidden = shape("img_in.weight")[0]
+        singles = _blocks(entries, f"{prefix}single_blocks.")
+        mlp = (shape(f"single_blocks.{singles[0]}.linear1.weight")[0] - 3 * hidden) if singles else 4 * hidden
+        return {
+            "num_attention_heads": 1,
+            "attention_head_dim": hidden,
+            "num_layers": len(_blocks(entries, f"{prefix}double_blocks.")),
+            "num_single_layers": len(singles),
+            "mlp_ratio": mlp / hidden,
+            "guidance_embeds": f"{prefix}guidance_in.in_layer.weight" in entries,
+        }
+    hidden = shape("x_embedder.proj.weight")[0]
+    blocks = _blocks(entries, f"{prefix}joint_blocks.")
+    return {
+        "num_attention_heads": 1,
+        "attention_head_dim": hidden,
+        "num_layers": len(blocks),
+        "dual_attention_layers": [i for i in blocks if f"{prefix}joint_blocks.{i}.x_block.attn2.qkv.weight" in entries],
+    }
+
+
+def _folder_dit_kind(path: Path) -> str | None:
+    try:
+        name = json.loads((path / "model_index.json").read_text(encoding="utf-8")).get("_class_name", "")
+    except (OSError, ValueError):
+        return None
+    return {"StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux"}.get(name)
+
+
+def _open_dit_folder(path: Path, kind: str) -> Checkpoint:
+    try:
+        config = json.loads((path / "transformer" / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise HiganbanaError(f"{path}: cannot read the transformer's config ({exc})") from exc
+    sources, classes = [], {}
+    for component in ("transformer", *_DIT_TE_COMPONENTS[kind]):
+        files = _component_files(path / component)
+        if component == "transformer" and not files:
+            raise HiganbanaError(f"{path / 'transformer'}: no .safetensors weights (pickled .bin weights are not read)")
+        for file in files:
+            entries, metadata = read_header(file)
+            sources.append(_Source(file.relative_to(path).as_posix(), file, entries, metadata))
+        if component != "transformer" and files:
+            try:
+                te = json.loads((path / component / "config.json").read_text(encoding="utf-8"))
+                classes[component] = ",".join(te.get("architectures") or [])
+            except (OSError, ValueError):
+                classes[component] = ""
+    ckpt = Checkpoint(path, kind, True, sources, None, DitLayout(kind, config))
+    ckpt._te_classes = classes
+    return ckpt
 
 
 def _single_file_kind(path: Path, entries: Mapping[str, Any]) -> str:

@@ -17,6 +17,7 @@ reason, where the algebra does not allow it.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -253,8 +254,10 @@ def to_split(
 ) -> tuple[dict[str, Tensor], dict[str, dict[str, Any]]]:
     """Original-named modules → split names, fused modules split exactly by output rows.
 
-    ``split_records`` (the records of our own stacked file) restore each member's algorithm options and
-    rank; without them a member's options are read from its tensors. Other modules pass through.
+    ``split_records`` (the records of our own stacked file) say which members had an adapter and of which
+    rank, so a LoRA splits back into exactly the modules that were stacked (while the tensors still fit
+    them: a resized file is split by its structure); every member's options are read from its tensors.
+    Other modules pass through.
     """
     originals = layout.original_names(original_prefix)
     modules = _by_module(tensors)
@@ -274,19 +277,21 @@ def to_split(
             pieces: list[dict[str, Tensor] | None] = [mod]
         else:
             sizes = layout.slots[members[0]].sizes
-            ranks = None
-            if split_records is not None:
-                ranks = [_recorded_rank(split_records.get(m)) for m in member_names]
+            cls = algorithm_class(algo)
             try:
-                pieces = algorithm_class(algo).split_outputs(mod, sizes, ranks)
+                pieces = None
+                if split_records is not None:  # our stacked file: its members' ranks, when they still fit
+                    ranks = [_recorded_rank(split_records.get(m)) for m in member_names]
+                    with contextlib.suppress(LayoutRefused):  # e.g. resized since: read the structure
+                        pieces = cls.split_outputs(mod, sizes, ranks)
+                if pieces is None:
+                    pieces = cls.split_outputs(mod, sizes)
             except LayoutRefused as exc:
                 raise LayoutRefused(f"module {name}: {exc}") from exc
         for member, piece in zip(member_names, pieces, strict=True):
-            if piece is None:
-                continue
-            out[member] = piece
-            recorded = (split_records or {}).get(member)
-            out_records[member] = dict(recorded) if recorded else {"algo": algo, "options": None}
+            if piece is not None:  # the options are read from the tensors, as for any foreign module
+                out[member] = piece
+                out_records[member] = {"algo": algo, "options": None}
     return _flat(out), out_records
 
 

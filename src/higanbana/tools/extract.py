@@ -63,6 +63,7 @@ Decisions (the numeric contract of this module):
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -78,7 +79,8 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError, HiganbanaError
 from ..formats import save_tensors
-from ..formats.checkpoint import open_checkpoint
+from ..formats.checkpoint import DIT_KINDS, open_checkpoint
+from ..formats.dit_network import BASE_MODEL_VERSIONS
 from ..formats.metadata import kohya_metadata, model_hashes
 from ..formats.sd_network import sd_network_parts
 from ..safeio import check_writable
@@ -475,10 +477,11 @@ _OPENCLIP_ONLY_MATRIX = "lora_te2_text_projection"  # a bare (transposed) matrix
 def _layers(ckpt: Any, text_encoders: bool) -> dict[str, dict[str, tuple[str, slice | None]]]:
     """The checkpoint's Linear/Conv modules (a weight with ≥ 2 dims, embeddings excluded)."""
     out = {}
+    views = ckpt.row_views()  # a single SD3/Flux file: its fused modules are extracted, not their rows
     for name, params in ckpt.modules().items():
-        if "weight" not in params or name.endswith(_NOT_LAYERS):
+        if "weight" not in params or name.endswith(_NOT_LAYERS) or name in views:
             continue
-        if not text_encoders and not name.startswith("lora_unet_"):
+        if not text_encoders and not name.startswith(("lora_unet_", "lora_transformer_")):
             continue
         if len(ckpt.shape(params["weight"][0])) >= 2:
             out[name] = params
@@ -596,6 +599,18 @@ def extract_models(
     ranks = Counter(r.rank for r in reports if r.kind in ("lora", "tucker"))
     dim = ranks.most_common(1)[0][0] if ranks else 0
     kinds = Counter(r.kind for r in reports)
+    if base_ck.kind in DIT_KINDS:  # SD3/Flux: kohya's summary, no SD base-model fields
+        args = {"algo": "lora", "extracted": "true", "mode": options.get("mode", "fixed")}
+        meta = {
+            "ss_base_model_version": BASE_MODEL_VERSIONS[base_ck.kind],
+            "ss_network_module": "higanbana.kohya",
+            "ss_network_dim": str(dim),
+            "ss_network_alpha": str(float(dim or 1)),
+            "ss_network_args": json.dumps(args),
+            "ss_output_name": out.stem,
+        }
+        save_tensors(tensors, out, meta)
+        return reports
     meta = kohya_metadata(
         base=base_ck.kind,
         network_dim=dim,

@@ -21,10 +21,12 @@ from torch import nn
 
 from ..algorithms import adapter_from_state
 from ..errors import HiganbanaError
-from ..formats.checkpoint import Checkpoint, open_checkpoint
+from ..formats.checkpoint import DIT_KINDS, Checkpoint, open_checkpoint
+from ..formats.dit_layout import ORIGINAL_PREFIX, to_split
 from ..formats.metadata import read_base_model
 from ..formats.network_files import base_model_hint
 from ..formats.reader import read_network_file
+from ..formats.validate import parse_records
 from ..safeio import check_writable
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -78,6 +80,8 @@ def _layer(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
 
 
 def _check_base(path: str, metadata: dict[str, str], kind: str) -> None:
+    if kind in DIT_KINDS:
+        return  # module names decide: another family's names match nothing and are reported
     base = read_base_model(metadata) if any(k.startswith("ss_") for k in metadata) else "unknown"
     if base != "unknown" and base != kind and {base, kind} & {"sdxl"}:
         raise HiganbanaError(
@@ -90,6 +94,13 @@ def _read_file(path: str, strength: float, ckpt: Checkpoint, unsafe_pickle: bool
     tensors, records, metadata = read_network_file(path, unsafe_pickle=unsafe_pickle)
     _check_base(path, metadata, ckpt.kind)
     modules, aliases = ckpt.modules(), ckpt.aliases()
+    if ckpt.dit_layout is not None and ckpt.is_folder and any(n.startswith(f"{ORIGINAL_PREFIX}_") for n in records):
+        # kohya's fused SD3/Flux modules onto the diffusers transformer's split layers, exactly
+        split = parse_records(metadata["higanbana.split_modules"]) if "higanbana.split_modules" in metadata else None
+        try:
+            tensors, records = to_split(tensors, records, ckpt.dit_layout, split_records=split)
+        except HiganbanaError as exc:
+            raise HiganbanaError(f"{path}: {exc}") from exc
     rename = {}
     absent = []
     for name in records:
