@@ -52,7 +52,7 @@ from .prompts import CATEGORIES, PROMPT_TYPES, check_templates
 @dataclass
 class ModelSection:
     pretrained: str = ""  # the base model (required)
-    kind: str = field(default="auto", metadata=choice("auto", "sd1", "sd2", "sdxl"))
+    kind: str = field(default="auto", metadata=choice("auto", "sd1", "sd2", "sdxl", "sd3", "flux"))
     config: str = ""  # a local diffusers folder with configs, for single files
     dtype: str = field(default="fp32", metadata=choice("fp32", "fp16", "bf16"))
 

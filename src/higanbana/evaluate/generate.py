@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from ..errors import HiganbanaError
+from ..models.flux import pack_latents
 from ..models.pipeline import canonical_sampler, make_scheduler
 from ..safeio import atomic_path, check_name, write_text
 
@@ -35,6 +36,10 @@ class GenerationSettings:
     width: int = 512
     height: int = 512
     negative_prompt: str = ""
+
+
+#: what SD3/Flux pipelines sample with (their own scheduler; ``generation.sampler`` applies to the UNets)
+FLOW_SAMPLER = "flowmatch_euler"
 
 
 def file_digest(path: str | os.PathLike) -> str:
@@ -102,7 +107,9 @@ def generate_images(
     from tqdm.auto import tqdm
 
     folder = Path(root) / model
-    record = {**asdict(settings), "sampler": canonical_sampler(settings.sampler), "adapter": adapter or None}
+    transformer = getattr(pipeline, "transformer", None)  # SD3/Flux: their own flow-matching Euler sampler
+    sampler = FLOW_SAMPLER if transformer is not None else canonical_sampler(settings.sampler)
+    record = {**asdict(settings), "sampler": sampler, "adapter": adapter or None}
     if process_index == 0:
         _check_settings(folder, record, overwrite)
     mine = [it for i, it in enumerate(items) if i % num_processes == process_index]
@@ -111,21 +118,29 @@ def generate_images(
     if not todo:
         return paths
     original = pipeline.scheduler
-    pipeline.scheduler = make_scheduler(settings.sampler, dict(original.config))
-    device = torch.device(device) if device is not None else pipeline.unet.device
+    denoiser = transformer if transformer is not None else pipeline.unet
+    if transformer is None:
+        pipeline.scheduler = make_scheduler(settings.sampler, dict(original.config))
+    device = torch.device(device) if device is not None else denoiser.device
     bar = tqdm(total=len(todo), desc=f"generate {model}", unit="img", disable=not progress)
     try:
         for start in range(0, len(todo), batch_size):
             chunk = todo[start : start + batch_size]
             generators = [torch.Generator("cpu").manual_seed(it.seed) for it, _ in chunk]
+            flux = transformer is not None and hasattr(pipeline, "_pack_latents")
+            # Flux packs 2×2 patches: its latent sides are even (the pipeline rounds the size the same way)
+            factor = pipeline.vae_scale_factor * (2 if flux else 1)
+            channels = pipeline.vae.config.latent_channels if transformer is not None else denoiser.config.in_channels
             shape = (
                 len(chunk),
-                pipeline.unet.config.in_channels,
-                settings.height // pipeline.vae_scale_factor,
-                settings.width // pipeline.vae_scale_factor,
+                channels,
+                settings.height // factor * factor // pipeline.vae_scale_factor,
+                settings.width // factor * factor // pipeline.vae_scale_factor,
             )
             # initial noise drawn per image on the CPU: the same image for a seed whatever the batch or device
             latents = torch.stack([torch.randn(shape[1:], generator=g) for g in generators]).to(device)
+            if flux:
+                latents = pack_latents(latents)
             out = pipeline(
                 prompt=[it.prompt for it, _ in chunk],
                 negative_prompt=[settings.negative_prompt] * len(chunk) if settings.negative_prompt else None,
@@ -133,7 +148,7 @@ def generate_images(
                 guidance_scale=settings.cfg_scale,
                 width=settings.width,
                 height=settings.height,
-                latents=latents.to(pipeline.unet.dtype),
+                latents=latents.to(denoiser.dtype),
                 output_type="pil",
             )
             for (it, path), image in zip(chunk, out.images, strict=True):

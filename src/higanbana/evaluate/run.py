@@ -29,8 +29,10 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError, HiganbanaError
+from ..formats.dit_network import load_dit_network
 from ..formats.reader import read_network_file
 from ..formats.sd_network import load_sd_network
+from ..models.dit import DIT_KINDS, dit_kind_of, dit_pipeline, load_dit
 from ..models.pipeline import build_pipeline, read_scheduler_config
 from ..models.sd import load_sd
 from ..safeio import atomic_path, clean_stale_temps, writable_folder, write_text
@@ -118,11 +120,20 @@ def generate_all(
     device = _device(config)
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[config.model.dtype]
     m = config.model
-    parts = load_sd(m.pretrained, None if m.kind == "auto" else m.kind, dtype, config=m.config or None)
-    for module in (parts.unet, parts.vae, *parts.text_encoders):
+    dit = m.kind in DIT_KINDS or (m.kind == "auto" and dit_kind_of(m.pretrained) is not None)
+    if dit:  # SD3/Flux: the family's pipeline with its flow-matching Euler sampler
+        parts: Any = load_dit(m.pretrained, None if m.kind == "auto" else m.kind, dtype, config=m.config or None)
+        denoiser = parts.transformer
+        pipeline = dit_pipeline(parts)
+    else:
+        parts = load_sd(m.pretrained, None if m.kind == "auto" else m.kind, dtype, config=m.config or None)
+        denoiser = parts.unet
+        scheduler_config = read_scheduler_config(m.pretrained) or (
+            read_scheduler_config(m.config) if m.config else None
+        )
+        pipeline = build_pipeline(parts, sampler=config.generation.sampler, scheduler_config=scheduler_config)
+    for module in (denoiser, parts.vae, *parts.text_encoders):
         module.to(device).eval()
-    scheduler_config = read_scheduler_config(m.pretrained) or (read_scheduler_config(m.config) if m.config else None)
-    pipeline = build_pipeline(parts, sampler=config.generation.sampler, scheduler_config=scheduler_config)
     g = config.generation
     settings = GenerationSettings(g.sampler, g.steps, g.cfg_scale, g.width, g.height, g.negative_prompt)
     root = Path(config.output.dir) / "images"
@@ -133,7 +144,7 @@ def generate_all(
         if path is not None:
             if not Path(path).is_file():  # (checked before any work by preflight; a file removed since)
                 raise HiganbanaError(f"checkpoint {name}: {path} does not exist")
-            net = load_sd_network(path, parts).attach()
+            net = (load_dit_network(path, parts.transformer) if dit else load_sd_network(path, parts)).attach()
             net.to(device)
             net.set_multiplier(strength)
             net.eval()

@@ -68,6 +68,37 @@ class DitParts:
         return self.transformer
 
 
+def dit_pipeline(parts: Any, scheduler_config: dict[str, Any] | None = None):
+    """The family's diffusers pipeline over ``parts``' own modules (no copies)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, StableDiffusion3Pipeline
+
+    scheduler = FlowMatchEulerDiscreteScheduler(**(scheduler_config or parts.scheduler_config))
+    te, tok = parts.text_encoders, parts.tokenizers
+    if tok is None:
+        raise HiganbanaError(f"the {parts.kind} model has no tokenizers; give a folder that has them")
+    if parts.kind == "flux":
+        return FluxPipeline(
+            scheduler=scheduler,
+            vae=parts.vae,
+            text_encoder=te[0],
+            tokenizer=tok[0],
+            text_encoder_2=te[1],
+            tokenizer_2=tok[1],
+            transformer=parts.transformer,
+        )
+    return StableDiffusion3Pipeline(
+        transformer=parts.transformer,
+        scheduler=scheduler,
+        vae=parts.vae,
+        text_encoder=te[0],
+        tokenizer=tok[0],
+        text_encoder_2=te[1],
+        tokenizer_2=tok[1],
+        text_encoder_3=te[2],
+        tokenizer_3=tok[2],
+    )
+
+
 def dit_kind_of(path: str | os.PathLike) -> str | None:
     """``"sd3"``/``"flux"`` for a diffusers folder of those pipelines or an original single file of
     those models (MMDiT ``joint_blocks``, Flux ``double_blocks``), None for anything else."""

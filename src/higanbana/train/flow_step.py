@@ -14,42 +14,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..errors import ConfigError
+from ..models.dit import dit_pipeline
 from . import flow
 
 #: T5 tokens per caption by default, as the pipelines: Flux.1 [dev] 512, SD3 256
 DEFAULT_MAX_SEQUENCE_LENGTH = {"flux": 512, "sd3": 256}
-
-
-def dit_pipeline(parts: Any, scheduler_config: dict[str, Any] | None = None):
-    """The family's diffusers pipeline over ``parts``' own modules (no copies)."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, StableDiffusion3Pipeline
-
-    scheduler = FlowMatchEulerDiscreteScheduler(**(scheduler_config or parts.scheduler_config))
-    te, tok = parts.text_encoders, parts.tokenizers
-    if tok is None:
-        raise ConfigError(f"the {parts.kind} model has no tokenizers; give a folder that has them")
-    if parts.kind == "flux":
-        return FluxPipeline(
-            scheduler=scheduler,
-            vae=parts.vae,
-            text_encoder=te[0],
-            tokenizer=tok[0],
-            text_encoder_2=te[1],
-            tokenizer_2=tok[1],
-            transformer=parts.transformer,
-        )
-    return StableDiffusion3Pipeline(
-        transformer=parts.transformer,
-        scheduler=scheduler,
-        vae=parts.vae,
-        text_encoder=te[0],
-        tokenizer=tok[0],
-        text_encoder_2=te[1],
-        tokenizer_2=tok[1],
-        text_encoder_3=te[2],
-        tokenizer_3=tok[2],
-    )
 
 
 class DitConditioner:

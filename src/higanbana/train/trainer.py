@@ -45,11 +45,11 @@ import torch
 from ..errors import ConfigError, HiganbanaError
 from ..formats.dit_network import save_dit_network
 from ..formats.sd_network import save_sd_network
-from ..models.dit import DIT_KINDS
+from ..models.dit import DIT_KINDS, dit_pipeline
 from ..models.pipeline import build_pipeline
 from ..safeio import discard, writable_folder, write_text
 from .config import TrainConfig
-from .flow_step import DitConditioner, FlowSettings, dit_pipeline, flow_matching_loss
+from .flow_step import DitConditioner, FlowSettings, flow_matching_loss
 from .latents import LatentCache, sample_latents
 from .optim import make_optimizer, make_scheduler, warmup_steps
 from .sample import generate_samples, log_samples, parse_prompt_file, save_samples
