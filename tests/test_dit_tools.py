@@ -120,3 +120,46 @@ def test_resize_a_dit_file(tmp_path):
     out = load_file(str(tmp_path / "r.safetensors"))
     assert out["lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight"].shape[0] == 2
     load_dit_network(tmp_path / "r.safetensors", parts.transformer)  # still splits onto the model
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_convert_between_layouts_on_the_command_line(tmp_path, family, capsys):
+    from higanbana.cli import main
+
+    _, net = trained(family, "lora", {"rank": 2, "alpha": 1})
+    folder = save_tiny_dit(tiny_dit_parts(family), tmp_path / "model")
+    split = save_dit_network(net, tmp_path / "split.safetensors")
+    assert (
+        main(["convert", str(split), str(tmp_path / "o.safetensors"), "--layout", "original", "--base", str(folder)])
+        == 0
+    )
+    assert (
+        main(
+            [
+                "convert",
+                str(tmp_path / "o.safetensors"),
+                str(tmp_path / "s.safetensors"),
+                "--layout",
+                "split",
+                "--base",
+                str(folder),
+            ]
+        )
+        == 0
+    )
+    names = {k.partition(".")[0] for k in load_file(str(tmp_path / "o.safetensors"))}
+    assert all(n.startswith("lora_unet_") for n in names)
+    want = net.state_tensors()
+    for path in ("o", "s"):  # both layouts reload to exactly the trained tensors
+        loaded = load_dit_network(tmp_path / f"{path}.safetensors", tiny_dit_parts(family).transformer)
+        got = loaded.state_tensors()
+        assert got.keys() == want.keys()
+        for key in want:
+            torch.testing.assert_close(got[key], want[key], rtol=0, atol=0, msg=key)
+    _, loha = trained(family, "loha", {"rank": 2})
+    path = save_dit_network(loha, tmp_path / "loha.safetensors")
+    assert (
+        main(["convert", str(path), str(tmp_path / "x.safetensors"), "--layout", "original", "--base", str(folder)])
+        != 0
+    )
+    assert "LoHa modules cannot be stacked" in capsys.readouterr().err

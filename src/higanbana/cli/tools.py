@@ -230,6 +230,7 @@ examples:
   higanbana convert simpletuner.safetensors kohya.safetensors --prefix-map lycoris=lora_unet --dtype fp16
   higanbana convert my_lokr.safetensors for_comfy.safetensors --for comfyui
   higanbana convert my_lora.safetensors for_lycoris.safetensors --for lycoris --allow-lossy
+  higanbana convert flux_lora.safetensors kohya_names.safetensors --layout original --base ./FLUX.1-dev
 
 kohya names are lossy ('_' stands for '.'), so PEFT/diffusers output needs the model (--base).
 Lossy steps (dropping modules the target cannot hold, DoRA into diffusers) need --allow-lossy;
@@ -255,8 +256,26 @@ def parse_prefix_map(items: Sequence[str] | None) -> dict[str, str] | None:
 def _convert(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    from ..tools.convert import convert, format_report
+    from ..tools.convert import convert, convert_layout, format_report
 
+    if args.layout is not None:
+        if args.base is None:
+            raise ConfigError("--layout needs --base: the SD3/Flux model whose widths define the fused layers")
+        done = convert_layout(
+            args.src,
+            args.dst,
+            base=args.base,
+            layout=args.layout,
+            dtype=args.dtype,
+            overwrite=args.overwrite,
+            unsafe_pickle=args.unsafe_pickle,
+        )
+        print(
+            json.dumps(done, indent=2)
+            if args.json
+            else f"{done['output']}: {done['modules']} modules, {args.layout} layout"
+        )
+        return 0
     report = convert(
         args.src,
         args.dst,
@@ -293,6 +312,12 @@ def add_convert_parser(subparsers: Any) -> argparse.ArgumentParser:
         choices=FOR_TOOLS,
         default=None,
         help="rewrite into an equivalent layout this tool loads (where one exists; `info` says which)",
+    )
+    p.add_argument(
+        "--layout",
+        choices=("split", "original"),
+        default=None,
+        help="SD3/Flux: rewrite into diffusers' split names or kohya's fused ones (needs --base)",
     )
     p.add_argument("--part", default=None, help="PEFT: which part to write (lora_unet, lora_te, …; default the UNet)")
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default=None, help="output dtype (default: as the source)")

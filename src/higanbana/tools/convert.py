@@ -67,7 +67,7 @@ from ..formats.metadata import model_hashes, read_base_model
 from ..formats.network_files import network_from_records, network_metadata, network_tensors
 from ..formats.peft import TARGET_FILES, write_peft
 from ..formats.reader import read_tensors, records_from_tensors
-from ..formats.safetensors_io import save_tensors
+from ..formats.safetensors_io import FORMAT_VERSION, save_tensors
 from ..formats.sd_network import sd_file_metadata, sd_network_parts
 from ..formats.validate import check_file
 from ..models.sd import load_sd
@@ -526,3 +526,64 @@ def format_report(report: ConvertReport) -> str:
         lines.append(f"    … and {len(report.dropped) - 20} more")
     lines.extend(f"  note: {n}" for n in report.notes)
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- SD3/Flux layouts
+LAYOUTS = ("split", "original")
+
+
+def convert_layout(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    *,
+    base: str | os.PathLike,
+    layout: str,
+    dtype: torch.dtype | str | None = None,
+    overwrite: bool = False,
+    unsafe_pickle: bool = False,
+) -> dict[str, Any]:
+    """An SD3/Flux adapter file in the other module layout: ``original`` (kohya's fused ``qkv``/``linear1``
+    names; LoRA, full and IA3 stack exactly, other algorithms are refused naming the module) or ``split``
+    (diffusers paths; every fused module is split exactly). ``base`` is the SD3/Flux model (a diffusers
+    folder or an original single file) whose widths define the row blocks. Returns ``{"modules", "layout"}``."""
+    from ..formats.checkpoint import open_checkpoint
+    from ..formats.dit_layout import ORIGINAL_PREFIX, to_original, to_split
+    from ..formats.dit_network import DIFFUSERS_ROOTS
+    from ..formats.reader import read_network_file
+    from ..formats.validate import parse_records
+
+    if layout not in LAYOUTS:
+        raise ConfigError(f"layout {layout!r}: expected one of {LAYOUTS}")
+    dst = Path(dst)
+    if dst.exists() and not overwrite:
+        raise HiganbanaError(f"{dst} already exists; pass overwrite=True (--overwrite) to replace it")
+    if dst.suffix.lower() != ".safetensors":
+        raise HiganbanaError(f"{dst}: the output must be a .safetensors file")
+    check_writable(dst)
+    with open_checkpoint(base) as ckpt:
+        dit = ckpt.dit_layout
+        family = ckpt.kind
+    if dit is None:
+        raise HiganbanaError(f"--layout is for SD3/Flux files: {base} is a {family} model (give an SD3 or Flux model)")
+    tensors, records, metadata = read_network_file(src, unsafe_pickle=unsafe_pickle, prefixes=DIFFUSERS_ROOTS[family])
+    split_records = (
+        parse_records(metadata["higanbana.split_modules"]) if "higanbana.split_modules" in metadata else None
+    )
+    try:
+        if any(n.startswith(f"{ORIGINAL_PREFIX}_") for n in records):
+            tensors, records = to_split(tensors, records, dit, split_records=split_records)
+            split_records = records
+        meta = {k: v for k, v in metadata.items() if not k.startswith("higanbana.")}
+        meta["higanbana.format_version"] = FORMAT_VERSION
+        if layout == "original":
+            recorded = {n: dict(r) for n, r in (split_records or records).items()}
+            tensors, _ = to_original(tensors, records, dit)
+            meta["higanbana.layout"] = "original"
+            meta["higanbana.split_modules"] = json.dumps(recorded, sort_keys=True)
+        else:
+            meta["higanbana.modules"] = json.dumps(records, sort_keys=True)
+    except HiganbanaError as exc:
+        raise HiganbanaError(f"{src}: {exc}") from exc
+    tensors = _cast(tensors, parse_dtype(dtype))
+    save_tensors(tensors, dst, meta)
+    return {"modules": len(group_modules(tensors)), "layout": layout, "output": str(dst)}
