@@ -118,3 +118,44 @@ def test_unet_objective_options_are_refused_on_dit(models, images, tmp_path):
     config = config_for(models["flux"], images, tmp_path / "out", training={"min_snr_gamma": 5.0})
     with pytest.raises(ConfigError, match="training.min_snr_gamma belongs to the UNet"):
         train(config, progress=False, log=lambda _m: None)
+
+
+@pytest.mark.parametrize(("label", "algo", "options"), [a for a in ALGOS if a[0] in ("lora", "lokr", "dora", "ia3")])
+def test_a_frozen_int8_base_trains_with_adapters_in_bypass(models, images, tmp_path, label, algo, options):
+    """model.quantize = "int8": the transformer's Linears are torchao int8 weights; the adapters run in bypass
+    over them (DoRA's norm on the dequantized weight) and train; merging into them is refused."""
+    config = config_for(
+        models["flux"], images, tmp_path / "out", model={"quantize": "int8"}, network={"algo": algo, "options": options}
+    )
+    result = train(config, progress=False, log=lambda _m: None)
+    assert result.steps == 2 and all(np.isfinite(result.losses))
+
+
+def test_adapters_over_int8_weights_compute_what_they_compute_over_the_dequantized_ones():
+    from torch import nn
+
+    from higanbana.errors import HiganbanaError
+    from higanbana.formats.dit_network import dit_network
+    from higanbana.models.quantize import quantize_weights
+
+    quantized = tiny_dit_parts("flux").transformer
+    assert quantize_weights(quantized, "int8") > 0
+    dense = tiny_dit_parts("flux").transformer
+    with torch.no_grad():  # the same base, dequantized: what the int8 model computes, in float
+        for m, q in zip(dense.modules(), quantized.modules(), strict=True):
+            if isinstance(m, nn.Linear):
+                m.weight.copy_(q.weight.dequantize())
+    nets = [dit_network(t, algo="lora", rank=2, weight_decompose=True).attach() for t in (quantized, dense)]
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p_q, p_d in zip(nets[0].parameters(), nets[1].parameters(), strict=True):
+            p_q.copy_(p_q + torch.randn(p_q.shape, generator=g) * 0.05)
+            p_d.copy_(p_q)
+    from higanbana.models.tiny import tiny_dit_inputs
+
+    inputs = tiny_dit_inputs("flux", torch.randn(1, 16, 8, 8), torch.tensor([0.5]))
+    with torch.no_grad():
+        got, want = (t(**inputs).sample for t in (quantized, dense))
+    torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-4)
+    with pytest.raises(HiganbanaError, match="quantized"):
+        nets[0].merge()

@@ -125,11 +125,20 @@ class Adapter(nn.Module):
     @property
     def base_weight(self) -> Tensor:
         """``W0`` as this adapter sees it: the layer's weight, or the inner adapter's merged weight
-        when networks are stacked (so stacking composes like sequential patches in ComfyUI)."""
+        when networks are stacked (so stacking composes like sequential patches in ComfyUI). A
+        quantized base weight is dequantized here (for the maths that needs ``W0`` itself, e.g. DoRA's
+        norm); the layer's own op keeps running on the quantized weight (:meth:`base_forward`)."""
         inner = self.inner
         if inner is not None and not inner.merged and inner.multiplier != 0.0:
             return inner.merged_weight(inner.multiplier)
-        return self.layer_weight
+        w = self.layer_weight
+        return w.dequantize() if is_quantized(w) else w
+
+    @property
+    def quantized_base(self) -> bool:
+        """Whether the wrapped layer's weight is quantized (a tensor subclass such as torchao's): the
+        adapter then always runs in bypass and cannot be merged into the layer."""
+        return is_quantized(self.layer_weight)
 
     @property
     def base_bias(self) -> Tensor | None:
@@ -143,7 +152,10 @@ class Adapter(nn.Module):
         return self.layer_weight.device
 
     def base_forward(self, x: Tensor) -> Tensor:
-        """The wrapped layer's output with its current weight."""
+        """The wrapped layer's output with its current weight (a quantized one as it is)."""
+        inner = self.inner
+        if self.quantized_base and (inner is None or inner.merged or inner.multiplier == 0.0):
+            return self.spec.op(x, self.layer_weight, self.base_bias)
         return self.spec.op(x, self.base_weight, self.base_bias)
 
     def new_param(self, *shape: int) -> nn.Parameter:
@@ -327,7 +339,7 @@ class Adapter(nn.Module):
 
     def use_bypass(self, x: Tensor) -> bool:
         """Whether this call runs in bypass mode (``auto``: the lower estimated cost, see below)."""
-        if self.forward_mode == "bypass" or (self.training and self.dropout > 0):
+        if self.forward_mode == "bypass" or (self.training and self.dropout > 0) or self.quantized_base:
             return True
         if self.forward_mode == "merged":
             return False
@@ -373,6 +385,11 @@ class Adapter(nn.Module):
         """Write the adapted weight (at the current multiplier) into the wrapped layer."""
         if self.merged:
             raise HiganbanaError(f"{self.algo} adapter is already merged")
+        if self.quantized_base:
+            raise HiganbanaError(
+                f"{self.algo} adapter: its layer's weight is quantized ({type(self.layer_weight).__name__}); adapters "
+                "run in bypass over it and cannot be merged into it (merge the file into the checkpoint instead)"
+            )
         if self.inner is not None and not self.inner.merged:
             inner = self.inner.algo
             raise HiganbanaError(f"{self.algo} adapter is stacked on an unmerged {inner} adapter: merge that first")
@@ -455,6 +472,12 @@ class Adapter(nn.Module):
         s = self.spec
         shape = f"{s.out_features}x{s.in_features}" + ("x" + "x".join(map(str, s.kernel_size)) if s.is_conv else "")
         return f"algo={self.algo}, layer={type(self.layer).__name__}({shape}), multiplier={self.multiplier}"
+
+
+def is_quantized(weight: Tensor) -> bool:
+    """A quantized weight: a tensor subclass with ``dequantize()`` in place of a plain tensor or
+    parameter (torchao's int8/float8 weights, ...)."""
+    return type(weight) not in (Tensor, nn.Parameter) and callable(getattr(weight, "dequantize", None))
 
 
 def present(param: Tensor | None) -> Tensor:

@@ -471,9 +471,9 @@ def open_checkpoint(path: str | os.PathLike, kind: str | None = None) -> Checkpo
     if path.suffix.lower() != ".safetensors":
         raise HiganbanaError(f"{path}: only .safetensors checkpoints and diffusers folders are read")
     entries, metadata = read_header(path)
-    dit = _single_file_dit(entries)
-    if dit is not None:
-        family, prefix = dit
+    found = _single_file_dit(entries)
+    if found is not None:
+        family, prefix = found
         layout = DitLayout(family, _infer_dit_config(family, entries, prefix))
         return Checkpoint(path, family, False, [_Source(path.name, path, entries, metadata)], None, layout, prefix)
     kind = kind or _single_file_kind(path, entries)

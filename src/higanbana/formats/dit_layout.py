@@ -279,13 +279,12 @@ def to_split(
             sizes = layout.slots[members[0]].sizes
             cls = algorithm_class(algo)
             try:
-                pieces = None
+                found: list[dict[str, Tensor] | None] | None = None
                 if split_records is not None:  # our stacked file: its members' ranks, when they still fit
                     ranks = [_recorded_rank(split_records.get(m)) for m in member_names]
                     with contextlib.suppress(LayoutRefused):  # e.g. resized since: read the structure
-                        pieces = cls.split_outputs(mod, sizes, ranks)
-                if pieces is None:
-                    pieces = cls.split_outputs(mod, sizes)
+                        found = cls.split_outputs(mod, sizes, ranks)
+                pieces = found if found is not None else cls.split_outputs(mod, sizes)
             except LayoutRefused as exc:
                 raise LayoutRefused(f"module {name}: {exc}") from exc
         for member, piece in zip(member_names, pieces, strict=True):

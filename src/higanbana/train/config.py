@@ -62,6 +62,8 @@ class ModelSection:
     kind: str = field(default="auto", metadata=choice("auto", "sd1", "sd2", "sdxl", "sd3", "flux"))
     config: str = ""  # a local diffusers folder with the configs, for single files that need one
     v_parameterization: bool = False  # the model predicts v (SD2-768); also read from the scheduler config
+    # "int8": the UNet/transformer's Linear weights frozen in int8 (torchao; adapters run in bypass)
+    quantize: str = field(default="none", metadata=choice("none", "int8"))
 
 
 @dataclass

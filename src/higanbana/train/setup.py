@@ -18,6 +18,7 @@ from ..formats.reader import read_network_file
 from ..formats.sd_network import sd_network
 from ..models.dit import DIT_KINDS, dit_kind_of, load_dit
 from ..models.pipeline import default_scheduler_config, read_scheduler_config
+from ..models.quantize import quantize_weights
 from ..models.sd import load_sd
 from ..network import AdapterNetwork, NetworkConfig
 from ..safeio import writable_folder
@@ -98,6 +99,7 @@ def load_model(config: TrainConfig):
         parts = load_dit(m.pretrained, None if m.kind == "auto" else m.kind, dtype, config=m.config or None)
         if parts.vae is None or parts.tokenizers is None:
             raise HiganbanaError(f"{m.pretrained}: the model needs its VAE and tokenizers for training")
+        quantize_weights(parts.transformer, m.quantize)
         return parts, dict(parts.scheduler_config), "flow"
     parts = load_sd(m.pretrained, None if m.kind == "auto" else m.kind, config=m.config or None)
     if parts.vae is None:
@@ -110,6 +112,7 @@ def load_model(config: TrainConfig):
     v_pred = m.v_parameterization or parts.v_parameterization
     if scheduler_config is None:
         scheduler_config = default_scheduler_config(parts.kind, v_pred)
+    quantize_weights(parts.unet, m.quantize)
     prediction = config.training.prediction_type
     if prediction == "auto":
         prediction = "v_prediction" if v_pred else scheduler_config.get("prediction_type", "epsilon")

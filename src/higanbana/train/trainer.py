@@ -186,6 +186,8 @@ class _Run:
 
         def place(module, dtype):
             module.to(self.device)
+            if c.model.quantize != "none" and module is (parts.transformer if self.dit else parts.unet):
+                return  # its quantized weights stay as they are (adapters run in bypass over them)
             if module.dtype != dtype:  # (diffusers warns about casting even when nothing changes)
                 module.to(dtype)
 
