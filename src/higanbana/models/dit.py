@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..errors import HiganbanaError
+from .quantize import loading_config
 from .sd import _hub_offline, _variant
 
 DIT_KINDS = ("sd3", "flux")
@@ -135,10 +136,12 @@ def load_dit(
     dtype: torch.dtype = torch.float32,
     *,
     config: str | os.PathLike | None = None,
+    quantize: str = "none",
 ) -> DitParts:
     """Load SD3/SD3.5 or Flux.1 from a local diffusers folder, or from an original single-file checkpoint
     plus ``config`` (a local diffusers folder of the same model for the configs, text encoders, VAE and
-    tokenizers the file does not hold)."""
+    tokenizers the file does not hold). ``quantize="int8"`` quantizes the transformer's Linears while it
+    loads (:mod:`.quantize`), so it never exists in memory at full precision."""
     p = Path(path)
     if not p.exists():
         raise HiganbanaError(f"model path {str(p)!r} does not exist")
@@ -152,13 +155,13 @@ def load_dit(
         raise HiganbanaError(f"{str(p)!r} holds a {found} model, not {kind}")
     with _hub_offline():
         if p.is_dir():
-            return _load_folder(p, found, dtype)
+            return _load_folder(p, found, dtype, quantize)
         if config is None:
             raise HiganbanaError(
                 f"{str(p)!r} is a single-file {found} checkpoint: give model.config, a local diffusers folder of "
                 "the same model, for its configs, text encoders, VAE and tokenizers (nothing is downloaded)"
             )
-        return _load_single_file(p, found, dtype, Path(config))
+        return _load_single_file(p, found, dtype, Path(config), quantize)
 
 
 def _named(root: Path, index: dict[str, Any], entry: str) -> str | None:
@@ -194,7 +197,12 @@ def _text_parts(root: Path, kind: str, dtype: torch.dtype) -> tuple[list[nn.Modu
     return encoders, tokenizers, config
 
 
-def _load_folder(root: Path, kind: str, dtype: torch.dtype) -> DitParts:
+def _quantized(quantize: str) -> dict[str, Any]:
+    config = loading_config(quantize)
+    return {} if config is None else {"quantization_config": config}
+
+
+def _load_folder(root: Path, kind: str, dtype: torch.dtype, quantize: str = "none") -> DitParts:
     import diffusers
 
     try:
@@ -204,6 +212,7 @@ def _load_folder(root: Path, kind: str, dtype: torch.dtype) -> DitParts:
             torch_dtype=dtype,
             local_files_only=True,
             variant=_variant(root / "transformer"),
+            **_quantized(quantize),
         )
         vae = diffusers.AutoencoderKL.from_pretrained(
             root, subfolder="vae", torch_dtype=dtype, local_files_only=True, variant=_variant(root / "vae")
@@ -216,14 +225,19 @@ def _load_folder(root: Path, kind: str, dtype: torch.dtype) -> DitParts:
     return _finish(DitParts(kind, transformer, encoders, vae, tokenizers, scheduler))
 
 
-def _load_single_file(path: Path, kind: str, dtype: torch.dtype, config: Path) -> DitParts:
+def _load_single_file(path: Path, kind: str, dtype: torch.dtype, config: Path, quantize: str = "none") -> DitParts:
     import diffusers
 
     if dit_kind_of(config) != kind:
         raise HiganbanaError(f"model.config {str(config)!r} is not a local diffusers folder of a {kind} model")
     try:
         transformer = getattr(diffusers, TRANSFORMERS[kind]).from_single_file(
-            str(path), config=str(config), subfolder="transformer", torch_dtype=dtype, local_files_only=True
+            str(path),
+            config=str(config),
+            subfolder="transformer",
+            torch_dtype=dtype,
+            local_files_only=True,
+            **_quantized(quantize),
         )
     except Exception as e:  # diffusers raises OSError, ValueError, its own and hub errors here
         reason = str(e).strip().rstrip(".")

@@ -96,10 +96,11 @@ def load_model(config: TrainConfig):
                 )
         # loaded straight in the run's precision: a 12B Flux in float32 would not fit where its bf16 does
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.training.mixed_precision, torch.float32)
-        parts = load_dit(m.pretrained, None if m.kind == "auto" else m.kind, dtype, config=m.config or None)
+        parts = load_dit(
+            m.pretrained, None if m.kind == "auto" else m.kind, dtype, config=m.config or None, quantize=m.quantize
+        )
         if parts.vae is None or parts.tokenizers is None:
             raise HiganbanaError(f"{m.pretrained}: the model needs its VAE and tokenizers for training")
-        quantize_weights(parts.transformer, m.quantize)
         return parts, dict(parts.scheduler_config), "flow"
     parts = load_sd(m.pretrained, None if m.kind == "auto" else m.kind, config=m.config or None)
     if parts.vae is None:
