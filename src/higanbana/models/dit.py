@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..errors import HiganbanaError
-from .quantize import loading_config
+from .quantize import load_quantized, loading_config
 from .sd import _hub_offline, _variant
 
 DIT_KINDS = ("sd3", "flux")
@@ -206,14 +206,17 @@ def _load_folder(root: Path, kind: str, dtype: torch.dtype, quantize: str = "non
     import diffusers
 
     try:
-        transformer = getattr(diffusers, TRANSFORMERS[kind]).from_pretrained(
-            root,
-            subfolder="transformer",
-            torch_dtype=dtype,
-            local_files_only=True,
-            variant=_variant(root / "transformer"),
-            **_quantized(quantize),
-        )
+        cls = getattr(diffusers, TRANSFORMERS[kind])
+        if quantize != "none":  # read and quantized tensor by tensor: never the whole model at full precision
+            transformer = load_quantized(cls, root / "transformer", dtype, quantize)
+        else:
+            transformer = cls.from_pretrained(
+                root,
+                subfolder="transformer",
+                torch_dtype=dtype,
+                local_files_only=True,
+                variant=_variant(root / "transformer"),
+            )
         vae = diffusers.AutoencoderKL.from_pretrained(
             root, subfolder="vae", torch_dtype=dtype, local_files_only=True, variant=_variant(root / "vae")
         )
