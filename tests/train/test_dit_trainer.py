@@ -159,3 +159,11 @@ def test_adapters_over_int8_weights_compute_what_they_compute_over_the_dequantiz
     torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-4)
     with pytest.raises(HiganbanaError, match="quantized"):
         nets[0].merge()
+
+
+def test_the_default_layout_is_kohyas_where_every_module_stacks(models, images, tmp_path):
+    """save.layout = "auto": LoRA gets kohya's fused names; LoHa (which cannot stack) the split ones."""
+    for algo, prefix in (("lora", "lora_unet"), ("loha", "lora_transformer")):
+        config = config_for(models["flux"], images, tmp_path / algo, network={"algo": algo, "options": {"rank": 2}})
+        result = train(config, progress=False, log=lambda _m: None)
+        assert set(file_info(result.output)["modules_per_prefix"]) == {prefix}

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..algorithms.files import LayoutRefused
 from ..errors import ConfigError, HiganbanaError
 from ..network import AdapterNetwork, NetworkConfig, Part
 from .dit_layout import DIT_FAMILIES, ORIGINAL_PREFIX, SPLIT_PREFIX, DitLayout, to_original, to_split
@@ -28,7 +29,7 @@ from .safetensors_io import FORMAT_VERSION, save_tensors
 from .sd_network import _summary_dims, _te_name_path
 from .validate import parse_records
 
-LAYOUTS = ("split", "original")
+LAYOUTS = ("auto", "split", "original")
 #: kohya's text-encoder prefixes per family, in the pipelines' order (CLIP-L, [CLIP-G,] T5)
 TE_PREFIXES = {"flux": ("lora_te1", "lora_te3"), "sd3": ("lora_te1", "lora_te2", "lora_te3")}
 #: diffusers/PEFT roots of a family's files → our prefixes
@@ -145,7 +146,8 @@ def save_dit_network(
     metadata: Mapping[str, str] | None = None,
     training: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Save a network on an SD3/Flux transformer, atomically, in the ``split`` or ``original`` layout.
+    """Save a network on an SD3/Flux transformer, atomically, in the ``split`` or ``original`` layout
+    (``auto``: original when every module stacks exactly — LoRA, full, IA3 — else split).
 
     The original layout stacks the members of each fused layer exactly (LoRA: concatenated ranks;
     full and IA3: rows) and refuses other algorithms there with the reason; our records go along
@@ -154,6 +156,11 @@ def save_dit_network(
     """
     if layout not in LAYOUTS:
         raise ConfigError(f"layout {layout!r}: expected one of {LAYOUTS}")
+    if layout == "auto":  # kohya's names where every module stacks into them, else the split ones
+        try:
+            return save_dit_network(net, path, layout="original", dtype=dtype, metadata=metadata, training=training)
+        except LayoutRefused:
+            layout = "split"
     path = Path(path)
     transformer = net.parts[SPLIT_PREFIX].module if SPLIT_PREFIX in net.parts else None
     if transformer is None:

@@ -183,8 +183,9 @@ class SaveSection:
     save_state: bool = True  # also save a resumable state (optimizer, scheduler, step) with each file
     dtype: str = field(default="fp16", metadata=choice(*SAVE_DTYPES))
     trigger_phrase: str = ""  # written to modelspec.trigger_phrase
-    # SD3/Flux: "split" (diffusers names, every algorithm) or "original" (kohya's fused qkv names; LoRA/full/IA3)
-    layout: str = field(default="split", metadata=choice("split", "original"))
+    # SD3/Flux: "original" (kohya's fused qkv names; LoRA/full/IA3), "split" (diffusers names, every
+    # algorithm) or "auto" (original where every module stacks, else split)
+    layout: str = field(default="auto", metadata=choice("auto", "split", "original"))
 
 
 @dataclass
