@@ -167,3 +167,26 @@ def test_the_default_layout_is_kohyas_where_every_module_stacks(models, images, 
         config = config_for(models["flux"], images, tmp_path / algo, network={"algo": algo, "options": {"rank": 2}})
         result = train(config, progress=False, log=lambda _m: None)
         assert set(file_info(result.output)["modules_per_prefix"]) == {prefix}
+
+
+@pytest.mark.parametrize("kind", ["flux", "sd3"])
+def test_text_encoders_train_with_kohyas_prefixes(models, images, tmp_path, kind):
+    """network.train_text_encoder on SD3/Flux: CLIP-L lora_te1, SD3's CLIP-G lora_te2, T5 lora_te3; the file
+    reloads onto the transformer and the encoders."""
+    config = config_for(
+        models[kind],
+        images,
+        tmp_path / "out",
+        network={
+            "algo": "lora",
+            "options": {"rank": 2},
+            "train_text_encoder": True,
+        },
+    )
+    result = train(config, progress=False, log=lambda _m: None)
+    prefixes = set(file_info(result.output)["modules_per_prefix"])
+    want = {"lora_te1", "lora_te3"} | ({"lora_te2"} if kind == "sd3" else set())
+    assert want <= prefixes, prefixes
+    parts = load_dit(models[kind])
+    net = load_dit_network(result.output, parts.transformer, parts.text_encoders)
+    assert {r.prefix for r in net.records.values()} >= want
