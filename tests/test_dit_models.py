@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import save_file
 
 from higanbana.errors import HiganbanaError
+from higanbana.models.architectures import FLUX1_DEV_TRANSFORMER
 from higanbana.models.dit import dit_kind_of, load_dit
 from higanbana.models.tiny import save_tiny_dit, tiny_dit_parts
 
@@ -101,3 +102,85 @@ def test_folder_errors_name_what_is_wrong(tmp_path):
         load_dit(folder)
     with pytest.raises(HiganbanaError, match="neither an SD3/Flux diffusers folder"):
         load_dit(tmp_path / "gone")
+
+
+def bfl_state_dict(transformer) -> dict[str, torch.Tensor]:
+    """A diffusers Flux transformer in Black Forest Labs' layout (as Flux single files hold it), written from
+    ComfyUI's map (``flux_to_diffusers``): fused qkv and linear1, q/k norm scales, swapped final adaLN."""
+    sd = transformer.state_dict()
+    out = {}
+
+    def both(o, d):
+        out[f"{o}.weight"], out[f"{o}.bias"] = sd[f"{d}.weight"], sd[f"{d}.bias"]
+
+    def cat(o, ds):
+        for p in ("weight", "bias"):
+            out[f"{o}.{p}"] = torch.cat([sd[f"{d}.{p}"] for d in ds])
+
+    for o, d in {
+        "img_in": "x_embedder",
+        "txt_in": "context_embedder",
+        "time_in.in_layer": "time_text_embed.timestep_embedder.linear_1",
+        "time_in.out_layer": "time_text_embed.timestep_embedder.linear_2",
+        "vector_in.in_layer": "time_text_embed.text_embedder.linear_1",
+        "vector_in.out_layer": "time_text_embed.text_embedder.linear_2",
+        "guidance_in.in_layer": "time_text_embed.guidance_embedder.linear_1",
+        "guidance_in.out_layer": "time_text_embed.guidance_embedder.linear_2",
+        "final_layer.linear": "proj_out",
+    }.items():
+        both(o, d)
+    for p in ("weight", "bias"):
+        out[f"final_layer.adaLN_modulation.1.{p}"] = _swap(sd[f"norm_out.linear.{p}"])
+    for i in range(transformer.config.num_layers):
+        d, o = f"transformer_blocks.{i}", f"double_blocks.{i}"
+        cat(f"{o}.img_attn.qkv", [f"{d}.attn.to_{x}" for x in "qkv"])
+        cat(f"{o}.txt_attn.qkv", [f"{d}.attn.add_{x}_proj" for x in "qkv"])
+        for oo, dd in {
+            "img_attn.proj": "attn.to_out.0",
+            "txt_attn.proj": "attn.to_add_out",
+            "img_mlp.0": "ff.net.0.proj",
+            "img_mlp.2": "ff.net.2",
+            "txt_mlp.0": "ff_context.net.0.proj",
+            "txt_mlp.2": "ff_context.net.2",
+            "img_mod.lin": "norm1.linear",
+            "txt_mod.lin": "norm1_context.linear",
+        }.items():
+            both(f"{o}.{oo}", f"{d}.{dd}")
+        for oo, dd in {
+            "img_attn.norm.query_norm": "attn.norm_q",
+            "img_attn.norm.key_norm": "attn.norm_k",
+            "txt_attn.norm.query_norm": "attn.norm_added_q",
+            "txt_attn.norm.key_norm": "attn.norm_added_k",
+        }.items():
+            out[f"{o}.{oo}.scale"] = sd[f"{d}.{dd}.weight"]
+    for i in range(transformer.config.num_single_layers):
+        d, o = f"single_transformer_blocks.{i}", f"single_blocks.{i}"
+        cat(f"{o}.linear1", [f"{d}.attn.to_q", f"{d}.attn.to_k", f"{d}.attn.to_v", f"{d}.proj_mlp"])
+        both(f"{o}.linear2", f"{d}.proj_out")
+        both(f"{o}.modulation.lin", f"{d}.norm.linear")
+        out[f"{o}.norm.query_norm.scale"] = sd[f"{d}.attn.norm_q.weight"]
+        out[f"{o}.norm.key_norm.scale"] = sd[f"{d}.attn.norm_k.weight"]
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+@pytest.mark.slow
+def test_flux_original_single_file_loads_with_its_config_folder(tmp_path):
+    """diffusers' BFL converter assumes Flux.1's width (3072), so this Flux has it, with one block of each
+    kind (0.55B parameters, bf16): the single file loads offline through load_dit, every weight from it."""
+    from diffusers import FluxTransformer2DModel
+
+    config = {**FLUX1_DEV_TRANSFORMER, "num_layers": 1, "num_single_layers": 1}
+    parts = tiny_dit_parts("flux")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(5)
+        real = FluxTransformer2DModel(**config).to(torch.bfloat16)
+    parts.transformer = real  # (the tiny text encoders do not fit its widths: only the transformer is compared)
+    folder = save_tiny_dit(parts, tmp_path / "config")
+    single = tmp_path / "flux_one_block.safetensors"
+    save_file(bfl_state_dict(real), str(single))
+    assert dit_kind_of(single) == "flux"
+    loaded = load_dit(single, dtype=torch.bfloat16, config=folder)
+    want, got = real.state_dict(), loaded.transformer.state_dict()
+    assert got.keys() == want.keys()
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=0, atol=0, msg=key)
