@@ -117,3 +117,25 @@ def test_every_algorithm_trains_with_flow_matching_and_reloads(tmp_path, family,
             torch.testing.assert_close(value, saved[key], rtol=0, atol=0, msg=f"{layout} {key}")
         with torch.no_grad():
             torch.testing.assert_close(predict(fresh, family, probe), trained, rtol=1e-5, atol=1e-6)
+
+
+def test_rules_by_block_index_on_the_transformers():
+    """Rules address blocks by index, as kohya's train_double/single_block_indices do: LoKr on the single
+    block 1 only, a larger rank on the first double block's image attention."""
+    model = MODELS["flux"]()
+    config = {
+        "preset": "flux-attn-mlp",
+        "algo": "lora",
+        "options": {"rank": 2},
+        "rules": [
+            {"names": ["single_transformer_blocks.1.*"], "algo": "lokr", "options": {"rank": 2, "factor": 4}},
+            {"names": ["transformer_blocks.0.attn.to_*"], "options": {"rank": 4}},
+        ],
+    }
+    net = dit_network(model, config)
+    algos = {n: a.algo for n, a in net.adapters.items()}
+    assert {n for n, a in algos.items() if a == "lokr"} == {
+        n for n in algos if n.startswith("lora_transformer_single_transformer_blocks_1_")
+    }
+    ranks = {net.records[n].path: a.rank for n, a in net.adapters.items() if a.algo == "lora"}
+    assert ranks["transformer_blocks.0.attn.to_q"] == 4 and ranks["transformer_blocks.0.attn.add_q_proj"] == 2
