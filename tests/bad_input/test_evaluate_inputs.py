@@ -103,7 +103,7 @@ OVERRIDES = [
     ("device-typo", ["report.device='cudaa'"], ["report.device", "cudaa"]),
     ("model-missing", ["model.pretrained='{tmp}/nope'"], ["model.pretrained", "does not exist"]),
     ("model-dtype", ["model.dtype='fp8'"], ["model.dtype"]),
-    ("model-kind", ["model.kind='sd3'"], ["model.kind"]),
+    ("model-kind", ["model.kind='sd4'"], ["model.kind"]),
     ("concepts-missing", ["concepts.file='{tmp}/nope.toml'"], ["nope.toml", "no such concept file"]),
     ("concepts-is-a-folder", ["concepts.file='{tmp}'"], ["is a folder"]),
     ("clip-rules-category", ["concepts.clip_rules={objects='keep'}"], ["clip_rules", "object"]),

@@ -161,9 +161,12 @@ class TrainingSection:
     device: str = field(default="", metadata=choice("", "cpu"))  # "cpu" forces the CPU; "": what accelerate picks
     # SD3/Flux (flow matching, docs/training.md): how a sample's noise level σ is drawn and weighted
     timestep_sampling: str = field(default="logit_normal", metadata=choice("uniform", "logit_normal", "mode"))
-    logit_mean: float = 0.0
+    logit_mean: float = field(default=0.0, metadata=limits(-10.0, 10.0))  # σ = sigmoid(N(mean, std²))
     logit_std: float = field(default=1.0, metadata=positive())
-    mode_scale: float = 1.29
+    mode_scale: float = field(
+        default=1.29,
+        metadata=limits(*MODE_SCALE_LIMITS, hint="σ(u) stays monotone only in this range (SD3 §3.1)"),
+    )
     weighting_scheme: str = field(default="none", metadata=choice("none", "sigma_sqrt", "cosmap"))
     # σ' = s·σ/(1 + (s−1)σ); 0: the model's scheduler (SD3: 3.0; Flux: its resolution-dependent shift)
     discrete_flow_shift: float = field(default=0.0, metadata=at_least(0))
@@ -278,12 +281,6 @@ class TrainConfig:
             raise ConfigError(
                 f"{where}: data.min_bucket_reso ({self.data.min_bucket_reso}) is larger than "
                 f"data.max_bucket_reso ({self.data.max_bucket_reso})"
-            )
-        low, high = MODE_SCALE_LIMITS
-        if self.training.timestep_sampling == "mode" and not low <= self.training.mode_scale <= high:
-            raise ConfigError(
-                f"{where}: training.mode_scale must be in [{low}, {high:.4f}] (else σ(u) is not monotone), "
-                f"got {self.training.mode_scale}"
             )
         if self.training.max_train_steps == 0 and self.training.max_train_epochs == 0:
             raise ConfigError(f"{where}: set training.max_train_steps or training.max_train_epochs")
