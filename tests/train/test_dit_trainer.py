@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from higanbana.errors import ConfigError
 from higanbana.formats.dit_network import load_dit_network
@@ -187,6 +188,10 @@ def test_text_encoders_train_with_kohyas_prefixes(models, images, tmp_path, kind
     prefixes = set(file_info(result.output)["modules_per_prefix"])
     want = {"lora_te1", "lora_te3"} | ({"lora_te2"} if kind == "sd3" else set())
     assert want <= prefixes, prefixes
+    names = {k.partition(".")[0] for k in load_file(str(result.output))}
+    # kohya's (and ComfyUI's t5xxl) names: T5's own module paths; CLIP's with text_model_
+    assert "lora_te3_encoder_block_0_layer_0_SelfAttention_q" in names
+    assert "lora_te1_text_model_encoder_layers_0_self_attn_q_proj" in names
     parts = load_dit(models[kind])
     net = load_dit_network(result.output, parts.transformer, parts.text_encoders)
     assert {r.prefix for r in net.records.values()} >= want

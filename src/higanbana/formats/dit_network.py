@@ -76,7 +76,9 @@ def dit_network_parts(
     if len(text_encoders) > len(prefixes):
         raise ConfigError(f"{family} has {len(prefixes)} text encoders, got {len(text_encoders)}")
     for prefix, te in zip(prefixes, text_encoders, strict=False):
-        parts.append(Part(prefix, te, "text_encoder", _te_name_path(te)))
+        # CLIP names carry text_model_ as everywhere; T5's are its own paths (lora_te3_encoder_block_0_…)
+        name_path = _te_name_path(te) if "CLIP" in type(te).__name__ else None
+        parts.append(Part(prefix, te, "text_encoder", name_path))
     return parts
 
 
