@@ -51,7 +51,6 @@ VAE = dict(
     norm_num_groups=32,
     sample_size=1024,
 )
-SCALING = {"sd3": (1.5305, 0.0609), "flux": (0.3611, 0.1159)}
 
 
 def random_transformer_folder(family: str, folder: Path, dtype: torch.dtype, shard_bytes: int = 2 << 30) -> None:
@@ -106,7 +105,14 @@ def build(family: str, folder: Path, dtype: torch.dtype) -> None:
 
     from higanbana.models.architectures import FLUX1_DEV_TRANSFORMER, SD35_MEDIUM_TRANSFORMER
     from higanbana.models.dit import DitParts
-    from higanbana.models.tiny import DIT_SCHEDULERS, save_tiny_dit, tiny_clip_tokenizer, tiny_t5_tokenizer
+    from higanbana.models.tiny import (
+        DIT_SCHEDULERS,
+        DIT_VAE_SCALING,
+        TINY_T5,
+        save_tiny_dit,
+        tiny_clip_tokenizer,
+        tiny_t5_tokenizer,
+    )
 
     torch.manual_seed(0)
     with torch.device("meta"):  # a stand-in for save_tiny_dit: the real one is written shard by shard below
@@ -142,20 +148,12 @@ def build(family: str, folder: Path, dtype: torch.dtype) -> None:
                 )
             )
         ]
+    # T5-XXL's widths, one layer (the tiny T5's settings otherwise)
     t5 = T5Config(
-        vocab_size=32128,
-        d_model=4096,
-        d_kv=64,
-        d_ff=10240,
-        num_layers=1,
-        num_heads=64,
-        feed_forward_proj="gated-gelu",
-        is_encoder_decoder=False,
-        pad_token_id=0,
-        eos_token_id=1,
+        **{**TINY_T5, "vocab_size": 32128, "d_model": 4096, "d_kv": 64, "d_ff": 10240, "num_layers": 1, "num_heads": 64}
     )
     encoders = [e.to(dtype) for e in encoders] + [T5EncoderModel(t5).to(dtype)]
-    scaling, shift = SCALING[family]
+    scaling, shift = DIT_VAE_SCALING[family]
     vae = AutoencoderKL(**VAE, scaling_factor=scaling, shift_factor=shift)
     tokenizers = [tiny_clip_tokenizer() for _ in encoders[:-1]] + [tiny_t5_tokenizer()]
     parts = DitParts(family, transformer, encoders, vae, tokenizers, dict(DIT_SCHEDULERS[family]))

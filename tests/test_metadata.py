@@ -94,7 +94,10 @@ def test_training_facts_containers_and_collisions():
     with pytest.raises(ValueError):
         _meta(training={"network_dim": 4})
     with pytest.raises(ValueError):
-        _meta(base="sd3")
+        _meta(base="sd4")
+    # the diffusion transformers: kohya's sd3/flux trainers' versions, never v2
+    assert _meta(base="flux")["ss_base_model_version"] == "flux1" and _meta(base="flux")["ss_v2"] == "False"
+    assert _meta(base="sd3")["ss_base_model_version"] == "sd3"
 
 
 # ---------------------------------------------------------------- sshs hashes

@@ -22,35 +22,10 @@ import logging
 import sys
 
 import torch
+
+# the same folder as this script is on sys.path when it runs: the SD runner's log collector and helpers
+from diffusers_reads_ours_run import ATOL, RTOL, _Collect, _layer_weights, _randomize
 from torch import nn
-
-RTOL, ATOL = 1e-5, 1e-6
-
-
-class _Collect(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.lines: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(record.getMessage()[:300])
-
-
-def _weights(module: nn.Module) -> tuple[dict[str, torch.Tensor], set[str]]:
-    weights, wrapped = {}, set()
-    for path, m in module.named_modules():
-        if hasattr(m, "base_layer") and hasattr(m, "lora_A"):
-            wrapped.add(path)
-        if isinstance(m, (nn.Linear, nn.Conv2d)) and ".lora_" not in path:
-            weights[path.replace(".base_layer", "")] = m.weight.detach().clone()
-    return weights, wrapped
-
-
-def _randomize(net: nn.Module, seed: int = 1) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in sorted(net.named_parameters()):
-            p.add_(0.05 * torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.dtype))
 
 
 def run_case(out: str, label: str, family: str, algo: str, options: dict, layout: str) -> dict:
@@ -73,7 +48,7 @@ def run_case(out: str, label: str, family: str, algo: str, options: dict, layout
         path = str(save_dit_network(net, f"{out}/{label}.safetensors", layout=layout))
     paths = {r.path for r in net.records.values()}
     net.merge()
-    ours, _ = _weights(model)
+    ours, _ = _layer_weights(model)
     row: dict = {"path": path, "modules": sorted(paths)}
     fresh = make()
     components = dict(scheduler=None, vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None)
@@ -95,7 +70,7 @@ def run_case(out: str, label: str, family: str, algo: str, options: dict, layout
         for lg in loggers:
             lg.removeHandler(collect)
         row["warnings"] = collect.lines
-    fused, wrapped = _weights(pipe.transformer)
+    fused, wrapped = _layer_weights(pipe.transformer)
     applied, matching, differing, not_applied = [], [], [], []
     for p in sorted(paths):
         if p not in wrapped:

@@ -66,13 +66,12 @@ def _diffusers_available() -> bool:
     return probe.returncode == 0
 
 
-@pytest.fixture(scope="module")
-def results(tmp_path_factory):
+def run_in_peers(runner: Path, folder: Path, cases: list) -> dict:
+    """Run a ``*_run.py`` script in the peers' venv (one thread) on ``cases``; its last stdout line is JSON."""
     if not _diffusers_available():
         pytest.skip(f"diffusers with peft is not importable by {PEERS_PYTHON} (make peers builds it)")
-    folder = tmp_path_factory.mktemp("diffusers-reads-ours")
     proc = subprocess.run(
-        [str(PEERS_PYTHON), str(RUNNER), str(folder), json.dumps(CASES)],
+        [str(PEERS_PYTHON), str(runner), str(folder), json.dumps(cases)],
         capture_output=True,
         text=True,
         timeout=600,
@@ -80,6 +79,11 @@ def results(tmp_path_factory):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    return run_in_peers(RUNNER, tmp_path_factory.mktemp("diffusers-reads-ours"), CASES)
 
 
 def _what_diffusers_did(row: dict) -> str:

@@ -8,9 +8,6 @@ run by ``dit_diffusers_run.py``). ``info``'s verdicts must say what each of them
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -27,7 +24,7 @@ from higanbana.formats.peft import export_peft
 from higanbana.models.tiny import tiny_flux_transformer, tiny_sd3_transformer
 
 from . import comfyui_ref as cf
-from .test_lycoris_files import PEERS_PYTHON
+from .test_diffusers_reads_ours import run_in_peers
 
 RUNNER = Path(__file__).with_name("dit_diffusers_run.py")
 MODELS = {"flux": tiny_flux_transformer, "sd3": tiny_sd3_transformer}
@@ -141,13 +138,6 @@ def test_comfyui_does_not_load_ia3_on_dit_and_info_says_so(tmp_path):
 
 
 # --------------------------------------------------------------------------- diffusers (the real library)
-def _diffusers_available() -> bool:
-    if not PEERS_PYTHON.exists():
-        return False
-    probe = subprocess.run([str(PEERS_PYTHON), "-c", "import diffusers, peft, higanbana"], capture_output=True)
-    return probe.returncode == 0
-
-
 DIFFUSERS_CASES = [
     ["flux-lora-diffusers", "flux", "lora", {"rank": 2}, "diffusers"],
     ["sd3-lora-diffusers", "sd3", "lora", {"rank": 2}, "diffusers"],
@@ -161,18 +151,7 @@ DIFFUSERS_CASES = [
 
 @pytest.fixture(scope="module")
 def diffusers_rows(tmp_path_factory):
-    if not _diffusers_available():
-        pytest.skip(f"diffusers with peft is not importable by {PEERS_PYTHON} (make peers builds it)")
-    folder = tmp_path_factory.mktemp("dit-diffusers")
-    proc = subprocess.run(
-        [str(PEERS_PYTHON), str(RUNNER), str(folder), json.dumps(DIFFUSERS_CASES)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_in_peers(RUNNER, tmp_path_factory.mktemp("dit-diffusers"), DIFFUSERS_CASES)
 
 
 def _weights_file(row: dict) -> Path:

@@ -27,6 +27,7 @@ from typing import Any, cast
 import torch
 
 from ..errors import HiganbanaError
+from ..models.dit import dit_kind_of
 from ..models.sd import detect_kind
 from ..safeio import atomic_folder
 from .dit_layout import ORIGINAL_PREFIX, SPLIT_PREFIX, DitLayout
@@ -462,7 +463,7 @@ def open_checkpoint(path: str | os.PathLike, kind: str | None = None) -> Checkpo
     if kind is not None and kind not in (*KINDS, *DIT_KINDS):
         raise HiganbanaError(f"unknown model kind {kind!r}; expected one of {(*KINDS, *DIT_KINDS)}")
     if path.is_dir():
-        dit = _folder_dit_kind(path)
+        dit = dit_kind_of(path)
         if dit is not None or kind in DIT_KINDS:
             return _open_dit_folder(path, dit or str(kind))
         return _open_folder(path, kind)
@@ -523,14 +524,6 @@ def _infer_dit_config(family: str, entries: Mapping[str, Any], prefix: str) -> d
         "num_layers": len(blocks),
         "dual_attention_layers": [i for i in blocks if f"{prefix}joint_blocks.{i}.x_block.attn2.qkv.weight" in entries],
     }
-
-
-def _folder_dit_kind(path: Path) -> str | None:
-    try:
-        name = json.loads((path / "model_index.json").read_text(encoding="utf-8")).get("_class_name", "")
-    except (OSError, ValueError):
-        return None
-    return {"StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux"}.get(name)
 
 
 def _open_dit_folder(path: Path, kind: str) -> Checkpoint:

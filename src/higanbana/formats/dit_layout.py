@@ -28,6 +28,7 @@ from ..algorithms import algorithm_class
 from ..algorithms.files import LayoutRefused
 from ..errors import ConfigError, HiganbanaError
 from ..network.selection import module_key
+from .detect import group_modules
 
 DIT_FAMILIES = ("sd3", "flux")
 #: our prefix for the transformer's modules under their diffusers paths (OneTrainer's, mapped by ComfyUI)
@@ -173,17 +174,6 @@ class DitLayout:
         """{module name in original-layout files: original path}."""
         return {module_key(prefix, o): o for o in self.members}
 
-    def is_fused(self, original: str) -> bool:
-        return len(self.members[original]) > 1
-
-
-def _by_module(tensors: Mapping[str, Tensor]) -> dict[str, dict[str, Tensor]]:
-    out: dict[str, dict[str, Tensor]] = {}
-    for key, value in tensors.items():
-        name, _, suffix = key.partition(".")
-        out.setdefault(name, {})[suffix] = value
-    return out
-
 
 def _flat(modules: Mapping[str, Mapping[str, Tensor]]) -> dict[str, Tensor]:
     return {f"{name}.{suffix}": t for name, mod in modules.items() for suffix, t in mod.items()}
@@ -203,7 +193,7 @@ def to_original(
     "options": None}}`` records of the written modules (their options are read back from the tensors).
     """
     split = layout.split_names(prefix)
-    modules = _by_module(tensors)
+    modules = group_modules(tensors)
     out: dict[str, dict[str, Tensor]] = {}
     out_records: dict[str, dict[str, Any]] = {}
     groups: dict[str, dict[str, tuple[str, dict[str, Tensor]]]] = {}
@@ -260,7 +250,7 @@ def to_split(
     Other modules pass through.
     """
     originals = layout.original_names(original_prefix)
-    modules = _by_module(tensors)
+    modules = group_modules(tensors)
     out: dict[str, dict[str, Tensor]] = {}
     out_records: dict[str, dict[str, Any]] = {}
     for name, mod in modules.items():

@@ -23,10 +23,11 @@ from ..algorithms.files import LayoutRefused
 from ..errors import ConfigError, HiganbanaError
 from ..network import AdapterNetwork, NetworkConfig, Part
 from .dit_layout import DIT_FAMILIES, ORIGINAL_PREFIX, SPLIT_PREFIX, DitLayout, to_original, to_split
+from .metadata import kohya_metadata
 from .network_files import network_from_records, network_metadata, network_tensors
 from .reader import read_network_file
 from .safetensors_io import FORMAT_VERSION, save_tensors
-from .sd_network import _summary_dims, _te_name_path
+from .sd_network import _te_name_path, network_summary
 from .validate import parse_records
 
 LAYOUTS = ("auto", "split", "original")
@@ -113,30 +114,17 @@ def dit_file_metadata(family: str, transformer: nn.Module | None, title: str) ->
     }
 
 
-#: kohya's ``ss_base_model_version`` for these families (sd-scripts' flux/sd3 trainers)
-BASE_MODEL_VERSIONS = {"flux": "flux1", "sd3": "sd3"}
-
-
 def dit_kohya_metadata(
     net: AdapterNetwork, family: str, output_name: str, training: Mapping[str, Any] | None = None
 ) -> dict[str, str]:
     """kohya's ``ss_*`` summary of a network on an SD3/Flux model, with optional training facts."""
-    algos = sorted({a.algo for a in net.adapters.values()})
-    algo = algos[0] if len(algos) == 1 else "mixed"
-    dim, alpha = _summary_dims(net)
-    args = {k: v for k, v in net.config.options.items() if isinstance(v, (bool, int, float, str))}
-    meta = {
-        "ss_base_model_version": BASE_MODEL_VERSIONS[family],
-        "ss_network_module": "higanbana.kohya",
-        "ss_network_dim": str(int(dim)),
-        "ss_network_alpha": str(float(alpha)),
-        "ss_network_args": json.dumps({"algo": algo, **{k: str(v) for k, v in args.items()}}),
-        "ss_output_name": output_name,
-    }
-    for key, value in (training or {}).items():
-        full = key if key.startswith("ss_") else f"ss_{key}"
-        meta.setdefault(full, value if isinstance(value, str) else json.dumps(value))
-    return meta
+    return kohya_metadata(
+        base=family,
+        output_name=output_name,
+        network_module="higanbana.kohya",
+        training=training,
+        **network_summary(net),
+    )
 
 
 def save_dit_network(

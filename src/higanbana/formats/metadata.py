@@ -19,6 +19,9 @@ from safetensors.torch import save
 BASE_MODELS = ("sd1", "sd2", "sdxl")
 """Base model families understood here; ``read_base_model`` also returns ``"unknown"``."""
 
+DIT_BASE_VERSIONS = {"sd3": "sd3", "flux": "flux1"}
+"""kohya's ``ss_base_model_version`` of the diffusion transformers (sd-scripts' sd3/flux trainers)."""
+
 SS_METADATA_MINIMUM_KEYS = (
     "ss_v2",
     "ss_base_model_version",
@@ -53,7 +56,10 @@ def _to_str(value: Any) -> str:
 
 
 def base_model_version(base: str, v_parameterization: bool = False) -> str:
-    """``ss_base_model_version``: ``sd_v1``, ``sd_v1_v``, ``sd_v2``, ``sd_v2_v`` or ``sdxl_base_v1-0``."""
+    """``ss_base_model_version``: ``sd_v1``, ``sd_v1_v``, ``sd_v2``, ``sd_v2_v``, ``sdxl_base_v1-0``, or
+    ``sd3``/``flux1`` for the diffusion transformers."""
+    if base in DIT_BASE_VERSIONS:
+        return DIT_BASE_VERSIONS[base]
     base = _check_base(base)
     if base == "sdxl":
         if v_parameterization:
@@ -86,9 +92,10 @@ def kohya_metadata(
     if "algo" in args and args["algo"] != algo:
         raise ValueError(f"network_args algo {args['algo']!r} disagrees with algo {algo!r}")
     args = {"algo": algo, **{k: v for k, v in args.items() if k != "algo"}}
+    version = base_model_version(base, v_parameterization)  # (checks the base)
     meta = {
-        "ss_v2": str(_check_base(base) == "sd2"),
-        "ss_base_model_version": base_model_version(base, v_parameterization),
+        "ss_v2": str(base == "sd2"),
+        "ss_base_model_version": version,
         "ss_network_module": network_module,
         "ss_network_dim": str(int(network_dim)),
         "ss_network_alpha": str(float(network_alpha)),  # kohya's --network_alpha is a float: "8.0"

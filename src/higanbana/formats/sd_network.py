@@ -100,6 +100,21 @@ def _summary_dims(net: AdapterNetwork) -> tuple[int, float]:
     return int(rank), float(alpha)
 
 
+def network_summary(net: AdapterNetwork) -> dict[str, Any]:
+    """What kohya's ``ss_*`` summary says of a network: its algorithm (``mixed`` for several), the most
+    common rank and α, and the ``network_args`` (the options, the algorithms when several)."""
+    algos = sorted({a.algo for a in net.adapters.values()})
+    algo = algos[0] if len(algos) == 1 else "mixed"
+    dim, alpha = _summary_dims(net)
+    args = {k: v for k, v in net.config.options.items() if isinstance(v, (bool, int, float, str))}
+    return {
+        "algo": algo,
+        "network_dim": dim,
+        "network_alpha": alpha,
+        "network_args": {"algo": algo, **args, **({"algos": ",".join(algos)} if len(algos) > 1 else {})},
+    }
+
+
 def sd_file_metadata(
     net: AdapterNetwork,
     kind: str,
@@ -112,20 +127,13 @@ def sd_file_metadata(
     network_module: str = "higanbana.kohya",
 ) -> dict[str, str]:
     """kohya ``ss_*`` and sai ``modelspec.*`` metadata for a network on an SD model of ``kind``."""
-    algos = sorted({a.algo for a in net.adapters.values()})
-    algo = algos[0] if len(algos) == 1 else "mixed"
-    dim, alpha = _summary_dims(net)
-    args = {k: v for k, v in net.config.options.items() if isinstance(v, (bool, int, float, str))}
     meta = kohya_metadata(
         base=kind,
-        network_dim=dim,
-        network_alpha=alpha,
-        algo=algo,
         output_name=output_name,
         network_module=network_module,
-        network_args={"algo": algo, **args, **({"algos": ",".join(algos)} if len(algos) > 1 else {})},
         v_parameterization=v_parameterization,
         training=training,
+        **network_summary(net),
     )
     meta.update(
         modelspec_metadata(

@@ -373,7 +373,8 @@ TINY_T5: dict[str, Any] = dict(
 #: the 16-channel VAE of SD3/Flux in miniature (latent downscale 2), with each family's real latent
 #: scale and shift
 TINY_DIT_VAE: dict[str, Any] = {**TINY_VAE, "latent_channels": 16}
-_DIT_VAE_SCALING = {"sd3": (1.5305, 0.0609), "flux": (0.3611, 0.1159)}
+#: the real SD3/Flux VAEs' (scaling_factor, shift_factor)
+DIT_VAE_SCALING = {"sd3": (1.5305, 0.0609), "flux": (0.3611, 0.1159)}
 #: the families' training schedules (FlowMatchEulerDiscreteScheduler): SD3's constant shift 3, Flux's
 #: resolution-dependent shift
 DIT_SCHEDULERS: dict[str, dict[str, Any]] = {
@@ -430,7 +431,7 @@ def tiny_dit_parts(kind: str = "flux", seed: int = 0):
         else:
             encoders = [CLIPTextModel(CLIPTextConfig(**_TINY_CLIP, hidden_act="quick_gelu"))]
         encoders.append(T5EncoderModel(T5Config(**TINY_T5)))
-        scaling, shift = _DIT_VAE_SCALING[kind]
+        scaling, shift = DIT_VAE_SCALING[kind]
         vae = AutoencoderKL(**TINY_DIT_VAE, scaling_factor=scaling, shift_factor=shift)
     tokenizers: list[Any] = [tiny_clip_tokenizer() for _ in encoders[:-1]]
     tokenizers.append(tiny_t5_tokenizer())

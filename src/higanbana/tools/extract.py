@@ -63,7 +63,6 @@ Decisions (the numeric contract of this module):
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -79,8 +78,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError, HiganbanaError
 from ..formats import save_tensors
-from ..formats.checkpoint import DIT_KINDS, open_checkpoint
-from ..formats.dit_network import BASE_MODEL_VERSIONS
+from ..formats.checkpoint import open_checkpoint
 from ..formats.metadata import kohya_metadata, model_hashes
 from ..formats.sd_network import sd_network_parts
 from ..safeio import check_writable
@@ -599,18 +597,6 @@ def extract_models(
     ranks = Counter(r.rank for r in reports if r.kind in ("lora", "tucker"))
     dim = ranks.most_common(1)[0][0] if ranks else 0
     kinds = Counter(r.kind for r in reports)
-    if base_ck.kind in DIT_KINDS:  # SD3/Flux: kohya's summary, no SD base-model fields
-        args = {"algo": "lora", "extracted": "true", "mode": options.get("mode", "fixed")}
-        meta = {
-            "ss_base_model_version": BASE_MODEL_VERSIONS[base_ck.kind],
-            "ss_network_module": "higanbana.kohya",
-            "ss_network_dim": str(dim),
-            "ss_network_alpha": str(float(dim or 1)),
-            "ss_network_args": json.dumps(args),
-            "ss_output_name": out.stem,
-        }
-        save_tensors(tensors, out, meta)
-        return reports
     meta = kohya_metadata(
         base=base_ck.kind,
         network_dim=dim,

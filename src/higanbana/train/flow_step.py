@@ -16,23 +16,23 @@ import torch.nn.functional as F
 
 from ..models.dit import dit_pipeline
 from . import flow
+from .step import TextEncoder
 
 #: T5 tokens per caption by default, as the pipelines: Flux.1 [dev] 512, SD3 256
 DEFAULT_MAX_SEQUENCE_LENGTH = {"flux": 512, "sd3": 256}
 
 
-class DitConditioner:
+class DitConditioner(TextEncoder):
     """Captions → ``(prompt_embeds, pooled_prompt_embeds)`` exactly as the family's pipeline computes
     them for generation (Flux: CLIP-L pooled + T5 states; SD3: both CLIPs' penultimate states padded and
     joined with T5's, pooled projections concatenated). Frozen encoders run without gradients;
-    ``cache`` keeps the outputs per caption (T5-XXL is the largest part of these models)."""
+    ``cache`` keeps the outputs per caption (T5-XXL is the largest part of these models), as
+    :class:`~higanbana.train.step.TextEncoder` does for the UNet families."""
 
     def __init__(self, parts: Any, *, max_sequence_length: int = 0, trainable: bool, cache: bool) -> None:
-        self.parts = parts
+        super().__init__(parts, 1, trainable=trainable, cache=cache)
         self.pipeline = dit_pipeline(parts)
         self.max_sequence_length = max_sequence_length or DEFAULT_MAX_SEQUENCE_LENGTH[parts.kind]
-        self.trainable = trainable
-        self.cache: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = {} if cache else None
 
     def _encode(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         device = self.parts.transformer.device
@@ -44,18 +44,6 @@ class DitConditioner:
             captions, captions, captions, device=device, do_classifier_free_guidance=False, max_sequence_length=n
         )
         return embeds, pooled
-
-    def __call__(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.cache is None:
-            with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
-                return self._encode(captions)
-        todo = [c for c in dict.fromkeys(captions) if c not in self.cache]
-        if todo:
-            with torch.no_grad():
-                embeds, pooled = self._encode(todo)
-            for i, c in enumerate(todo):
-                self.cache[c] = (embeds[i], pooled[i])
-        return (torch.stack([self.cache[c][0] for c in captions]), torch.stack([self.cache[c][1] for c in captions]))
 
 
 @dataclass(frozen=True)

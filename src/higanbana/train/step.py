@@ -62,8 +62,8 @@ class TextEncoder:
             for i, c in enumerate(todo):
                 self.cache[c] = (hidden[i], None if pooled is None else pooled[i])
         hidden = torch.stack([self.cache[c][0] for c in captions])
-        pooled = None if self.parts.kind != "sdxl" else torch.stack([self.cache[c][1] for c in captions])
-        return hidden, pooled
+        pooled = [self.cache[c][1] for c in captions]
+        return hidden, None if pooled[0] is None else torch.stack(pooled)
 
 
 def diffusion_loss(

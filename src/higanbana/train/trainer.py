@@ -219,7 +219,7 @@ class _Run:
                 shift=t.discrete_flow_shift,
                 guidance=t.guidance_scale,
             )
-            self.text: Any = DitConditioner(
+            self.text = DitConditioner(
                 parts,
                 max_sequence_length=t.max_sequence_length,
                 trainable=c.network.train_text_encoder,
