@@ -44,7 +44,7 @@ lint: $(STAMP)
 	$(BIN)/python -m mypy src/higanbana/algorithms src/higanbana/formats src/higanbana/network
 
 test: lint peers
-	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --durations=10
+	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --durations=10
 
 # property-based fuzzing of the file readers for minutes (CI runs a short, fixed pass inside `make test`)
 FUZZ_EXAMPLES ?= 20000
