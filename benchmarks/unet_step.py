@@ -182,8 +182,8 @@ ALGOS: dict[str, Algo] = {
             target=1.6,
         ),
         Algo("full", "full", {}, "full", lycoris_bypass=False, target=1.05),
-        # the opt-in variant that trains the weight itself, as LyCORIS does (no W0 + diff per step)
-        Algo("full-w", "full", {"train_weight": True}, "full", lycoris_bypass=False, target=1.05),
+        # the opt-in variant that trains the difference diff = W − W0 (one W0 + diff per layer and step)
+        Algo("full-diff", "full", {"train_weight": False}, "full", lycoris_bypass=False, target=1.05),
     )
 }
 #: the lora_dim LyCORIS gets (its block size for OFT/BOFT)

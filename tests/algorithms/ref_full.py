@@ -42,9 +42,10 @@ CASES = [
     Case("full", "linear_no_bias", linear_no_bias, reference, {}, {"diff"}),
     Case("full", "conv2d_no_bias", conv2d_no_bias, reference, {}, {"diff"}),
     Case("full", "linear", linear, reference, {"train_bias": False}, {"diff"}),
-    *(Case("full", name, make, reference, {"train_weight": True}, KEYS) for name, make in STANDARD_LAYERS.items()),
-    Case("full", "linear_no_bias", linear_no_bias, reference, {"train_weight": True}, {"diff"}),
-    Case("full", "linear", linear, reference, {"train_weight": True, "train_bias": False}, {"diff"}),
+    *(Case("full", name, make, reference, {"train_weight": False}, KEYS) for name, make in STANDARD_LAYERS.items()),
+    Case("full", "linear_no_bias", linear_no_bias, reference, {"train_weight": False}, {"diff"}),
+    Case("full", "conv2d_no_bias", conv2d_no_bias, reference, {"train_weight": False}, {"diff"}),
+    Case("full", "linear", linear, reference, {"train_weight": False, "train_bias": False}, {"diff"}),
 ]
 
 
@@ -57,8 +58,9 @@ def test_full_refuses_other_layers(layer):
 
 def test_full_trains_a_difference_and_auto_runs_merged():
     layer = nn.Linear(64, 64).requires_grad_(False)
-    adapter = make_adapter("full", layer)
+    adapter = make_adapter("full", layer, train_weight=False)
     assert adapter.diff.data_ptr() != layer.weight.data_ptr()
+    assert adapter.trained_weight is None
     assert not adapter.use_bypass(torch.randn(4, 64))
     adapter.train()
     assert not adapter.use_bypass(torch.randn(4, 64))
@@ -100,3 +102,22 @@ def test_full_options_from_state():
         cls.options_from_state({"diff": torch.zeros(8, 11)}, layer)
     with pytest.raises(ValueError, match="no bias"):
         cls.options_from_state({"diff": torch.zeros(8, 12), "diff_b": torch.zeros(8)}, linear_no_bias())
+
+
+def test_full_trains_the_weight_by_default_and_the_difference_over_a_quantized_base():
+    """``train_weight`` unset: a copy of the weight over a plain base (no add per step); the difference
+    over an int8 base, where the layer runs in bypass and a trained copy would cost ``W − W0`` per step."""
+    from higanbana.models.quantize import quantize_weights
+
+    plain = make_adapter("full", nn.Linear(16, 8).requires_grad_(False))
+    assert plain.trained_weight is not None and plain.diff is None
+    quantized = nn.Sequential(nn.Linear(16, 8))
+    assert quantize_weights(quantized, "int8") == 1
+    adapter = make_adapter("full", quantized[0])
+    assert adapter.trained_weight is None and adapter.diff is not None
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        want = quantized[0](x)
+        adapter.attach()
+        torch.testing.assert_close(quantized[0](x), want)  # diff = 0: the layer's own output
+    assert make_adapter("full", nn.Linear(16, 8), train_weight=False).diff is not None

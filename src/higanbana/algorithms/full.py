@@ -1,17 +1,20 @@
-"""Full (native) fine-tuning: a trainable difference ``diff = W − W0`` (and ``diff_b = b − b0``).
+"""Full (native) fine-tuning: ``W' = W0 + m·diff`` (and ``b' = b0 + m·diff_b``).
 
 Keys: ``diff`` (shape of W0) and ``diff_b`` (shape of b0, only when the layer has a bias).
-``W' = W0 + m·diff``, ``b' = b0 + m·diff_b``; both differences start at 0.
+Both differences start at 0.
 
-By default the adapter trains the difference, so the wrapped layer's weight is never copied and
-stays frozen (and may be low-precision while ``diff`` is float32), and weight decay pulls the layer
-towards W0. The price is one weight-sized add ``W0 + diff`` per layer and step. With
-``train_weight`` the adapter trains a float32 copy ``W`` of the weight itself, as kohya and LyCORIS
-do: the forward at multiplier 1 uses ``W`` as it is (no add), ``diff = W − W0`` is formed only for
-files and merges, and weight decay pulls ``W`` towards 0. Both hold the same memory (W0 plus one
-trained tensor of its shape). The merged form is always cheaper (bypass would be two full-size ops),
-so ``auto`` runs merged; bypass ``op(x, W0, b0) + m·op(x, diff, diff_b)`` is used only where dropout
-on the branch needs it.
+By default the adapter trains a float32 copy ``W`` of the weight (and bias) itself, as kohya,
+LyCORIS and diffusers' full fine-tuning do: the forward at multiplier 1 uses ``W`` as it is, so a
+step costs what the frozen layer with a trainable weight costs; ``diff = W − W0`` is formed only for
+files and merges, and weight decay pulls ``W`` towards 0. With ``train_weight = false`` it trains the
+difference ``diff`` instead: the wrapped weight is never copied (and may be low-precision while
+``diff`` is float32) and weight decay pulls the layer towards W0, at the price of one weight-sized
+add ``W0 + diff`` per layer and step (docs/benchmarks.md). Over a quantized base the difference is
+the default (the layer then runs in bypass, where a trained copy would cost ``W − W0`` every step).
+Both hold the same memory (W0 plus one trained tensor of its shape). The merged form is always
+cheaper (bypass would be two full-size ops), so ``auto`` runs merged; bypass
+``op(x, W0, b0) + m·op(x, diff, diff_b)`` is used only where dropout on the branch or a quantized
+base needs it.
 """
 
 from __future__ import annotations
@@ -44,10 +47,11 @@ class Full(Adapter):
     @dataclass(frozen=True)
     class Options(AdapterOptions):
         train_bias: bool = option(True, "also train the bias difference diff_b (layers with a bias)")
-        train_weight: bool = option(
-            False,
-            "train a float32 copy of the weight (and bias) itself, as kohya and LyCORIS do: no W0+diff add "
-            "per step (faster), but weight decay pulls the weight towards 0 instead of W0",
+        train_weight: bool | None = option(
+            None,
+            "train a float32 copy of the weight (and bias) itself, as kohya and LyCORIS do (weight decay pulls it "
+            "towards 0); false: train diff = W − W0 (weight decay towards W0, one weight-sized add per step); "
+            "default: true, false over a quantized base",
         )
 
     def __init__(self, layer: nn.Module, **options: Any) -> None:
@@ -59,7 +63,10 @@ class Full(Adapter):
         self.diff_b: nn.Parameter | None = None
         self.trained_weight: nn.Parameter | None = None
         self.trained_bias: nn.Parameter | None = None
-        if self.options.train_weight:
+        train_weight = self.options.train_weight
+        if train_weight is None:
+            train_weight = not self.quantized_base
+        if train_weight:
             self.trained_weight = self.new_param(*w0.shape)
             self.trained_bias = self.new_param(*b0.shape) if with_bias and b0 is not None else None
         else:
