@@ -14,7 +14,8 @@ algorithm:
 - ``ours auto`` / ``ours merged`` / ``ours bypass``: :class:`higanbana.network.AdapterNetwork`
   with ``forward_mode`` set to each mode the algorithms support;
 - ``lycoris`` / ``lycoris bypass``: ``lycoris.create_lycoris`` with the matching algo, default and
-  ``bypass_mode=True`` (not for ``full``, which has no bypass mode);
+  ``bypass_mode=True`` (not for ``full``, which has no bypass mode); ``--variants lycoris-bypass``
+  runs only the latter (LyCORIS' default merges every weight per step: 4–5× on the convs);
 - ``peft``: ``LoraConfig`` (``use_dora`` for DoRA), ``LoHaConfig``, ``LoKrConfig``, ``IA3Config``,
   ``OFTConfig``, ``BOFTConfig`` where PEFT has the algorithm.
 
@@ -207,6 +208,10 @@ def variants_for(algo: Algo, peers: dict[str, str | None], families: set[str], m
         out.append("lycoris")
         if algo.lycoris_bypass:
             out.append("lycoris:bypass")
+    elif "lycoris-bypass" in families and peers.get("lycoris") and algo.lycoris:
+        # only LyCORIS' exact and faster mode (its default merges every weight per step), or its default
+        # where it has no bypass (full)
+        out.append("lycoris:bypass" if algo.lycoris_bypass else "lycoris")
     if "peft" in families and peers.get("peft") and algo.peft:
         out.append("peft")
     return out
@@ -970,7 +975,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=None, help="timed rounds (default: CPU sd15 5, sdxl 3; CUDA 10)")
     p.add_argument("--warmup", type=int, default=None, help="warm-up steps per variant (default: CPU 1, CUDA 3)")
     p.add_argument("--algos", default=",".join(ALGOS), help=f"comma-separated, from {', '.join(ALGOS)}")
-    p.add_argument("--variants", default="ours,lycoris,peft", help="families to run besides frozen: ours,lycoris,peft")
+    p.add_argument(
+        "--variants",
+        default="ours,lycoris,peft",
+        help="families to run besides frozen: ours,lycoris,peft (lycoris-bypass: only LyCORIS' bypass mode)",
+    )
     p.add_argument("--modes", default=",".join(OUR_MODES), help="our forward modes to run (default: all)")
     p.add_argument("--targets", choices=("attn-ff", "full"), default="attn-ff", help="attn-ff, or our full preset")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:n]")
@@ -1023,8 +1032,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"unknown algorithm(s) {unknown}; choose from {list(ALGOS)}")
     families = {f.strip() for f in args.variants.split(",") if f.strip()}
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    if set(modes) - set(OUR_MODES) or set(families) - {"ours", "lycoris", "peft"}:
-        raise SystemExit(f"--modes takes {', '.join(OUR_MODES)}; --variants takes ours, lycoris, peft")
+    if set(modes) - set(OUR_MODES) or set(families) - {"ours", "lycoris", "lycoris-bypass", "peft"}:
+        raise SystemExit(f"--modes takes {', '.join(OUR_MODES)}; --variants takes ours, lycoris, lycoris-bypass, peft")
     peers = peer_versions()
     notes = [f"{k}: not installed in {sys.executable}, its columns are empty" for k, v in peers.items() if not v]
     for n in notes:
