@@ -106,7 +106,17 @@ class Algo:
     lycoris_bypass: bool = True  # LyCORIS has a bypass mode for it
     peft: Callable[[list[str]], Any] | None = None  # target names -> a PEFT config
     peft_mismatch: str = ""  # why PEFT's variant does not compute the same algorithm (‡)
+    lycoris_bypass_mismatch: str = ""  # why LyCORIS' bypass mode does not (‡)
     target: float | None = None  # the issue's CPU target: median step ≤ target × frozen
+
+
+#: LyCORIS 4.1.3's OFT/BOFT bypass rotates the layer's whole output, bias included (``modules/diag_oft.py``,
+#: ``functional/diag_oft.py`` ``_bypass_diff``): ``R·(W0·x + b0)``, where its merged mode (and ComfyUI, and ours in
+#: both modes) compute ``R·W0·x + b0``
+LYCORIS_BYPASS_BIAS = (
+    "LyCORIS' bypass mode rotates the bias too, R·(W0·x + b0), where its merged mode, ComfyUI and ours compute "
+    "R·W0·x + b0: a different output on every layer with a bias (to_out.0, the feed-forward, the convs)"
+)
 
 
 def _peft(kind: str, **kwargs: Any) -> Callable[[list[str]], Any]:
@@ -169,6 +179,7 @@ ALGOS: dict[str, Algo] = {
             peft=_peft("OFTConfig", r=0, oft_block_size=OFT_BLOCK),
             peft_mismatch="PEFT rotates the input channels (Cayley–Neumann), ours and LyCORIS the output channels "
             "(exact Cayley): a different algorithm on the non-square layers",
+            lycoris_bypass_mismatch=LYCORIS_BYPASS_BIAS,
             target=1.15,
         ),
         Algo(
@@ -180,6 +191,7 @@ ALGOS: dict[str, Algo] = {
             peft_mismatch=f"PEFT runs one butterfly stage (it drops to one without its CUDA extension) of block size "
             f"{PEFT_BOFT_BLOCK} on the input channels (it refuses {BOFT_BLOCK}: 768 input channels of the "
             f"cross-attention); ours and LyCORIS log2(n)+1 stages of block size {BOFT_BLOCK} on the output channels",
+            lycoris_bypass_mismatch=LYCORIS_BYPASS_BIAS,
             target=1.6,
         ),
         Algo("full", "full", {}, "full", lycoris_bypass=False, target=1.05),
@@ -326,7 +338,10 @@ def wrap_lycoris(unet, algo: Algo, bypass: bool, paths: list[str]) -> tuple[list
     params = [p for p in net.parameters() if id(p) not in base]
     for p in params:
         p.requires_grad_(True)
-    return params, {"modules": len(net.loras)}
+    info: dict[str, Any] = {"modules": len(net.loras)}
+    if bypass and algo.lycoris_bypass_mismatch:
+        info["mismatch"] = algo.lycoris_bypass_mismatch
+    return params, info
 
 
 def wrap_peft(unet, algo: Algo, paths: list[str]) -> tuple[list, dict[str, Any]]:
