@@ -155,8 +155,8 @@ def test_loading_a_wrong_shape_names_module_and_key(unet, tmp_path):
 )
 def test_every_algorithm_round_trips_through_a_file(unet, tmp_path, algo):
     """The reloaded network computes what the saved one did: bitwise, but for full training the weight
-    itself (its default), whose file holds ``diff = W − W0`` and reloads as ``W0 + diff``: W to its last
-    float32 bit."""
+    itself (its default), whose file holds ``diff = W − W0`` and reloads as ``W0 + diff``: equal up to
+    float32 rounding."""
     kinds = (nn.LayerNorm,) if algo == "norm" else (nn.Linear,)
     select = lambda path, m: isinstance(m, kinds) and ".transformer_blocks." in path  # noqa: E731
     options = {"rank": 4} if algo not in {"ia3", "full", "full-diff", "norm"} else {}
