@@ -531,22 +531,9 @@ def _open_dit_folder(path: Path, kind: str) -> Checkpoint:
         config = json.loads((path / "transformer" / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise HiganbanaError(f"{path}: cannot read the transformer's config ({exc})") from exc
-    sources, classes = [], {}
-    for component in ("transformer", *_DIT_TE_COMPONENTS[kind]):
-        files = _component_files(path / component)
-        if component == "transformer" and not files:
-            raise HiganbanaError(f"{path / 'transformer'}: no .safetensors weights (pickled .bin weights are not read)")
-        for file in files:
-            entries, metadata = read_header(file)
-            sources.append(_Source(file.relative_to(path).as_posix(), file, entries, metadata))
-        if component != "transformer" and files:
-            try:
-                te = json.loads((path / component / "config.json").read_text(encoding="utf-8"))
-                classes[component] = ",".join(te.get("architectures") or [])
-            except (OSError, ValueError):
-                classes[component] = ""
+    sources, te_configs = _read_components(path, "transformer", _DIT_TE_COMPONENTS[kind])
     ckpt = Checkpoint(path, kind, True, sources, None, DitLayout(kind, config))
-    ckpt._te_classes = classes
+    ckpt._te_classes = {name: ",".join(c.get("architectures") or []) for name, c in te_configs.items()}
     return ckpt
 
 
@@ -564,6 +551,26 @@ def _single_file_kind(path: Path, entries: Mapping[str, Any]) -> str:
         f"{path}: not a recognisable SD1/SD2/SDXL checkpoint (no cond_stage_model/conditioner text-encoder "
         f"keys; found key groups {shown or 'none'}); pass kind= (--kind) or give a diffusers folder"
     )
+
+
+def _read_components(path: Path, main: str, encoders: Iterable[str]) -> tuple[list[_Source], dict[str, dict[str, Any]]]:
+    """The weight headers of a diffusers folder's ``main`` model (required) and its text ``encoders``
+    (where present), and each present encoder's config (``{}`` when unreadable), in order."""
+    sources: list[_Source] = []
+    configs: dict[str, dict[str, Any]] = {}
+    for component in (main, *encoders):
+        files = _component_files(path / component)
+        if component == main and not files:
+            raise HiganbanaError(f"{path / main}: no .safetensors weights (pickled .bin weights are not read)")
+        for file in files:
+            entries, metadata = read_header(file)
+            sources.append(_Source(file.relative_to(path).as_posix(), file, entries, metadata))
+        if component != main and files:
+            try:
+                configs[component] = json.loads((path / component / "config.json").read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                configs[component] = {}
+    return sources, configs
 
 
 def _component_files(folder: Path) -> list[Path]:
@@ -595,20 +602,8 @@ def _open_folder(path: Path, kind: str | None) -> Checkpoint:
         unet_config = json.loads((path / "unet" / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise HiganbanaError(f"{path}: cannot read the model's configs ({exc})") from exc
-    sources = []
-    te_configs = []
-    for component in _FOLDER_COMPONENTS:
-        files = _component_files(path / component)
-        if component == "unet" and not files:
-            raise HiganbanaError(f"{path / 'unet'}: no .safetensors weights (pickled .bin weights are not read)")
-        for file in files:
-            entries, metadata = read_header(file)
-            sources.append(_Source(file.relative_to(path).as_posix(), file, entries, metadata))
-        if component != "unet" and files:
-            try:
-                te_configs.append(json.loads((path / component / "config.json").read_text(encoding="utf-8")))
-            except (OSError, ValueError):
-                te_configs.append({})
+    sources, by_component = _read_components(path, "unet", [c for c in _FOLDER_COMPONENTS if c != "unet"])
+    te_configs = list(by_component.values())
     if kind is None:
         if "XL" in str(index.get("_class_name", "")):
             kind = "sdxl"

@@ -77,27 +77,11 @@ def dit_pipeline(parts: Any, scheduler_config: dict[str, Any] | None = None):
     te, tok = parts.text_encoders, parts.tokenizers
     if tok is None:
         raise HiganbanaError(f"the {parts.kind} model has no tokenizers; give a folder that has them")
+    common = {"transformer": parts.transformer, "scheduler": scheduler, "vae": parts.vae}
+    common |= {"text_encoder": te[0], "tokenizer": tok[0], "text_encoder_2": te[1], "tokenizer_2": tok[1]}
     if parts.kind == "flux":
-        return FluxPipeline(
-            scheduler=scheduler,
-            vae=parts.vae,
-            text_encoder=te[0],
-            tokenizer=tok[0],
-            text_encoder_2=te[1],
-            tokenizer_2=tok[1],
-            transformer=parts.transformer,
-        )
-    return StableDiffusion3Pipeline(
-        transformer=parts.transformer,
-        scheduler=scheduler,
-        vae=parts.vae,
-        text_encoder=te[0],
-        tokenizer=tok[0],
-        text_encoder_2=te[1],
-        tokenizer_2=tok[1],
-        text_encoder_3=te[2],
-        tokenizer_3=tok[2],
-    )
+        return FluxPipeline(**common)
+    return StableDiffusion3Pipeline(**common, text_encoder_3=te[2], tokenizer_3=tok[2])
 
 
 def dit_kind_of(path: str | os.PathLike) -> str | None:
